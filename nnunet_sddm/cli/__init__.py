@@ -1,0 +1,1 @@
+"""Thin command-line entry points: argument parsing only, over the importable functions."""
