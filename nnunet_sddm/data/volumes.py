@@ -75,7 +75,15 @@ def read_volume(path: os.PathLike, reader_writer=None) -> Volume:
     except Exception as e:
         raise SDDMError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     data = np.asarray(data[0], dtype=np.float32)
-    if not np.isfinite(data).all():
+    if data.ndim != 3:
+        raise SDDMError(f"{path}: expected a single-channel 3D image, the reader gave shape {data.shape}")
+    finite = np.isfinite(data).all()
+    if finite and path.name.endswith(_NIFTI):
+        # SimpleITK's NIfTI reader silently turns NaN into 0; check the stored values themselves.
+        import nibabel as nib
+
+        finite = bool(np.isfinite(np.asanyarray(nib.load(str(path)).dataobj)).all())
+    if not finite:
         raise SDDMError(f"{path}: image contains NaN or infinite values")
     return Volume(data=data, spacing=tuple(float(s) for s in props["spacing"]), path=path,
                   properties=props)
@@ -89,10 +97,10 @@ def default_reader_writer(path: os.PathLike):
     ending = next((e for e in (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl", ".tif", ".tiff", ".png")
                    if name.endswith(e)), Path(path).suffix)
     try:
-        cls = determine_reader_writer_from_file_ending(ending, str(path), allow_nonmatching_filename=True,
+        cls = determine_reader_writer_from_file_ending(ending, str(path), allow_nonmatching_filename=False,
                                                        verbose=False)
     except Exception as e:
-        raise SDDMError(f"{path}: no nnU-Net reader for this file ({e})") from None
+        raise SDDMError(f"{path}: no nnU-Net reader for this file ({type(e).__name__}: {e})") from None
     return cls()
 
 
