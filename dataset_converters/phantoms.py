@@ -429,9 +429,6 @@ def generate_phantom_dataset(dataset_id: int, vendor: str, n_cases: int, n_test_
             for phase in ("ED", "ES"):
                 ph = phases[phase]
                 case = f"{subject}_{phase}"
-                if split == "Ts":
-                    (b.staging / "imagesTs").mkdir(exist_ok=True)
-                    (b.staging / "labelsTs").mkdir(exist_ok=True)
                 save_nifti(make_nifti(ph["image"], ph["spacing"], np.float32), b.image_path(case, split))
                 save_nifti(make_nifti(ph["label"], ph["spacing"], np.uint8), b.label_path(case, split))
                 b.add_record({"case": case, "subject": subject, "phase": phase, "split": split,

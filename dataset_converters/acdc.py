@@ -1,0 +1,174 @@
+"""ACDC (Automated Cardiac Diagnosis Challenge) -> nnU-Net raw dataset.
+
+Reads the official layout ``ROOT/{training,testing}/patientNNN/`` (also under ``ROOT/database/``):
+``Info.cfg`` (``ED``, ``ES`` frame numbers, 1-based; ``Group``), ``patientNNN_frameXX.nii.gz`` and
+``patientNNN_frameXX_gt.nii.gz``; ``patientNNN_4d.nii.gz`` is read only when a frame file is
+missing (frame XX = index XX - 1 of its last axis). Training patients go to imagesTr/labelsTr,
+testing patients to imagesTs (+ labelsTs where ground truth exists); cases are
+``patientNNN_ED`` / ``patientNNN_ES``.
+
+Labels: ACDC stores 1 RV, 2 MYO, 3 LV. ``labels="mnms"`` (default) maps them to this project's
+convention 0 background, 1 LV, 2 MYO, 3 RV; ``"native"`` keeps ACDC's values. Images keep their
+dtype (int16) and header; labels are uint8 with the image header geometry (spacing, origin,
+direction) of the source, so nothing is resampled.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from dataset_converters.common import (DatasetBuilder, Source, check_same_grid, frame, image_dtype,
+                                       label_array, load_source, log, write_with_header)
+from nnunet_sddm.data.raw_dataset import CARDIAC_LABELS
+from nnunet_sddm.utilities.errors import SDDMError, cli_entry
+
+#: ACDC label value -> M&Ms-convention value (1 RV -> 3, 2 MYO -> 2, 3 LV -> 1).
+ACDC_TO_MNMS: Dict[int, int] = {0: 0, 1: 3, 2: 2, 3: 1}
+ACDC_NATIVE_LABELS: Dict[str, int] = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+
+_PATIENT_RE = re.compile(r"^patient\d{3}$")
+
+
+def read_info_cfg(path: Path) -> dict:
+    """Parse an ACDC ``Info.cfg`` (``Key: value`` lines); ED and ES must be positive integers."""
+    path = Path(path)
+    if not path.is_file():
+        raise SDDMError(f"{path}: Info.cfg not found (needed for the ED/ES frame numbers)")
+    info = {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SDDMError(f"{path}: cannot read ({e})") from None
+    for line in text.splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            info[k.strip()] = v.strip()
+    for key in ("ED", "ES"):
+        if key not in info:
+            raise SDDMError(f"{path}: no '{key}:' line (ED and ES frame numbers are required)")
+        try:
+            info[key] = int(float(info[key]))
+        except ValueError:
+            raise SDDMError(f"{path}: {key} frame number {info[key]!r} is not an integer") from None
+        if info[key] < 1:
+            raise SDDMError(f"{path}: {key} frame number must be >= 1 (ACDC frames are 1-based)")
+    if info["ED"] == info["ES"]:
+        raise SDDMError(f"{path}: ED and ES are the same frame ({info['ED']})")
+    return info
+
+
+def _number(value: Optional[str]) -> Optional[float]:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def find_patients(root: Path) -> List[Tuple[str, Path]]:
+    """``[(split, patient_dir)]`` with split ``"Tr"`` (training/) or ``"Ts"`` (testing/)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SDDMError(f"{root}: ACDC root folder not found")
+    found = []
+    for base in (root, root / "database"):
+        for sub, split in (("training", "Tr"), ("testing", "Ts")):
+            d = base / sub
+            if d.is_dir():
+                found += [(split, p) for p in sorted(d.iterdir()) if p.is_dir() and _PATIENT_RE.match(p.name)]
+    if not found:
+        raise SDDMError(f"{root}: no training/ or testing/ folder with patientNNN subfolders "
+                        f"(expected the official ACDC layout)")
+    return found
+
+
+def _frame_image(pdir: Path, number: int, cache: dict) -> Source:
+    pid = pdir.name
+    path = pdir / f"{pid}_frame{number:02d}.nii.gz"
+    if path.is_file():
+        return load_source(path, 3, "image")
+    four_d = pdir / f"{pid}_4d.nii.gz"
+    if not four_d.is_file():
+        raise SDDMError(f"{path}: image file not found (and no {four_d.name} to take frame {number} from)")
+    if "4d" not in cache:
+        cache["4d"] = load_source(four_d, 4, "4D cine")
+    return frame(cache["4d"], number - 1, f"frame {number}")
+
+
+def convert_acdc(root: Path, dataset_id: int, name: str = "ACDC", labels: str = "mnms",
+                 overwrite: bool = False) -> Path:
+    """Convert an ACDC release to ``$nnUNet_raw/DatasetXXX_<name>``; returns the folder.
+
+    Also writes ``cases.json`` and a patient-level 5-fold ``splits_final.json`` in
+    ``$nnUNet_preprocessed/DatasetXXX_<name>/`` (an existing one is kept).
+    """
+    if labels not in ("mnms", "native"):
+        raise SDDMError(f"--labels must be 'mnms' or 'native', got {labels!r}")
+    mapping = ACDC_TO_MNMS if labels == "mnms" else {k: k for k in ACDC_TO_MNMS}
+    label_names = CARDIAC_LABELS if labels == "mnms" else ACDC_NATIVE_LABELS
+    patients = find_patients(Path(root))
+    from tqdm import tqdm
+
+    desc = (f"ACDC cine MRI (University Hospital of Dijon), ED/ES frames; labels "
+            f"{'harmonised to 1 LV, 2 MYO, 3 RV' if labels == 'mnms' else 'native ACDC: 1 RV, 2 MYO, 3 LV'}")
+    with DatasetBuilder(dataset_id, name, overwrite=overwrite, labels=label_names, description=desc,
+                        extra_json={"source_dataset": "ACDC", "label_convention": labels,
+                                    "licence": "ACDC: research use, cite Bernard et al. IEEE TMI 2018"}) as b:
+        for split, pdir in tqdm(patients, desc="ACDC", unit="patient", disable=None):
+            pid = pdir.name
+            info = read_info_cfg(pdir / "Info.cfg")
+            cache: dict = {}
+            for phase in ("ED", "ES"):
+                number = info[phase]
+                image = _frame_image(pdir, number, cache)
+                gt_path = pdir / f"{pid}_frame{number:02d}_gt.nii.gz"
+                label: Optional[Source] = None
+                if gt_path.is_file():
+                    label = load_source(gt_path, 3, "label")
+                    check_same_grid(image, label)
+                elif split == "Tr":
+                    raise SDDMError(f"{gt_path}: label file not found (training patients need ground truth)")
+                case = f"{pid}_{phase}"
+                out_label = label_array(label, mapping) if label is not None else None
+                write_with_header(image.data, image, b.image_path(case, split), image_dtype(image))
+                if out_label is not None:
+                    write_with_header(out_label, image, b.label_path(case, split), "uint8")
+                zooms = [float(z) for z in image.header.get_zooms()[:3]]
+                repair = "; ".join(sorted({s.repair for s in (image, label) if s is not None and s.repair}))
+                if repair:
+                    log(f"{image.path}: {repair}")
+                b.add_record({
+                    "case": case, "subject": pid, "phase": phase, "split": split, "frame": number,
+                    "vendor": "A", "vendor_name": "Siemens", "centre": "Dijon",
+                    "group": info.get("Group"), "height": _number(info.get("Height")),
+                    "weight": _number(info.get("Weight")),
+                    "spacing": zooms[::-1], "shape": [int(s) for s in image.shape[:3]][::-1],
+                    "labelled": label is not None,
+                    "source": {"image": str(image.path), "label": str(label.path) if label else None},
+                    "direction_repair": repair or None,
+                })
+    log(f"wrote {b.final} ({b.summary()}); splits: {b.splits_path or 'kept/none'}")
+    return b.final
+
+
+@cli_entry
+def main(argv=None) -> int:
+    """``nnUNetv2_sddm_convert_acdc``."""
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_convert_acdc",
+        description="Convert the ACDC release (training/ and/or testing/ patientNNN folders) to an "
+                    "nnU-Net raw dataset in $nnUNet_raw (cases patientNNN_ED / patientNNN_ES).")
+    p.add_argument("-i", "--input", required=True, type=Path, help="ACDC root folder")
+    p.add_argument("-d", "--dataset-id", required=True, type=int, help="nnU-Net dataset id (1-999)")
+    p.add_argument("--name", default="ACDC", help="dataset name (default ACDC)")
+    p.add_argument("--labels", choices=("mnms", "native"), default="mnms",
+                   help="mnms (default): 1 LV, 2 MYO, 3 RV like M&Ms; native: ACDC's 1 RV, 2 MYO, 3 LV")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    a = p.parse_args(argv)
+    print(convert_acdc(a.input, a.dataset_id, name=a.name, labels=a.labels, overwrite=a.overwrite))
+    return 0
+
+
+if __name__ == "__main__":
+    main()
