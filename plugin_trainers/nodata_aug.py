@@ -1,0 +1,71 @@
+"""nnU-Net's planned architecture trained without data augmentation (the paper's 2D/3D nnU-Net).
+
+The paper trains every segmenter for 250 epochs without augmentation (SDDM_METHOD.md section 8).
+Based on nnU-Net's ``nnUNetTrainerNoDA``: training transforms = validation transforms, and
+``inference_allowed_mirroring_axes = None`` is stored in the checkpoint, so ``nnUNetv2_predict``
+does no mirroring test-time augmentation either. Valid for ``2d`` and ``3d_fullres``.
+
+Names: ``nnUNetTrainer_SDDM_NoDA_250ep`` (the paper), ``..._{1,5,20,50}ep``, any ``..._<N>ep``
+(built from the name, see :mod:`plugin_trainers.schedule`) and ``nnUNetTrainer_SDDM_NoDA_Quick``.
+"""
+from __future__ import annotations
+
+from plugin_trainers.compat import require_supported_nnunet
+
+require_supported_nnunet()
+
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import (  # noqa: E402
+    nnUNetTrainerNoDA,
+)
+
+from plugin_trainers.schedule import (  # noqa: E402
+    ScheduleMixin,
+    module_getattr,
+    register_family,
+    register_variant,
+)
+
+#: Quick schedule shared by all ``*_Quick`` trainers: epochs x iterations, validation iterations.
+QUICK_EPOCHS, QUICK_ITERATIONS, QUICK_VAL_ITERATIONS = 2, 5, 2
+
+
+@register_variant
+class nnUNetTrainer_SDDM_NoDA_250ep(ScheduleMixin, nnUNetTrainerNoDA):
+    """nnU-Net's planned network, no augmentation, no mirroring, 250 epochs x 250 iterations."""
+
+    sddm_num_epochs = 250
+
+
+register_family("nnUNetTrainer_SDDM_NoDA", nnUNetTrainer_SDDM_NoDA_250ep)
+
+
+@register_variant
+class nnUNetTrainer_SDDM_NoDA_1ep(nnUNetTrainer_SDDM_NoDA_250ep):
+    sddm_num_epochs = 1
+
+
+@register_variant
+class nnUNetTrainer_SDDM_NoDA_5ep(nnUNetTrainer_SDDM_NoDA_250ep):
+    sddm_num_epochs = 5
+
+
+@register_variant
+class nnUNetTrainer_SDDM_NoDA_20ep(nnUNetTrainer_SDDM_NoDA_250ep):
+    sddm_num_epochs = 20
+
+
+@register_variant
+class nnUNetTrainer_SDDM_NoDA_50ep(nnUNetTrainer_SDDM_NoDA_250ep):
+    sddm_num_epochs = 50
+
+
+class nnUNetTrainer_SDDM_NoDA_Quick(nnUNetTrainer_SDDM_NoDA_250ep):
+    """Tests and demos: 2 epochs x 5 iterations (2 validation iterations), final validation skipped."""
+
+    sddm_num_epochs = QUICK_EPOCHS
+    sddm_iterations_per_epoch = QUICK_ITERATIONS
+    sddm_val_iterations_per_epoch = QUICK_VAL_ITERATIONS
+    sddm_final_validation = False
+
+
+__getattr__ = module_getattr(__name__)

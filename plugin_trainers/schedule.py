@@ -1,0 +1,103 @@
+"""Training length of the SD-DM trainers: epochs, iterations, final validation, and epoch variants.
+
+A trainer declares its schedule as class attributes; :class:`ScheduleMixin` applies them after
+``nnUNetTrainer.__init__``. Any epoch count is available by NAME: ``<family>_<N>ep`` (e.g.
+``nnUNetTrainer_SDDM_NoDA_100ep``) is built on first lookup by :func:`epoch_variant`, which the
+modules of the trainer families expose through a module-level ``__getattr__`` (PEP 562), the hook
+that nnU-Net's ``hasattr(module, name)`` lookup and ``pickle`` both use. The epoch count thus stays
+in the trainer name and therefore in the results folder name and the checkpoint.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from plugin_trainers.compat import require_supported_nnunet
+
+require_supported_nnunet()
+
+_VARIANT_RE = re.compile(r"^(?P<family>nnUNetTrainer_SDDM_[A-Za-z]+)_(?P<epochs>[1-9]\d{0,4})ep$")
+_FAMILIES: Dict[str, type] = {}
+_VARIANTS: Dict[Tuple[str, int], type] = {}
+
+
+class ScheduleMixin:
+    """Put before an ``nnUNetTrainer`` subclass: sets epochs / iterations after its ``__init__``.
+
+    ``sddm_iterations_per_epoch`` / ``sddm_val_iterations_per_epoch`` of None keep nnU-Net's
+    defaults (250 / 50); ``sddm_final_validation = False`` skips nnU-Net's final validation
+    (prediction of every validation case and ``summary.json``), which quick trainers do not need.
+    """
+
+    sddm_num_epochs: int = 250
+    sddm_iterations_per_epoch: Optional[int] = None
+    sddm_val_iterations_per_epoch: Optional[int] = None
+    sddm_final_validation: bool = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(self.sddm_num_epochs)
+        if self.sddm_iterations_per_epoch is not None:
+            self.num_iterations_per_epoch = int(self.sddm_iterations_per_epoch)
+        if self.sddm_val_iterations_per_epoch is not None:
+            self.num_val_iterations_per_epoch = int(self.sddm_val_iterations_per_epoch)
+        # one checkpoint_latest at most every 50 epochs, as in nnU-Net, but never more often than the run
+        self.save_every = min(self.save_every, max(1, self.num_epochs))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if not self.sddm_final_validation:
+            self.print_to_log_file(f"{self.__class__.__name__}: final validation skipped (quick trainer)")
+            return
+        return super().perform_actual_validation(save_probabilities)
+
+
+def register_family(prefix: str, base: type) -> None:
+    """Make ``<prefix>_<N>ep`` resolve to a subclass of ``base`` with ``sddm_num_epochs = N``."""
+    _FAMILIES[prefix] = base
+
+
+def register_variant(cls: type) -> type:
+    """Class decorator for a statically defined ``<family>_<N>ep`` class: checks that its
+    ``sddm_num_epochs`` matches its name and makes :func:`epoch_variant` return it."""
+    m = _VARIANT_RE.match(cls.__name__)
+    if not m or int(m.group("epochs")) != cls.sddm_num_epochs:
+        raise RuntimeError(f"{cls.__name__}: name and sddm_num_epochs={cls.sddm_num_epochs} disagree")
+    _VARIANTS[(m.group("family"), int(m.group("epochs")))] = cls
+    return cls
+
+
+def epoch_variant(name: str) -> type:
+    """The trainer class called ``name`` = ``<family>_<N>ep`` (1 <= N <= 99999): a subclass of the
+    registered family's base class with ``sddm_num_epochs = N``. Built once and cached (the same
+    object on every call; the statically defined variants are returned as they are).
+
+    Raises ``AttributeError`` for any other name (so ``hasattr`` lookups stay cheap and correct).
+    """
+    m = _VARIANT_RE.match(name)
+    if not m or m.group("family") not in _FAMILIES:
+        raise AttributeError(name)
+    key = (m.group("family"), int(m.group("epochs")))
+    if key not in _VARIANTS:
+        base = _FAMILIES[key[0]]
+        _VARIANTS[key] = type(name, (base,), {
+            "sddm_num_epochs": key[1],
+            "__module__": base.__module__,
+            "__qualname__": name,
+            "__doc__": f"{base.__name__} trained for {key[1]} epochs (class built from its name).",
+        })
+    return _VARIANTS[key]
+
+
+def module_getattr(module_name: str):
+    """A PEP 562 ``__getattr__`` for a trainer module: epoch variants of the families defined in it."""
+
+    def __getattr__(name: str) -> type:
+        cls = epoch_variant(name)
+        if cls.__module__ != module_name:
+            raise AttributeError(name)
+        return cls
+
+    return __getattr__
