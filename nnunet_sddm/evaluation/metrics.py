@@ -20,7 +20,7 @@ Empty masks (MedPy raises for the surface metrics) follow an explicit ``EmptyPol
   (``"diagonal"``) or a fixed number of mm;
 * both empty (structure absent in both): all six metrics NaN (``both_empty="nan"``, default:
   the case does not count for that structure) or a perfect score (``"perfect"``: DSC = IoU = 1,
-  distances 0; MedPy's DSC/IoU are 1 here too).
+  distances 0; MedPy 0.5.2 returns NaN for DSC/IoU here under numpy 2, 1 under older numpy).
 
 Per-slice mode evaluates every 2D slice ``[k]`` along axis 0 (the through-plane axis of a
 short-axis stack) with the in-plane spacing and 2D connectivity, applies the same empty policy

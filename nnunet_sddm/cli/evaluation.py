@@ -1,0 +1,120 @@
+"""Console scripts: ``nnUNetv2_sddm_evaluate``, ``nnUNetv2_sddm_compare``,
+``nnUNetv2_sddm_domain_shift`` (argument parsing only; the work is in ``nnunet_sddm.evaluation``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import List, Optional
+
+from nnunet_sddm.utilities.errors import SDDMError, cli_entry
+
+
+def _name_dir(item: str, last: bool = False) -> tuple:
+    name, sep, path = item.rpartition("=") if last else item.partition("=")
+    if not sep or not name or not path:
+        raise SDDMError(f"expected NAME=DIR, got {item!r}")
+    return name, path
+
+
+@cli_entry
+def evaluate_main(argv: Optional[List[str]] = None) -> int:
+    from nnunet_sddm.evaluation.evaluate import evaluate_folders
+
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_evaluate",
+        description="DSC, IoU, ASD, ASSD, HD, HD95 (MedPy-identical, mm) per case and structure.")
+    p.add_argument("-ref", required=True, help="folder of reference segmentations (CASE.nii.gz)")
+    p.add_argument("-pred", required=True, help="folder of predicted segmentations (same file names)")
+    p.add_argument("-o", dest="out", default=None,
+                   help="output folder (default: PRED/sddm_evaluation); refused if it exists unless --overwrite")
+    p.add_argument("-djfile", default=None,
+                   help="dataset.json giving the labels and file ending (default: PRED/dataset.json if present)")
+    p.add_argument("--labels", nargs="+", default=None, metavar="NAME=VALUE",
+                   help="structures to evaluate, e.g. LV=1 MYO=2 RV=3 (overrides dataset.json)")
+    p.add_argument("-np", dest="num_processes", type=int, default=None, help="worker processes (default: CPUs, max 8)")
+    p.add_argument("--empty-policy", default="nan",
+                   help="distances when exactly one mask is empty: nan (default), diagonal (image diagonal in mm) "
+                        "or a number of mm")
+    p.add_argument("--both-empty", default="nan", choices=("nan", "perfect"),
+                   help="all metrics when both masks are empty: nan (default, not counted) or perfect (1/0)")
+    p.add_argument("--per-slice", action="store_true",
+                   help="evaluate every 2D slice and average per case (also writes per_slice.csv)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="evaluate the common cases when some are missing on either side (listed in summary.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    from pathlib import Path
+
+    out = a.out or str(Path(a.pred) / "sddm_evaluation")
+    res = evaluate_folders(a.ref, a.pred, labels=a.labels, dataset_json=a.djfile, num_processes=a.num_processes,
+                           empty_policy=a.empty_policy, both_empty=a.both_empty, per_slice=a.per_slice,
+                           allow_missing=a.allow_missing, out_dir=out, overwrite=a.overwrite,
+                           progress=not a.quiet)
+    allm = res.summary["structures"]["all"]["metrics"]
+    print(f"{res.summary['n_cases']} cases -> {out}")
+    print("  ".join(f"{m} {allm[m]['mean']:.4g}" for m in allm if allm[m]["n"]))
+    return 0
+
+
+@cli_entry
+def compare_main(argv: Optional[List[str]] = None) -> int:
+    from nnunet_sddm.evaluation.compare import compare_results
+
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_compare",
+        description="Welch's t-tests against the baseline, Table-1-style tables (Markdown, CSV, LaTeX) and "
+                    "bar charts with 95%% CIs. NAME is APPROACH/MODEL (e.g. DA/2d_nnunet), "
+                    "'approach=DA,model=2d_nnunet', or just APPROACH; DIR is an nnUNetv2_sddm_evaluate output folder "
+                    "(or its per_case.csv).")
+    p.add_argument("--baseline", nargs="+", required=True, metavar="NAME=DIR",
+                   help="baseline results; one per model when several models are compared")
+    p.add_argument("--candidates", nargs="+", required=True, metavar="NAME=DIR", help="approaches to compare")
+    p.add_argument("-o", dest="out", required=True, help="output folder (refused if it exists unless --overwrite)")
+    p.add_argument("--alpha", type=float, default=0.01,
+                   help="significance level: p < alpha differs from the baseline; p > alpha is 'not significantly "
+                        "worse than the best' (default 0.01, as in the paper)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    a = p.parse_args(argv)
+    res = compare_results([_name_dir(b, last=True) for b in a.baseline],
+                          [_name_dir(c, last=True) for c in a.candidates],
+                          out_dir=a.out, alpha=a.alpha, overwrite=a.overwrite)
+    print(res["markdown"])
+    print(f"written to {a.out}")
+    return 0
+
+
+@cli_entry
+def domain_shift_main(argv: Optional[List[str]] = None) -> int:
+    from nnunet_sddm.evaluation.domain_shift import domain_shift
+
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_domain_shift",
+        description="22 DSMRI image features per volume, t-SNE coloured by domain and a random-forest "
+                    "domain-separability score.")
+    p.add_argument("-i", dest="inputs", nargs="+", required=True, metavar="NAME=DIR",
+                   help="domains: NAME=FOLDER (every image file in it) or NAME='GLOB' (quoted pattern)")
+    p.add_argument("-o", dest="out", required=True, help="output folder (refused if it exists unless --overwrite)")
+    p.add_argument("--slices", default="all",
+                   help="slices per volume: all (default) or central:PERCENT[:STEP] (DSMRI-like)")
+    p.add_argument("--normalization", default="percentile", choices=("percentile", "none"),
+                   help="per-volume intensity scaling before the features: percentile (0.5-99.5 -> [0, 1], default) "
+                        "or none (raw, as DSMRI)")
+    p.add_argument("-np", dest="num_processes", type=int, default=None, help="worker processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of t-SNE and the random forest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    inputs = {}
+    for item in a.inputs:
+        name, path = _name_dir(item)
+        if name in inputs:
+            raise SDDMError(f"-i: domain {name!r} given twice")
+        inputs[name] = path
+    res = domain_shift(inputs, a.out, slices=a.slices, normalization=a.normalization,
+                       num_processes=a.num_processes, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet)
+    sep = res["separability"]
+    print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in sep.items()}, indent=2))
+    print(f"written to {a.out}")
+    return 0

@@ -1,0 +1,81 @@
+"""Figures (matplotlib, Agg backend: no display needed): Fig.-7-style bar charts of a metric
+per structure with 95% confidence intervals, and a 2D scatter (t-SNE) coloured by group."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from nnunet_sddm.evaluation.metrics import HIGHER_IS_BETTER
+from nnunet_sddm.evaluation.statistics import confidence_interval, finite
+from nnunet_sddm.utilities.files import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: str,
+                 out_path: os.PathLike, title: str = "") -> Path:
+    """Grouped bars: x = structures, one bar per entry (e.g. ``"DA/2d"``), height = mean of the
+    finite values, error bar = Student-t 95% CI of the mean.
+
+    samples: ``{entry: {structure: values}}``. Written atomically as PNG; returns the path.
+    """
+    plt = _plt()
+    entries = list(samples)
+    structures = list(dict.fromkeys(s for e in entries for s in samples[e]))
+    width = 0.8 / max(1, len(entries))
+    x = np.arange(len(structures))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.6 * len(structures) + 0.25 * len(entries)), 3.6), dpi=120)
+    for i, e in enumerate(entries):
+        means, lo, hi = [], [], []
+        for s in structures:
+            a = finite(samples[e].get(s, []))
+            m = float(a.mean()) if a.size else np.nan
+            ci = confidence_interval(a)
+            means.append(m)
+            lo.append(m - ci[0] if np.isfinite(ci[0]) else 0.0)
+            hi.append(ci[1] - m if np.isfinite(ci[1]) else 0.0)
+        ax.bar(x + (i - (len(entries) - 1) / 2) * width, means, width, yerr=[lo, hi], capsize=3, label=e)
+    ax.set_xticks(x)
+    ax.set_xticklabels(structures)
+    unit = "" if HIGHER_IS_BETTER.get(metric, True) else " (mm)"
+    arrow = "higher is better" if HIGHER_IS_BETTER.get(metric, True) else "lower is better"
+    ax.set_ylabel(f"{metric}{unit}")
+    ax.set_title(title or f"{metric} ({arrow}); error bars: 95% CI")
+    ax.legend(fontsize=7, ncol=min(4, len(entries)), frameon=False)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out_path
+
+
+def scatter_2d(points: np.ndarray, groups: Sequence[str], out_path: os.PathLike, title: str = "") -> Path:
+    """Scatter of ``points`` (n, 2) coloured by ``groups`` (n labels); PNG written atomically."""
+    plt = _plt()
+    points = np.asarray(points, dtype=float)
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=120)
+    groups = np.asarray(groups)
+    for g in dict.fromkeys(groups.tolist()):
+        sel = groups == g
+        ax.scatter(points[sel, 0], points[sel, 1], s=14, alpha=0.8, label=f"{g} (n={int(sel.sum())})")
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    ax.set_title(title)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out_path
