@@ -1,0 +1,517 @@
+"""SD-DM adaptation inside nnU-Net prediction (``nnUNetv2_sddm_predict``).
+
+:class:`SDDMPredictor` is an ``nnUNetPredictor`` whose raw input images are adapted before nnU-Net
+preprocesses them. Per case, in the MAIN process (the diffusion model is never pickled into
+nnU-Net's spawn workers):
+
+1. read the case's images with ``plans_manager.image_reader_writer_class()`` (the reader nnU-Net
+   itself uses for this model), arrays ``(C, z, y, x)``;
+2. adapt every channel volume ``(z, y, x)`` with the injected ``adapt_fn`` (several cases are
+   adapted together so that slices of many volumes share sampler batches);
+3. optionally write the adapted images (``--save-adapted``: nnU-Net file names, the input's exact
+   geometry, float32, written atomically);
+4. run the configuration's preprocessor ``run_case_npy`` and yield
+   ``{"data", "data_properties", "ofile"}`` to nnU-Net's own prediction and export.
+
+Both nnU-Net paths are covered: ``predict_from_files`` (export workers, through
+``_internal_get_data_iterator_from_lists_of_filenames``) and ``predict_from_files_sequential``
+(``-npp 0 -nps 0``). The adapted arrays go to ``run_case_npy`` exactly as nnU-Net would read them
+from the files ``nnUNetv2_sddm_adapt`` writes (float32, same geometry), so the segmentation equals
+``nnUNetv2_sddm_adapt`` followed by the stock ``nnUNetv2_predict`` with the same seed.
+
+Random streams: every slice is keyed ``"<image>/<k>"`` where ``<image>`` is the image file name
+without its ending (``CASE_0000``) and ``k`` the slice index, as in ``nnUNetv2_sddm_adapt``, so a
+seed gives the same adapted image whichever command, batch size or case grouping produced it.
+
+``N = 0`` means no adaptation: the input goes to nnU-Net untouched and the result equals the stock
+``nnUNetv2_predict`` (the sampler's N = 0 would only clip intensities to the 0.5/99.5 percentile
+window; that is not adaptation and would change nnU-Net's z-scoring).
+
+Ensembling with the original (``--ensemble-original``, the paper's proposed cure for sampling
+noise): the cases are predicted twice with the same network, once adapted and once unchanged,
+each exported by nnU-Net with its class probabilities (logits -> resampling to the original
+geometry -> softmax, nnU-Net's export); the two probability maps are averaged and turned into the
+segmentation by nnU-Net's own ensembling (``nnunetv2.ensembling.ensemble.merge_files``, the code of
+``nnUNetv2_ensemble``). Averaging in the original geometry avoids forking any nnU-Net code and is
+exact even where the two inputs are cropped differently by nnU-Net's nonzero-crop. The exported
+``.npz`` probabilities (``--save_probabilities``) are exactly the mean of the two inputs' exports.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from nnunet_sddm.data.volumes import write_like
+from nnunet_sddm.utilities.errors import SDDMError
+
+from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
+                                                  export_prediction_from_logits)
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+
+#: ``adapt_fn(volumes) -> adapted``: ``{key: (z, y, x)}`` in any intensity units ->
+#: ``{key: (z, y, x) float32}``, same keys and shapes, original intensity units.
+AdaptFn = Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]]
+
+PathLike = Union[str, os.PathLike]
+
+
+def image_key(image_file: PathLike, file_ending: str) -> str:
+    """The adaptation key of an image file: its name without the file ending (``CASE_0000``)."""
+    name = Path(image_file).name
+    return name[: -len(file_ending)] if file_ending and name.endswith(file_ending) else name
+
+
+class SDDMPredictor(nnUNetPredictor):
+    """``nnUNetPredictor`` that adapts each raw input image with ``adapt_fn`` before preprocessing.
+
+    Args:
+        adapt_fn: the adaptation (see :data:`AdaptFn`); ``None`` = identity (N = 0).
+        save_adapted_dir: folder for copies of the adapted images (nnU-Net names, input geometry).
+        cases_per_adaptation: how many cases are adapted in one ``adapt_fn`` call (their slices
+            share sampler batches; memory grows with it).
+        **kwargs: ``nnUNetPredictor``'s own arguments (``tile_step_size``, ``device``, ...).
+
+    ``adapt_inputs`` (default True) switches the adaptation off, making the predictor the stock
+    one (used for the original half of ``--ensemble-original``).
+    """
+
+    def __init__(self, adapt_fn: Optional[AdaptFn] = None, save_adapted_dir: Optional[PathLike] = None,
+                 cases_per_adaptation: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        if int(cases_per_adaptation) < 1:
+            raise SDDMError(f"cases_per_adaptation must be >= 1, got {cases_per_adaptation}")
+        self.adapt_fn = adapt_fn
+        self.save_adapted_dir = None if save_adapted_dir is None else Path(save_adapted_dir)
+        self.cases_per_adaptation = int(cases_per_adaptation)
+        self.adapt_inputs = True
+
+    # ------------------------------------------------------------------ adaptation of raw images
+    def read_and_adapt(self, list_of_lists: Sequence[Sequence[str]]) -> Iterator[Tuple[np.ndarray, dict]]:
+        """For each case (its list of channel files) yield ``(data (C, z, y, x) float32, properties)``:
+        the images as nnU-Net's reader gives them, every channel adapted. Cases are adapted in groups
+        of ``cases_per_adaptation``; adapted copies are written when ``save_adapted_dir`` is set."""
+        rw = self.plans_manager.image_reader_writer_class()
+        ending = self.dataset_json["file_ending"]
+        for start in range(0, len(list_of_lists), self.cases_per_adaptation):
+            group = list_of_lists[start:start + self.cases_per_adaptation]
+            raw = []
+            volumes: Dict[str, np.ndarray] = {}
+            for files in group:
+                try:
+                    data, props = rw.read_images(list(files))
+                except Exception as e:
+                    raise SDDMError(f"{files[0]}: cannot read image ({type(e).__name__}: {e})") from None
+                data = np.asarray(data, dtype=np.float32)
+                raw.append((files, data, props))
+                for c, f in enumerate(files):
+                    volumes[image_key(f, ending)] = data[c]
+            adapted = volumes if self.adapt_fn is None else self.adapt_fn(volumes)
+            for files, data, props in raw:
+                out = np.empty_like(data)
+                for c, f in enumerate(files):
+                    a = np.asarray(adapted[image_key(f, ending)], dtype=np.float32)
+                    if a.shape != data[c].shape:
+                        raise SDDMError(f"{f}: adaptation returned shape {a.shape}, expected {data[c].shape}")
+                    out[c] = a
+                    if self.save_adapted_dir is not None:
+                        write_like(a, f, self.save_adapted_dir / Path(f).name)
+                yield out, props
+
+    def adapted_preprocessed_cases(self, input_list_of_lists: Sequence[Sequence[str]],
+                                   seg_from_prev_stage_files: Optional[Sequence[Optional[str]]],
+                                   output_filenames_truncated: Optional[Sequence[Optional[str]]]) -> Iterator[dict]:
+        """nnU-Net's data iterator contract, in the main process: adapt, ``run_case_npy``, yield
+        ``{"data": (C', ...) float32 tensor, "data_properties", "ofile"}`` (``C'`` includes the
+        one-hot previous-stage segmentation of a cascade)."""
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose_preprocessing)
+        rw = self.plans_manager.image_reader_writer_class()
+        label_manager = self.plans_manager.get_label_manager(self.dataset_json)
+        n = len(input_list_of_lists)
+        segs = list(seg_from_prev_stage_files) if seg_from_prev_stage_files is not None else [None] * n
+        ofiles = list(output_filenames_truncated) if output_filenames_truncated is not None else [None] * n
+        for (data, props), seg_file, ofile in zip(self.read_and_adapt(input_list_of_lists), segs, ofiles):
+            seg = rw.read_seg(seg_file)[0] if seg_file is not None else None
+            data, seg, props = preprocessor.run_case_npy(data, seg, props, self.plans_manager,
+                                                         self.configuration_manager, self.dataset_json)
+            if seg_file is not None:
+                onehot = convert_labelmap_to_one_hot(seg[0], label_manager.foreground_labels, data.dtype)
+                data = np.vstack((data, onehot))
+            data = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+            yield {"data": data, "data_properties": props, "ofile": ofile}
+
+    # ------------------------------------------------------------------ nnU-Net hooks
+    def _internal_get_data_iterator_from_lists_of_filenames(self, input_list_of_lists, seg_from_prev_stage_files,
+                                                            output_filenames_truncated, num_processes):
+        """Adapted cases are preprocessed in this process (``num_processes`` is unused then: the
+        diffusion sampling dominates the cost); with ``adapt_inputs`` off, nnU-Net's own workers."""
+        if not self.adapt_inputs:
+            return super()._internal_get_data_iterator_from_lists_of_filenames(
+                input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated, num_processes)
+        return self.adapted_preprocessed_cases(input_list_of_lists, seg_from_prev_stage_files,
+                                               output_filenames_truncated)
+
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities: bool = False, overwrite: bool = True,
+                                      folder_with_segs_from_prev_stage: str = None):
+        """nnU-Net's sequential prediction (no worker processes) with the adapted inputs."""
+        if not self.adapt_inputs:
+            return super().predict_from_files_sequential(list_of_lists_or_source_folder,
+                                                         output_folder_or_list_of_truncated_output_files,
+                                                         save_probabilities, overwrite,
+                                                         folder_with_segs_from_prev_stage)
+        outputs = output_folder_or_list_of_truncated_output_files
+        if isinstance(outputs, str):
+            output_folder = outputs
+        elif isinstance(outputs, list):
+            output_folder = os.path.dirname(outputs[0]) or os.path.curdir
+        else:
+            output_folder = None
+        if output_folder is not None:
+            self._record_inputs(output_folder, dict(
+                list_of_lists_or_source_folder=list_of_lists_or_source_folder,
+                output_folder_or_list_of_truncated_output_files=outputs,
+                save_probabilities=save_probabilities, overwrite=overwrite,
+                folder_with_segs_from_prev_stage=folder_with_segs_from_prev_stage))
+        if self.configuration_manager.previous_stage_name is not None and folder_with_segs_from_prev_stage is None:
+            raise SDDMError(f"configuration {self.configuration_manager.configuration_name!r} is a cascade stage: "
+                            f"give the previous stage's predictions with -prev_stage_predictions")
+        lists, ofiles, segs = self._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, outputs, folder_with_segs_from_prev_stage, overwrite, 0, 1,
+            save_probabilities)
+        if len(lists) == 0:
+            return []
+        if folder_with_segs_from_prev_stage is None:
+            segs = None
+        ret = []
+        for item in self.adapted_preprocessed_cases(lists, segs, ofiles):
+            logits = self.predict_logits_from_preprocessed_data(item["data"]).cpu()
+            if item["ofile"] is not None:
+                export_prediction_from_logits(logits, item["data_properties"], self.configuration_manager,
+                                              self.plans_manager, self.dataset_json, item["ofile"],
+                                              save_probabilities)
+            else:
+                ret.append(convert_predicted_logits_to_segmentation_with_correct_shape(
+                    logits, self.plans_manager, self.configuration_manager, self.label_manager,
+                    item["data_properties"], save_probabilities))
+        return ret
+
+    def _record_inputs(self, output_folder: PathLike, arguments: dict) -> None:
+        """What nnU-Net writes next to its predictions (its call arguments, dataset.json, plans.json)."""
+        from batchgenerators.utilities.file_and_folder_operations import save_json
+        from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+        arguments = deepcopy(arguments)
+        recursive_fix_for_json_export(arguments)
+        os.makedirs(output_folder, exist_ok=True)
+        save_json(arguments, os.path.join(output_folder, "predict_from_raw_data_args.json"))
+        save_json(self.dataset_json, os.path.join(output_folder, "dataset.json"), sort_keys=False)
+        save_json(self.plans_manager.plans, os.path.join(output_folder, "plans.json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------- folder-level prediction
+@dataclass
+class Case:
+    """One case to predict: its identifier, its channel files and its truncated output name."""
+
+    case_id: str
+    files: List[str]
+    output_truncated: str
+
+
+def list_cases(input_folder: PathLike, output_folder: PathLike, file_ending: str,
+               num_parts: int = 1, part_id: int = 0) -> List[Case]:
+    """The cases of an nnU-Net-named image folder (``CASE_XXXX<ending>``), this part's share
+    (``[part_id::num_parts]``, as nnU-Net splits them). ``SDDMError`` if there are none."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    input_folder = Path(input_folder)
+    if not input_folder.is_dir():
+        raise SDDMError(f"input folder {input_folder} does not exist")
+    lists = create_lists_from_splitted_dataset_folder(str(input_folder), file_ending)
+    if not lists:
+        raise SDDMError(f"{input_folder}: no images named CASE_XXXX{file_ending} (nnU-Net naming, the "
+                        f"model's file ending {file_ending!r})")
+    cases = []
+    for files in lists[part_id::num_parts]:
+        case_id = os.path.basename(files[0])[: -(len(file_ending) + 5)]
+        cases.append(Case(case_id, [str(f) for f in files], os.path.join(str(output_folder), case_id)))
+    return cases
+
+
+def is_predicted(case: Case, file_ending: str, save_probabilities: bool) -> bool:
+    """True if the case's outputs (segmentation, and probabilities if asked for) exist."""
+    done = os.path.isfile(case.output_truncated + file_ending)
+    if save_probabilities:
+        done = done and os.path.isfile(case.output_truncated + ".npz")
+    return done
+
+
+def _predict(predictor: nnUNetPredictor, cases: Sequence[Case], outputs: Sequence[str], save_probabilities: bool,
+             num_processes_preprocessing: int, num_processes_segmentation_export: int,
+             prev_stage_predictions: Optional[str]) -> None:
+    """Run nnU-Net's prediction on explicit lists, sequentially when both process counts are 0
+    (as ``nnUNetv2_predict``), else with its worker pools."""
+    lists = [c.files for c in cases]
+    if num_processes_preprocessing == 0 and num_processes_segmentation_export == 0:
+        predictor.predict_from_files_sequential(lists, list(outputs), save_probabilities=save_probabilities,
+                                                overwrite=True, folder_with_segs_from_prev_stage=prev_stage_predictions)
+    else:
+        predictor.predict_from_files(lists, list(outputs), save_probabilities=save_probabilities, overwrite=True,
+                                     num_processes_preprocessing=max(1, num_processes_preprocessing),
+                                     num_processes_segmentation_export=max(1, num_processes_segmentation_export),
+                                     folder_with_segs_from_prev_stage=prev_stage_predictions,
+                                     num_parts=1, part_id=0)
+
+
+def predict_cases(predictor: SDDMPredictor, cases: Sequence[Case], output_folder: PathLike, *,
+                  save_probabilities: bool = False, ensemble_original: bool = False,
+                  num_processes_preprocessing: int = 3, num_processes_segmentation_export: int = 3,
+                  prev_stage_predictions: Optional[str] = None) -> List[str]:
+    """Predict ``cases`` into ``output_folder`` with the adapted inputs (or, with
+    ``ensemble_original``, the average of the adapted and the original inputs' probabilities).
+    Returns the case ids predicted."""
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    if not cases:
+        return []
+    if not ensemble_original:
+        predictor.adapt_inputs = True
+        _predict(predictor, cases, [c.output_truncated for c in cases], save_probabilities,
+                 num_processes_preprocessing, num_processes_segmentation_export, prev_stage_predictions)
+        return [c.case_id for c in cases]
+
+    from nnunetv2.ensembling.ensemble import merge_files
+
+    ending = predictor.dataset_json["file_ending"]
+    rw = predictor.plans_manager.image_reader_writer_class()
+    work = Path(tempfile.mkdtemp(prefix=".sddm_ensemble-", dir=output_folder))
+    try:
+        for name, adapt in (("adapted", True), ("original", False)):
+            predictor.adapt_inputs = adapt
+            _predict(predictor, cases, [str(work / name / c.case_id) for c in cases], True,
+                     num_processes_preprocessing, num_processes_segmentation_export, prev_stage_predictions)
+        predictor.adapt_inputs = True
+        for c in cases:
+            merged = work / "merged" / c.case_id
+            merged.parent.mkdir(parents=True, exist_ok=True)
+            merge_files([str(work / "adapted" / f"{c.case_id}.npz"), str(work / "original" / f"{c.case_id}.npz")],
+                        str(merged), ending, rw, predictor.label_manager, save_probabilities)
+            # probabilities first, segmentation last: a present segmentation means a finished case
+            for suffix in ([".npz", ".pkl"] if save_probabilities else []) + [ending]:
+                os.replace(str(merged) + suffix, str(output_folder / c.case_id) + suffix)
+        predictor._record_inputs(output_folder, {"ensemble_original": True, "cases": [c.case_id for c in cases],
+                                                 "save_probabilities": save_probabilities})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [c.case_id for c in cases]
+
+
+# ---------------------------------------------------------------------- the whole command
+NNUNET_DEVICES = ("cpu", "cuda", "mps")
+
+
+def nnunet_model_folder(dataset: Union[int, str], trainer: str, plans: str, configuration: str) -> Path:
+    """``$nnUNet_results/DatasetXXX_Name/<trainer>__<plans>__<configuration>`` (what
+    ``nnUNetv2_predict -d -tr -p -c`` uses); ``SDDMError`` if it does not exist."""
+    from nnunet_sddm.utilities.nnunet_paths import datasets_with_id, parse_dataset_folder_name, results_root
+
+    results = results_root()
+    s = str(dataset)
+    if s.isdigit():
+        found = datasets_with_id(int(s), results)
+        if not found:
+            raise SDDMError(f"-d {s}: no trained nnU-Net models for dataset {int(s)} in {results}")
+        if len(found) > 1:
+            raise SDDMError(f"-d {s}: several datasets with id {int(s)} in {results}: {[p.name for p in found]}")
+        name = found[0].name
+    else:
+        parse_dataset_folder_name(s)
+        name = s
+    folder = results / name / f"{trainer}__{plans}__{configuration}"
+    if not folder.is_dir():
+        raise SDDMError(f"no trained nnU-Net model at {folder} (check -d, -tr, -p and -c)")
+    return folder
+
+
+def parse_folds(folds: Sequence[Union[int, str]]) -> List[Union[int, str]]:
+    """nnU-Net's ``-f`` values: integers or ``all``."""
+    out: List[Union[int, str]] = []
+    for f in folds:
+        if str(f) == "all":
+            out.append("all")
+        elif str(f).isdigit():
+            out.append(int(f))
+        else:
+            raise SDDMError(f"-f: fold {f!r} is neither an integer nor 'all'")
+    if not out:
+        raise SDDMError("-f: no folds given")
+    return out
+
+
+def check_checkpoints(model_folder: Path, folds: Sequence[Union[int, str]], checkpoint_name: str) -> None:
+    """``SDDMError`` naming the first missing ``fold_X/<checkpoint>``, dataset.json or plans.json."""
+    for f in ("dataset.json", "plans.json"):
+        if not (model_folder / f).is_file():
+            raise SDDMError(f"{model_folder / f} not found: not a complete nnU-Net model folder")
+    for f in folds:
+        ckpt = model_folder / f"fold_{f}" / checkpoint_name
+        if not ckpt.is_file():
+            raise SDDMError(f"{ckpt} not found: fold {f} of this model is not trained (choose folds with -f, "
+                            f"the checkpoint with -chk)")
+
+
+def check_input_images(cases: Sequence[Case], reader_writer) -> None:
+    """Read every image as the adaptation will (nnU-Net's reader) and refuse, before anything is
+    written, images that are not 3D, contain NaN/inf or are constant."""
+    from nnunet_sddm.data.slices import IntensityWindow
+    from nnunet_sddm.data.volumes import read_volume
+
+    for c in cases:
+        for f in c.files:
+            IntensityWindow.fit(read_volume(f, reader_writer).data, name=str(f))
+
+
+def _same(a: Optional[PathLike], b: Optional[PathLike]) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union[int, str], configuration: str,
+                 model: PathLike, settings, *, plans: str = "nnUNetPlans", trainer: str = "nnUNetTrainer",
+                 folds: Sequence[Union[int, str]] = (0, 1, 2, 3, 4), checkpoint: str = "checkpoint_final.pth",
+                 step_size: float = 0.5, disable_tta: bool = False, verbose: bool = False,
+                 save_probabilities: bool = False, continue_prediction: bool = False,
+                 num_processes_preprocessing: int = 3, num_processes_segmentation_export: int = 3,
+                 prev_stage_predictions: Optional[PathLike] = None, num_parts: int = 1, part_id: int = 0,
+                 device: str = "cuda", disable_progress_bar: bool = False, not_on_device: bool = False,
+                 batch_size: Optional[int] = None, amp: Optional[str] = None,
+                 save_adapted: Optional[PathLike] = None, ensemble_original: bool = False) -> dict:
+    """``nnUNetv2_sddm_predict``: ``nnUNetv2_predict`` (same arguments and meaning) on SD-DM-adapted
+    inputs.
+
+    Args (beyond ``nnUNetv2_predict``'s):
+        model: diffusion model folder or ``DATASET[:PRESET]``.
+        settings: ``SamplerSettings`` (D, N, tau, steps, seed, reference_behaviour); N = 0: no adaptation.
+        batch_size: slices per sampler batch (default: per device); amp: None, "bf16" or "fp16".
+        save_adapted: folder for the adapted images (nnU-Net names, input geometry).
+        ensemble_original: average the class probabilities of the adapted and the original input.
+
+    Everything is checked (folders, nnU-Net model and folds, diffusion model, sampler settings,
+    every input image) before anything is written. Returns a summary (cases predicted/skipped).
+    """
+    import time
+
+    from nnunet_sddm import __version__
+    from nnunet_sddm.adaptation.distributed import resolve_device
+    from nnunet_sddm.adaptation.volumes import adapt_arrays, check_model_for_data, load_for_adaptation
+    from nnunet_sddm.utilities.files import write_json
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    t0 = time.perf_counter()
+    # ---- plain arguments
+    if device not in NNUNET_DEVICES:
+        raise SDDMError(f"-device must be one of {', '.join(NNUNET_DEVICES)}, got {device!r}")
+    if not 0 < float(step_size) <= 1:
+        raise SDDMError(f"-step_size must be in (0, 1], got {step_size}")
+    if int(num_parts) < 1 or not 0 <= int(part_id) < int(num_parts):
+        raise SDDMError(f"-part_id must be in 0..num_parts-1 (got -part_id {part_id}, -num_parts {num_parts})")
+    if int(num_processes_preprocessing) < 0 or int(num_processes_segmentation_export) < 0:
+        raise SDDMError("-npp and -nps must be >= 0")
+    if batch_size is not None and int(batch_size) < 1:
+        raise SDDMError(f"--batch-size must be >= 1, got {batch_size}")
+    folds = parse_folds(folds)
+    input_folder, output_folder = Path(input_folder), Path(output_folder)
+    if _same(input_folder, output_folder):
+        raise SDDMError(f"-o {output_folder} is the input folder: choose another output folder")
+    if save_adapted is not None and (_same(save_adapted, input_folder) or _same(save_adapted, output_folder)):
+        raise SDDMError(f"--save-adapted {save_adapted} must differ from the input and the output folder")
+    if prev_stage_predictions is not None and not Path(prev_stage_predictions).is_dir():
+        raise SDDMError(f"-prev_stage_predictions {prev_stage_predictions} does not exist")
+
+    # ---- the nnU-Net model and the inputs
+    model_folder = nnunet_model_folder(dataset, trainer, plans, configuration)
+    check_checkpoints(model_folder, folds, checkpoint)
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    dataset_json = load_json(str(model_folder / "dataset.json"))
+    ending = dataset_json["file_ending"]
+    cases = list_cases(input_folder, output_folder, ending, int(num_parts), int(part_id))
+    todo = [c for c in cases if not (continue_prediction and is_predicted(c, ending, save_probabilities))]
+
+    # ---- the diffusion model and the sampler settings
+    torch_device = resolve_device(device)
+    loaded = load_for_adaptation(model, torch_device)
+    check_model_for_data(loaded, settings, name=f"diffusion model {loaded.model_dir}")
+    adapting = settings.N > 0
+    if adapting and todo:
+        check_input_images(todo, PlansManager(load_json(str(model_folder / "plans.json"))).image_reader_writer_class())
+
+    def adapt_fn(volumes: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        return adapt_arrays(volumes, loaded, settings, batch_size=batch_size, amp=amp,
+                            progress=not disable_progress_bar)
+
+    # ---- nnU-Net's predictor (the trainer class is looked up by name: make ours findable)
+    try:
+        from plugin_trainers.discovery import ensure_trainer_path_in_env
+
+        ensure_trainer_path_in_env()
+    except ImportError:  # pragma: no cover - partial installation
+        pass
+    if device == "cpu":
+        import multiprocessing
+
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif device == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    predictor = SDDMPredictor(adapt_fn=adapt_fn if adapting else None, save_adapted_dir=save_adapted,
+                              tile_step_size=float(step_size), use_gaussian=True, use_mirroring=not disable_tta,
+                              perform_everything_on_device=not not_on_device, device=torch.device(device),
+                              verbose=verbose, verbose_preprocessing=verbose, allow_tqdm=not disable_progress_bar)
+    try:
+        predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint_name=checkpoint)
+    except RuntimeError as e:
+        if "trainer" in str(e).lower():
+            raise SDDMError(f"{model_folder}: nnU-Net cannot find the trainer class of this model ({e}); "
+                            f"custom trainers must be on nnUNet_extTrainer") from None
+        raise
+    if predictor.configuration_manager.previous_stage_name is not None and prev_stage_predictions is None:
+        raise SDDMError(f"-c {configuration} is a cascade stage: give the previous stage's predictions "
+                        f"with -prev_stage_predictions")
+
+    # ---- record the exact configuration, then predict
+    record = {
+        "nnunet_sddm_version": __version__,
+        "command": "nnUNetv2_sddm_predict",
+        "input_folder": str(input_folder.resolve()),
+        "nnunet_model_folder": str(model_folder.resolve()),
+        "folds": folds, "checkpoint": checkpoint, "configuration": configuration,
+        "step_size": float(step_size), "use_mirroring": not disable_tta,
+        "diffusion_model": str(Path(loaded.model_dir).resolve()),
+        "sampler": settings.to_dict(), "adaptation": "sd-dm" if adapting else "none (N = 0)",
+        "batch_size": batch_size, "amp": amp, "device": device,
+        "ensemble_original": bool(ensemble_original), "save_adapted": None if save_adapted is None else
+        str(Path(save_adapted).resolve()),
+        "num_parts": int(num_parts), "part_id": int(part_id),
+    }
+    output_folder.mkdir(parents=True, exist_ok=True)
+    write_json(record, output_folder / "sddm_predict.json")
+    if save_adapted is not None:
+        Path(save_adapted).mkdir(parents=True, exist_ok=True)
+        write_json(record, Path(save_adapted) / "sddm_predict.json")
+    done = predict_cases(predictor, todo, output_folder, save_probabilities=save_probabilities,
+                         ensemble_original=ensemble_original,
+                         num_processes_preprocessing=int(num_processes_preprocessing),
+                         num_processes_segmentation_export=int(num_processes_segmentation_export),
+                         prev_stage_predictions=None if prev_stage_predictions is None else str(prev_stage_predictions))
+    return {"predicted": done, "skipped": [c.case_id for c in cases if c not in todo],
+            "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,99 @@
+"""``nnUNetv2_sddm_predict``: ``nnUNetv2_predict`` on SD-DM-adapted inputs (argument parsing only)."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from nnunet_sddm.utilities.errors import cli_entry
+
+
+def _env_int(name: str, default: int) -> int:
+    """nnU-Net's defaults for -npp / -nps (``nnUNet_npp`` / ``nnUNet_nps``, else 3)."""
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_predict", allow_abbrev=False,
+        description="nnUNetv2_predict with SD-DM test-time adaptation: every input image is first adapted "
+                    "to the source domain by the diffusion model (-m), then segmented by the nnU-Net model "
+                    "(-d/-tr/-p/-c/-f). All nnUNetv2_predict arguments keep their names, defaults and meaning.")
+    g = p.add_argument_group("nnUNetv2_predict arguments")
+    g.add_argument("-i", required=True, help="input folder of nnU-Net-named images (CASE_0000.nii.gz, ...)")
+    g.add_argument("-o", required=True, help="output folder (created if missing); segmentations are named CASE")
+    g.add_argument("-d", required=True, help="dataset of the nnU-Net model: id or DatasetXXX_Name")
+    g.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    g.add_argument("-tr", default="nnUNetTrainer", help="trainer class used for training (default: nnUNetTrainer)")
+    g.add_argument("-c", required=True, help="nnU-Net configuration, e.g. 2d or 3d_fullres")
+    g.add_argument("-f", nargs="+", default=("0", "1", "2", "3", "4"),
+                   help="folds to use (integers or 'all'; default: 0 1 2 3 4)")
+    g.add_argument("-step_size", type=float, default=0.5, help="sliding-window step size (default: 0.5)")
+    g.add_argument("--disable_tta", action="store_true", help="disable mirroring test-time augmentation")
+    g.add_argument("--verbose", action="store_true", help="talk a lot")
+    g.add_argument("--save_probabilities", action="store_true",
+                   help="also export the class probabilities (.npz + .pkl), as nnUNetv2_predict")
+    g.add_argument("--continue_prediction", action="store_true",
+                   help="skip cases whose outputs exist (resume an interrupted run)")
+    g.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
+    g.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
+                   help="preprocessing processes (default 3; adapted cases are preprocessed in the main "
+                        "process, next to the diffusion model); -npp 0 -nps 0 = no worker processes")
+    g.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3),
+                   help="segmentation export processes (default 3)")
+    g.add_argument("-prev_stage_predictions", default=None, help="previous stage's predictions (cascade)")
+    g.add_argument("-num_parts", type=int, default=1, help="number of parallel calls splitting the cases")
+    g.add_argument("-part_id", type=int, default=0, help="which part this call is (0 .. num_parts-1)")
+    g.add_argument("-device", "--device", default="cuda",
+                   help="cuda, cpu or mps (default: cuda), for nnU-Net and the diffusion model")
+    g.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
+    g.add_argument("--not_on_device", action="store_true",
+                   help="keep nnU-Net's sliding-window results on the CPU (large cases)")
+
+    s = p.add_argument_group("SD-DM adaptation (as nnUNetv2_sddm_adapt)")
+    s.add_argument("-m", "--model", required=True, help="diffusion model folder or DATASET[:PRESET]")
+    s.add_argument("-D", type=int, default=2, help="low-pass factor, a power of 2 (default 2)")
+    s.add_argument("-N", type=int, default=25,
+                   help="diffusion range in respaced steps (default 25); 0 = no adaptation (plain nnU-Net)")
+    s.add_argument("--tau", type=float, default=6.0, help="guidance step (default 6)")
+    s.add_argument("--steps", type=int, default=100, help="respaced chain length K (default 100)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the per-slice random streams (default 0)")
+    s.add_argument("--batch-size", type=int, default=None, help="slices per sampler batch (default: 16 CPU, 64 GPU)")
+    s.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision of the diffusion network (fp16: CUDA only; default fp32)")
+    s.add_argument("--reference-behaviour", action="store_true",
+                   help="DDA's exact sampler (one guidance norm over the batch, N/N-1 offset, zero padding)")
+    s.add_argument("--save-adapted", default=None, metavar="DIR",
+                   help="also write the adapted images here (nnU-Net names, the input's geometry)")
+    s.add_argument("--ensemble-original", action="store_true",
+                   help="average the class probabilities of the adapted and the original input")
+    return p
+
+
+@cli_entry
+def predict_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``nnUNetv2_sddm_predict``."""
+    a = build_parser().parse_args(argv)
+    from nnunet_sddm.adaptation.predictor import sddm_predict
+    from nnunet_sddm.sampling.guided import SamplerSettings
+
+    settings = SamplerSettings(D=a.D, N=a.N, tau=a.tau, steps=a.steps, seed=a.seed,
+                               reference_behaviour=a.reference_behaviour)
+    summary = sddm_predict(
+        a.i, a.o, a.d, a.c, a.model, settings, plans=a.p, trainer=a.tr, folds=a.f, checkpoint=a.chk,
+        step_size=a.step_size, disable_tta=a.disable_tta, verbose=a.verbose,
+        save_probabilities=a.save_probabilities, continue_prediction=a.continue_prediction,
+        num_processes_preprocessing=a.npp, num_processes_segmentation_export=a.nps,
+        prev_stage_predictions=a.prev_stage_predictions, num_parts=a.num_parts, part_id=a.part_id,
+        device=a.device, disable_progress_bar=a.disable_progress_bar, not_on_device=a.not_on_device,
+        batch_size=a.batch_size, amp=a.amp, save_adapted=a.save_adapted, ensemble_original=a.ensemble_original)
+    print(f"nnUNetv2_sddm_predict: {len(summary['predicted'])} case(s) predicted, "
+          f"{len(summary['skipped'])} skipped (already done), {summary['seconds']:.1f} s -> {a.o}")
+    return 0
+
+
+if __name__ == "__main__":
+    predict_main()
