@@ -99,8 +99,8 @@ VENDORS: Dict[str, VendorPreset] = {
     "B": VendorPreset("B", "Philips-like 1.5 T bSSFP",
                       _contrast(soft=0.52, muscle=0.50, fat=1.15, lung=0.10, liver=0.58, bone=0.10,
                                 marrow=0.85, blood=1.0, myo=0.50),
-                      gamma=0.75, bias_amplitude=0.55, bias_gradient=0.85, bias_direction=1.57,
-                      noise=0.055, kspace_fraction=(0.9, 0.75), kspace_window="hann",
+                      gamma=0.65, bias_amplitude=0.55, bias_gradient=0.85, bias_direction=1.57,
+                      noise=0.065, kspace_fraction=(0.9, 0.75), kspace_window="hann",
                       slice_spacing=8.0, slice_thickness=8.0, inplane_spacing=1.25, fov=320.0,
                       scale=2400.0, artefact="banding", artefact_strength=0.6),
     # Sharp (unfiltered) truncated k-space -> Gibbs ringing; thin slices, coarse in-plane.
