@@ -155,7 +155,8 @@ class Anatomy:
     spine: Tuple[float, float, float]
     aorta: Tuple[float, float, float]
     n_slices: int
-    extra: Dict[str, float] = field(default_factory=dict)
+    outline: Tuple[Tuple[float, ...], ...] = ()  # (amplitude, phase) x3 harmonics: body, lungs
+    vessels: Tuple[Tuple[float, float, float], ...] = ()  # pulmonary vessels (x, y, radius) mm
 
 
 def sample_anatomy(rng: np.random.Generator, slice_spacing: float) -> Anatomy:
@@ -179,11 +180,26 @@ def sample_anatomy(rng: np.random.Generator, slice_spacing: float) -> Anatomy:
         subcut_fat=U(5.0, 22.0), lungs=(lung_l, lung_r),
         liver=(U(-75, -45), U(45, 75), U(70, 95), U(45, 65), U(0.15, 0.55)),
         spine=(U(-8, 8), U(85, 100), U(12, 16)), aorta=(U(15, 35), U(62, 80), U(9, 13)),
-        n_slices=n_slices)
+        n_slices=n_slices,
+        outline=tuple(tuple(x for k in (2, 3, 4) for x in (U(0, 0.06 / k), U(0, 2 * np.pi)))
+                      for _ in range(3)),
+        vessels=tuple((lx + U(-0.7, 0.7) * lax, ly + U(-0.7, 0.7) * lay, U(1.2, 3.0))
+                      for (lx, ly, lax, lay) in (lung_l, lung_r) for _ in range(10)))
 
 
-def _ellipse(x, y, cx, cy, ax, ay):
-    return ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0
+def _ellipse(x, y, cx, cy, ax, ay, wobble: Optional[np.ndarray] = None):
+    """Inside of an ellipse; ``wobble`` (same shape as x) scales its radius per direction."""
+    q = ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2
+    return q <= (1.0 if wobble is None else wobble ** 2)
+
+
+def _wobble(x, y, cx, cy, harmonics) -> np.ndarray:
+    """1 + sum_k a_k cos(k theta - phi_k) around (cx, cy): an irregular outline (2D)."""
+    th = np.arctan2(y - cy, x - cx)
+    out = np.ones_like(x)
+    for k, (a, phi) in zip((2, 3, 4), zip(harmonics[0::2], harmonics[1::2])):
+        out += a * np.cos(k * th - phi)
+    return out
 
 
 def render(anat: Anatomy, preset: VendorPreset, phase: str, u: np.ndarray, x: np.ndarray,
@@ -199,7 +215,7 @@ def render(anat: Anatomy, preset: VendorPreset, phase: str, u: np.ndarray, x: np
         u = u * 1.06  # long-axis shortening: the apex comes earlier
     c = preset.contrast
     Z = u.shape[0]
-    u3 = u[:, None, None]
+    u3 = np.asarray(u, dtype=np.float32)[:, None, None]
     X, Y = x[None], y[None]
     sig = np.zeros((Z,) + x.shape, np.float32)
     lab = np.zeros((Z,) + x.shape, np.uint8)
@@ -207,17 +223,22 @@ def render(anat: Anatomy, preset: VendorPreset, phase: str, u: np.ndarray, x: np
     # Chest: body outline, subcutaneous fat, muscle rim, lungs, liver, spine, aorta.
     bx, by = anat.body_center
     ax, ay = anat.body_axes
-    body = _ellipse(X, Y, bx, by, ax, ay)
-    inner = _ellipse(X, Y, bx, by, ax - anat.subcut_fat, ay - anat.subcut_fat)
-    muscle_in = _ellipse(X, Y, bx, by, ax - anat.subcut_fat - 12, ay - anat.subcut_fat - 10)
+    wob = _wobble(x, y, bx, by, anat.outline[0])[None]
+    body = _ellipse(X, Y, bx, by, ax, ay, wob)
+    inner = _ellipse(X, Y, bx, by, ax - anat.subcut_fat, ay - anat.subcut_fat, wob)
+    muscle_in = _ellipse(X, Y, bx, by, ax - anat.subcut_fat - 12, ay - anat.subcut_fat - 10, wob)
     sig = np.where(body, c["fat"], sig)
     sig = np.where(inner, c["muscle"], sig)
     sig = np.where(muscle_in, c["soft"], sig)
-    for lx, ly, lax, lay in anat.lungs:
-        # the lungs get smaller towards the apex (diaphragm)
+    vessels = np.zeros(x.shape, bool)
+    for vx, vy, vr in anat.vessels:
+        vessels |= np.hypot(x - vx, y - vy) <= vr
+    for (lx, ly, lax, lay), harm in zip(anat.lungs, anat.outline[1:]):
+        # the lungs get smaller towards the apex (diaphragm); vessels show as bright dots
         shrink = np.clip(1.15 - 0.6 * u3, 0.3, 1.0)
-        lung = _ellipse(X, Y, lx, ly - 10 * u3, lax * shrink, lay * shrink) & muscle_in
-        sig = np.where(lung, c["lung"], sig)
+        lung = _ellipse(X, Y, lx, ly - 10 * u3, lax * shrink, lay * shrink, _wobble(x, y, lx, ly, harm)[None])
+        lung &= muscle_in
+        sig = np.where(lung, np.where(vessels[None], 0.6 * c["blood"], c["lung"]), sig)
     lcx, lcy, lax_, lay_, lu = anat.liver
     grow = np.clip((u3 - lu) / 0.3, 0, 1.2)
     liver = _ellipse(X, Y, lcx, lcy, lax_ * grow + 1e-3, lay_ * grow + 1e-3) & muscle_in
@@ -366,7 +387,7 @@ def generate_subject(vendor: str, index: int, seed: int = 0,
         raise SDDMError(f"--matrix {n}: the in-plane matrix must be at least 32")
     dxy = preset.fov / n
     coords = (np.arange(n) - (n - 1) / 2.0) * dxy
-    x, y = np.meshgrid(coords, coords, indexing="xy")
+    x, y = (g.astype(np.float32) for g in np.meshgrid(coords, coords, indexing="xy"))
     texture = np.stack([_smooth_field(tex_rng, (n, n), max(4, int(preset.fov / 12))),
                         _smooth_field(tex_rng, (n, n), max(4, int(preset.fov / 5))),
                         _smooth_field(tex_rng, (n, n), 4)])
