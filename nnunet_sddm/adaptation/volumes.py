@@ -1,0 +1,155 @@
+"""Adaptation of whole 3D volumes (arrays): slices of many volumes batched through the sampler.
+
+Per volume ``(z, y, x)`` (SDDM_METHOD.md section 5):
+
+1. intensity window: the volume's 0.5 / 99.5 percentiles ``[lo, hi]``, clip, map to [-1, 1];
+2. every slice ``volume[k]`` padded to a centred square (value -1) and resized to the model side;
+3. guided sampling (``sampling.guided``), the slices of several volumes sharing one batch, each
+   with its own random stream keyed ``"<case>/<k>"``;
+4. the resize and padding inverted, the slices restacked in order and mapped back to
+   ``[lo, hi]`` (original intensity units, float32, the input's shape).
+
+With ``N = 0`` the sampler is the identity and the output is the input clipped to its window,
+without the (lossy) resize round trip.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_sddm.data.slices import IntensityWindow, SquareResize, model_slices_to_volume, volume_to_model_slices
+from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
+from nnunet_sddm.utilities.errors import SDDMError
+
+#: Default slices per sampler batch on each device type.
+DEFAULT_BATCH = {"cpu": 16, "cuda": 64, "mps": 16}
+
+
+def default_batch_size(device: torch.device) -> int:
+    return DEFAULT_BATCH.get(torch.device(device).type, 16)
+
+
+def load_for_adaptation(model: Union[str, os.PathLike, object], device: torch.device):
+    """A ``LoadedModel`` from a model folder or ``DATASET[:PRESET]`` spec (EMA weights), or the
+    given ``LoadedModel`` itself (moved to ``device``)."""
+    if hasattr(model, "model") and hasattr(model, "diffusion"):
+        model.model.to(device)
+        return model
+    from nnunet_sddm.diffusion.model_folder import load_model, resolve_model_dir
+
+    return load_model(resolve_model_dir(str(model)), device, use_ema=True)
+
+
+def check_model_for_data(loaded, settings: SamplerSettings, name: str = "model") -> None:
+    """``SDDMError`` if the model cannot adapt single-channel data with these settings."""
+    in_channels = int(getattr(loaded, "in_channels", 1))
+    if in_channels != 1:
+        raise SDDMError(f"{name} expects {in_channels} input channels but the images are single-channel "
+                        f"(cine MR): use a model trained on 1-channel slices")
+    settings.check_model(int(loaded.image_size), int(loaded.diffusion.num_timesteps), name=name)
+
+
+def window_only(volume: np.ndarray, window: IntensityWindow) -> np.ndarray:
+    """The exact result of N = 0: the volume clipped to its intensity window (float32)."""
+    return np.clip(np.asarray(volume, dtype=np.float32), np.float32(window.lo), np.float32(window.hi))
+
+
+@dataclass
+class _InFlight:
+    window: IntensityWindow
+    resize: SquareResize
+    slices: torch.Tensor            # (z, 1, S, S) model-space references
+    out: torch.Tensor               # (z, 1, S, S) adapted
+    remaining: int = field(default=0)
+
+
+def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: SamplerSettings,
+                 batch_size: Optional[int] = None, amp: Optional[str] = None, progress: bool = True,
+                 total_slices: Optional[int] = None, desc: str = "adapting") -> Iterator[Tuple[str, np.ndarray]]:
+    """Adapt ``(case, volume (z, y, x))`` pairs, yielding ``(case, adapted (z, y, x) float32)`` as soon
+    as each volume's last slice is done. Volumes are pulled lazily, only when the batch needs more
+    slices, so memory stays bounded for any number of volumes. Case names must be unique.
+    """
+    check_model_for_data(loaded, settings)
+    device = next(loaded.model.parameters()).device
+    batch_size = int(batch_size or default_batch_size(device))
+    if batch_size < 1:
+        raise SDDMError(f"--batch-size must be >= 1, got {batch_size}")
+    size = int(loaded.image_size)
+    source = iter(volumes)
+    queue: deque = deque()
+    state: Dict[str, _InFlight] = {}
+    seen = set()
+    bar = tqdm(total=total_slices, desc=desc, unit="slice", disable=not progress, dynamic_ncols=True)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(queue) < batch_size:
+                try:
+                    case, volume = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if case in seen:
+                    raise SDDMError(f"case {case!r} given twice")
+                seen.add(case)
+                volume = np.asarray(volume)
+                if volume.ndim != 3:
+                    raise SDDMError(f"{case}: expected a 3D volume (z, y, x), got shape {volume.shape}")
+                window = IntensityWindow.fit(volume, name=case)
+                if settings.N == 0:
+                    bar.update(volume.shape[0])
+                    yield case, window_only(volume, window)
+                    continue
+                slices, window, resize = volume_to_model_slices(volume, size, window=window, name=case)
+                state[case] = _InFlight(window, resize, slices, torch.empty_like(slices), volume.shape[0])
+                queue.extend((case, z) for z in range(volume.shape[0]))
+            if not queue:
+                break
+            batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+            y0 = torch.cat([state[c].slices[z:z + 1] for c, z in batch]).to(device, non_blocking=True)
+            x = guided_sample(loaded, y0, settings, [f"{c}/{z}" for c, z in batch], amp=amp).cpu()
+            for (c, z), xs in zip(batch, x):
+                s = state[c]
+                s.out[z] = xs
+                s.remaining -= 1
+                if s.remaining == 0:
+                    del state[c]
+                    yield c, model_slices_to_volume(s.out, s.window, s.resize)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
+def adapt_arrays(volumes: Mapping[str, np.ndarray], loaded, settings: SamplerSettings,
+                 batch_size: Optional[int] = None, device: Optional[Union[str, torch.device]] = None,
+                 amp: Optional[str] = None, progress: bool = True) -> Dict[str, np.ndarray]:
+    """Adapt many volumes ``{case: (z, y, x)}`` with slices batched across volumes.
+
+    Args:
+        volumes: arrays in any intensity units (finite, not constant), nnU-Net axis order.
+        loaded: a ``LoadedModel`` (or a model folder / ``DATASET[:PRESET]`` spec).
+        settings: sampler settings (checked against the model).
+        batch_size: slices per sampler call (default 16 on CPU, 64 on CUDA).
+        device: where to run (default: where the model is).
+        amp: None, ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the network.
+
+    Returns:
+        ``{case: (z, y, x) float32}`` in the input's intensity units and shape, in input order.
+    """
+    if device is not None:
+        from nnunet_sddm.adaptation.distributed import resolve_device
+
+        loaded = load_for_adaptation(loaded, resolve_device(str(device)))
+    elif not hasattr(loaded, "model"):
+        loaded = load_for_adaptation(loaded, torch.device("cpu"))
+    total = sum(int(np.shape(v)[0]) for v in volumes.values() if np.ndim(v) == 3)
+    done = dict(iter_adapted(volumes.items(), loaded, settings, batch_size=batch_size, amp=amp,
+                             progress=progress, total_slices=total))
+    return {case: done[case] for case in volumes}
