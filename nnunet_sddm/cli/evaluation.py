@@ -103,6 +103,10 @@ def domain_shift_main(argv: Optional[List[str]] = None) -> int:
                         "or none (raw, as DSMRI)")
     p.add_argument("-np", dest="num_processes", type=int, default=None, help="worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of t-SNE and the random forest")
+    p.add_argument("--trees", type=int, default=200, help="trees of the random forest (default 200)")
+    p.add_argument("--subject-regex", default=None,
+                   help="regex giving the subject of a case name (first group or whole match), e.g. "
+                        "'^(patient\\d+|[A-Z0-9]{6})_': cross-validation folds then keep a subject's volumes together")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -113,7 +117,8 @@ def domain_shift_main(argv: Optional[List[str]] = None) -> int:
             raise SDDMError(f"-i: domain {name!r} given twice")
         inputs[name] = path
     res = domain_shift(inputs, a.out, slices=a.slices, normalization=a.normalization,
-                       num_processes=a.num_processes, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet)
+                       num_processes=a.num_processes, seed=a.seed, subject_regex=a.subject_regex,
+                       n_trees=a.trees, overwrite=a.overwrite, progress=not a.quiet)
     sep = res["separability"]
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in sep.items()}, indent=2))
     print(f"written to {a.out}")

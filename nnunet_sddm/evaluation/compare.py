@@ -47,7 +47,7 @@ def parse_entry_name(name: str) -> Tuple[str, str]:
     if not name:
         raise SDDMError("empty entry name")
     if "approach=" in name or "model=" in name:
-        parts = dict(p.split("=", 1) for p in re.split(r"[,;]", name) if "=" in p)
+        parts = {k.strip(): v for k, v in (p.split("=", 1) for p in re.split(r"[,;]", name) if "=" in p)}
         unknown = set(parts) - {"approach", "model"}
         if unknown or "approach" not in parts:
             raise SDDMError(f"entry name {name!r}: expected 'approach=A,model=M'")

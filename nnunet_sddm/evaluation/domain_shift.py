@@ -4,11 +4,13 @@ t-SNE picture coloured by domain, and a domain-separability score.
 * Features: ``image_features.volume_features`` of every volume (every slice by default).
 * t-SNE (scikit-learn): features z-scored per column (constant columns -> 0), 2 components,
   perplexity ``min(30, n - 1)``, PCA initialisation, fixed seed.
-* Separability: a random forest (300 trees, fixed seed) is trained to tell the domains apart
+* Separability: a random forest (200 trees, fixed seed) is trained to tell the domains apart
   from the z-scored features; the score is its stratified k-fold cross-validated accuracy
   (k = min(5, size of the smallest domain)). With unequal domain sizes plain accuracy is
   inflated by the majority class, so the balanced accuracy (mean recall over domains; chance =
-  1 / number of domains) is reported too and is the headline ``separability``. Lower after
+  1 / number of domains) is reported too and is the headline ``separability``. With
+  ``subject_regex`` the folds keep all volumes of a subject together (StratifiedGroupKFold,
+  k = min(5, subjects of the smallest domain)). Lower after
   adaptation means the domains are better aligned.
 
 Inputs: ``{domain: source}`` where a source is a folder (every image file directly in it,
@@ -80,30 +82,48 @@ def tsne_embedding(X: np.ndarray, seed: int = 0) -> np.ndarray:
     n = X.shape[0]
     if n < 3:
         raise SDDMError(f"t-SNE needs at least 3 volumes, got {n}")
+    from threadpoolctl import threadpool_limits
+
     Z = _zscore(np.asarray(X, dtype=np.float64))
-    return TSNE(n_components=2, perplexity=float(min(30, n - 1)), init="pca", learning_rate="auto",
-                random_state=seed).fit_transform(Z)
+    # one thread: sklearn's OpenMP gradient is slower than serial on busy machines at these sizes
+    with threadpool_limits(limits=1):
+        return TSNE(n_components=2, perplexity=float(min(30, n - 1)), init="pca", learning_rate="auto",
+                    random_state=seed).fit_transform(Z)
 
 
-def separability(X: np.ndarray, domains: List[str], seed: int = 0, n_trees: int = 300) -> dict:
-    """Cross-validated random-forest accuracy of telling the domains apart (module docstring)."""
+def separability(X: np.ndarray, domains: List[str], seed: int = 0, n_trees: int = 200,
+                 groups: Optional[List[str]] = None) -> dict:
+    """Cross-validated random-forest accuracy of telling the domains apart (module docstring).
+
+    groups: optional subject id per volume; then folds never split a subject (ED and ES frames
+    of one patient are near-twins and would otherwise inflate the score)."""
     from sklearn.ensemble import RandomForestClassifier
-    from sklearn.model_selection import StratifiedKFold, cross_validate
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_validate
 
     y = np.asarray(domains)
     names, counts = np.unique(y, return_counts=True)
     out = {"domains": {str(n): int(c) for n, c in zip(names, counts)},
-           "chance_accuracy": float(counts.max() / counts.sum()), "chance_balanced_accuracy": 1.0 / len(names)}
+           "chance_accuracy": float(counts.max() / counts.sum()), "chance_balanced_accuracy": 1.0 / len(names),
+           "grouped_by_subject": groups is not None}
     if len(names) < 2:
         raise SDDMError("separability needs at least two domains")
-    k = int(min(5, counts.min()))
+    if groups is not None:
+        g = np.asarray(groups)
+        per_domain = [len(set(g[y == n])) for n in names]
+        out["subjects"] = {str(n): int(c) for n, c in zip(names, per_domain)}
+        k = int(min(5, min(per_domain)))
+        cv = StratifiedGroupKFold(n_splits=max(k, 2), shuffle=True, random_state=seed)
+    else:
+        g = None
+        k = int(min(5, counts.min()))
+        cv = StratifiedKFold(n_splits=max(k, 2), shuffle=True, random_state=seed)
     if k < 2:
-        out.update(note="a domain has fewer than 2 volumes: no cross-validation possible",
+        out.update(note="a domain has fewer than 2 volumes (subjects): no cross-validation possible",
                    accuracy=math.nan, balanced_accuracy=math.nan, separability=math.nan)
         return out
     clf = RandomForestClassifier(n_estimators=n_trees, random_state=seed, n_jobs=1)
-    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    sc = cross_validate(clf, _zscore(np.asarray(X, float)), y, cv=cv, scoring=("accuracy", "balanced_accuracy"))
+    sc = cross_validate(clf, _zscore(np.asarray(X, float)), y, groups=g, cv=cv,
+                        scoring=("accuracy", "balanced_accuracy"))
     out.update(folds=k, n_trees=n_trees,
                accuracy=float(sc["test_accuracy"].mean()), accuracy_std=float(sc["test_accuracy"].std()),
                balanced_accuracy=float(sc["test_balanced_accuracy"].mean()),
@@ -112,14 +132,34 @@ def separability(X: np.ndarray, domains: List[str], seed: int = 0, n_trees: int 
     return out
 
 
+def subject_ids(cases: List[str], pattern: str) -> List[str]:
+    """Subject of each case name: the first group (else the whole match) of ``pattern``
+    (``re.search``); ``SDDMError`` naming the case when it does not match."""
+    import re
+
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise SDDMError(f"--subject-regex {pattern!r}: {e}") from None
+    out = []
+    for c in cases:
+        m = rx.search(c)
+        if not m:
+            raise SDDMError(f"{c}: --subject-regex {pattern!r} does not match this case name")
+        out.append(m.group(1) if rx.groups else m.group(0))
+    return out
+
+
 def domain_shift(inputs: Mapping[str, PathLike], out_dir: Optional[PathLike] = None, slices: str = "all",
                  normalization: str = "percentile", num_processes: Optional[int] = None, seed: int = 0,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 subject_regex: Optional[str] = None, n_trees: int = 200, overwrite: bool = False,
+                 progress: bool = True) -> dict:
     """Features, t-SNE and separability of the image sets ``inputs = {domain: folder | glob}``.
 
     Returns ``{"features": [row dicts], "tsne": (n, 2) array, "separability": dict}``; writes
     the files of the module docstring to ``out_dir`` when given (refused if it exists unless
-    ``overwrite``). t-SNE PNGs of real data are derived images: keep them out of repositories.
+    ``overwrite``). subject_regex: extracts a subject id from each case name (file name without
+    ending) for subject-grouped cross-validation. t-SNE PNGs of real data are derived images: keep them out of repositories.
     """
     from tqdm import tqdm
 
@@ -137,6 +177,7 @@ def domain_shift(inputs: Mapping[str, PathLike], out_dir: Optional[PathLike] = N
     if normalization not in ("percentile", "none"):
         raise SDDMError(f"--normalization must be 'percentile' or 'none', got {normalization!r}")
     items = [(d, f) for d, src in inputs.items() for f in collect_images(src)]
+    groups = subject_ids([split_ending(f.name)[0] for _, f in items], subject_regex) if subject_regex else None
     jobs = [(f, slices, normalization) for _, f in items]
     n_proc = min(default_num_processes() if num_processes is None else max(1, int(num_processes)), len(jobs))
     bar = dict(total=len(jobs), desc="features", unit="volume", disable=not progress)
@@ -149,7 +190,8 @@ def domain_shift(inputs: Mapping[str, PathLike], out_dir: Optional[PathLike] = N
     X = np.array([[r[k] for k in FEATURE_NAMES] for r in rows], dtype=np.float64)
     domains = [r["domain"] for r in rows]
     emb = tsne_embedding(X, seed)
-    sep = separability(X, domains, seed)
+    sep = separability(X, domains, seed, n_trees=n_trees, groups=None if groups is None else
+                       [f"{d}:{g}" for d, g in zip(domains, groups)])
     result = {"features": rows, "tsne": emb, "separability": sep}
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -170,6 +212,7 @@ def domain_shift(inputs: Mapping[str, PathLike], out_dir: Optional[PathLike] = N
             (tmp / "separability.json").write_text(json.dumps(_nan_to_none(sep), indent=2) + "\n")
             cfg = {"package_version": __version__, "inputs": {k: str(v) for k, v in inputs.items()},
                    "slices": slices, "normalization": normalization, "seed": seed,
+                   "subject_regex": subject_regex,
                    "tsne": {"n_components": 2, "perplexity": min(30, len(rows) - 1), "init": "pca"},
                    "features": list(FEATURE_NAMES), "n_volumes": len(rows)}
             (tmp / "domain_shift.json").write_text(json.dumps(cfg, indent=2) + "\n")

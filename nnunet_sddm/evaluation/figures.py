@@ -34,7 +34,8 @@ def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: s
     structures = list(dict.fromkeys(s for e in entries for s in samples[e]))
     width = 0.8 / max(1, len(entries))
     x = np.arange(len(structures))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.6 * len(structures) + 0.25 * len(entries)), 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.6 * len(structures) + 0.25 * len(entries)),
+                                                3.6 + 0.2 * ((len(entries) + 3) // 4)), dpi=120)
     for i, e in enumerate(entries):
         means, lo, hi = [], [], []
         for s in structures:
@@ -51,7 +52,8 @@ def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: s
     arrow = "higher is better" if HIGHER_IS_BETTER.get(metric, True) else "lower is better"
     ax.set_ylabel(f"{metric}{unit}")
     ax.set_title(title or f"{metric} ({arrow}); error bars: 95% CI")
-    ax.legend(fontsize=7, ncol=min(4, len(entries)), frameon=False)
+    ax.legend(fontsize=7, ncol=min(4, len(entries)), frameon=False, loc="upper center",
+              bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:

@@ -1,0 +1,116 @@
+"""Statistics (Welch = scipy, CIs), entry-name parsing, Table-1 marks, LaTeX/CSV/PNG outputs."""
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from nnunet_sddm.cli.evaluation import compare_main
+from nnunet_sddm.evaluation.compare import compare_results, parse_entry_name
+from nnunet_sddm.evaluation.evaluate import PER_CASE_COLUMNS
+from nnunet_sddm.evaluation.statistics import confidence_interval, describe, welch
+from nnunet_sddm.utilities.errors import SDDMError
+
+
+def test_welch_equals_scipy_and_describe():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.8, 0.05, 40), rng.normal(0.78, 0.12, 25)
+    w = welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert w["p"] == ref.pvalue and w["t"] == ref.statistic
+    a_nan = np.concatenate([a, [np.nan, np.nan]])
+    assert welch(a_nan, b)["p"] == ref.pvalue and welch(a_nan, b)["n_a"] == 40
+    assert welch([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
+    assert math.isnan(welch([1.0], b)["p"])
+    d = describe(a_nan)
+    assert d["n"] == 40 and d["n_nan"] == 2 and d["mean"] == pytest.approx(a.mean())
+    lo, hi = stats.t.interval(0.95, 39, loc=a.mean(), scale=stats.sem(a))
+    assert (d["ci95_low"], d["ci95_high"]) == pytest.approx((lo, hi))
+    assert all(math.isnan(v) for v in confidence_interval([2.0, np.nan]))
+
+
+def test_parse_entry_name():
+    assert parse_entry_name("DA/2d_nnunet") == ("DA", "2d_nnunet")
+    assert parse_entry_name("approach=DG, model=3d") == ("DG", "3d")
+    assert parse_entry_name("Mixed") == ("Mixed", "")
+    with pytest.raises(SDDMError):
+        parse_entry_name("approach=DA,foo=1")
+
+
+def write_per_case(path, rng, means):
+    """A per_case.csv with 12 cases x 3 structures; means: {metric: mean}."""
+    path.mkdir(parents=True)
+    with open(path / "per_case.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PER_CASE_COLUMNS)
+        for c in range(12):
+            for s in ("LV", "MYO", "RV"):
+                vals = [means[m] + rng.normal(0, 0.02 if m in ("DSC", "IoU") else 0.3)
+                        for m in ("DSC", "IoU", "ASD", "ASSD", "HD", "HD95")]
+                w.writerow([f"c{c}", s] + [repr(float(v)) for v in vals])
+
+
+@pytest.mark.timeout(60)
+def test_compare_tables_marks_and_figures(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    good = dict(DSC=0.85, IoU=0.75, ASD=1.5, ASSD=1.5, HD=20.0, HD95=6.0)
+    same = dict(DSC=0.849, IoU=0.749, ASD=1.52, ASSD=1.5, HD=20.1, HD95=6.05)
+    bad = dict(DSC=0.70, IoU=0.55, ASD=3.0, ASSD=3.5, HD=30.0, HD95=12.0)
+    write_per_case(tmp_path / "base", rng, good)
+    write_per_case(tmp_path / "da", rng, same)
+    write_per_case(tmp_path / "dg", rng, bad)
+    out = tmp_path / "cmp"
+    compare_main(["--baseline", f"Baseline/2d={tmp_path / 'base'}",
+                  "--candidates", f"DA/2d={tmp_path / 'da'}", f"DG/2d={tmp_path / 'dg'}", "-o", str(out)])
+    assert "written to" in capsys.readouterr().out
+    for name in ("table.md", "table.csv", "table.tex", "table_LV.md", "welch.csv", "compare.json"):
+        assert (out / name).is_file(), name
+    for m in ("DSC", "IoU", "ASD", "ASSD", "HD", "HD95"):
+        png = (out / f"fig_{m}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    with open(out / "table.csv") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    # DG is clearly worse: never best nor "not significantly worse"; significant vs baseline
+    assert all(rows["DG/2d"][f"{m}_mark"] == "" for m in ("DSC", "HD95"))
+    assert float(rows["DG/2d"]["DSC_p_vs_baseline"]) < 0.01
+    # baseline and DA are indistinguishable: one is best, the other marked not significantly worse
+    marks = {rows["Baseline/2d"]["DSC_mark"], rows["DA/2d"]["DSC_mark"]}
+    assert marks == {"best", "ns"}
+    best_dsc = max(float(rows[n]["DSC"]) for n in rows)
+    assert float(rows[[n for n in rows if rows[n]["DSC_mark"] == "best"][0]]["DSC"]) == best_dsc
+    best_hd = min(float(rows[n]["HD95"]) for n in rows)
+    assert float(rows[[n for n in rows if rows[n]["HD95_mark"] == "best"][0]]["HD95"]) == best_hd
+    md = (out / "table.md").read_text()
+    assert "Higher is better for DSC, IoU" in md and "lower is better for ASD" in md and "**" in md
+    tex = (out / "table.tex").read_text()
+    assert r"\textbf{" in tex and r"\begin{tabular}" in tex
+    with open(out / "welch.csv") as f:
+        wrows = list(csv.DictReader(f))
+    assert len(wrows) == 2 * 4 * 6  # candidates x (3 structures + all) x metrics
+    # Welch p equals scipy on the same per-case values
+    import nnunet_sddm.evaluation.evaluate as ev
+
+    a = ev.load_results(tmp_path / "dg").values("LV", "HD")
+    b = ev.load_results(tmp_path / "base").values("LV", "HD")
+    w = [r for r in wrows if r["candidate"] == "DG/2d" and r["structure"] == "LV" and r["metric"] == "HD"][0]
+    assert float(w["p"]) == stats.ttest_ind(a, b, equal_var=False).pvalue
+
+
+def test_compare_bad_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    write_per_case(tmp_path / "base", rng, dict(DSC=0.8, IoU=0.7, ASD=1, ASSD=1, HD=9, HD95=3))
+    with pytest.raises(SDDMError, match="per_case.csv"):
+        compare_results(("B", tmp_path / "base"), {"X": tmp_path / "nope"})
+    with pytest.raises(SDDMError, match="two baselines"):
+        compare_results([("B/2d", tmp_path / "base"), ("C/2d", tmp_path / "base")], {"X/2d": tmp_path / "base"})
+    with pytest.raises(SDDMError, match="no baseline with model"):
+        compare_results([("B/2d", tmp_path / "base"), ("B/3d", tmp_path / "base")], {"X/unet": tmp_path / "base"})
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(SDDMError, match="exists"):
+        compare_results(("B", tmp_path / "base"), {"X": tmp_path / "base"}, out_dir=tmp_path / "exists")
+    with pytest.raises(SystemExit) as e:
+        compare_main(["--baseline", "noequals", "--candidates", f"X={tmp_path / 'base'}", "-o", str(tmp_path / "o")])
+    assert e.value.code == 2
