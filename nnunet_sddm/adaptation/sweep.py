@@ -1,0 +1,108 @@
+"""Parameter sweeps on one slice: the paper's Fig. 3-5 grids (D, N and tau).
+
+``sweep_grid`` adapts one slice of an image for every combination of the given D, N and tau
+values and draws a grid: one row per ``(N, tau)`` pair, column 0 the reference slice, then one
+column per D. Every panel is shown in the original slice geometry (padding and resize inverted,
+pixel aspect from the spacing) with the volume's intensity window, so panels compare directly.
+All panels use the same random stream (key ``"<case>/<z>"``), so differences come from the
+settings alone. The settings are recorded in ``OUT.json`` next to ``OUT.png``.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+import nnunet_sddm
+from nnunet_sddm.adaptation.distributed import resolve_device
+from nnunet_sddm.adaptation.folders import case_of
+from nnunet_sddm.adaptation.volumes import check_model_for_data, load_for_adaptation
+from nnunet_sddm.data.slices import IntensityWindow, volume_to_model_slices
+from nnunet_sddm.data.volumes import read_volume
+from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
+from nnunet_sddm.utilities.errors import SDDMError
+from nnunet_sddm.utilities.files import atomic_path, write_json
+
+
+def sweep_grid(image: Union[str, os.PathLike], model, out_png: Union[str, os.PathLike],
+               Ds: Sequence[int] = (2, 4, 8), Ns: Sequence[int] = (25,), taus: Sequence[float] = (6.0,),
+               slice_index: Optional[int] = None, base: Optional[SamplerSettings] = None,
+               device: Optional[str] = None, amp: Optional[str] = None, progress: bool = True) -> Path:
+    """Write the sweep grid PNG of slice ``slice_index`` (default: the middle one) of ``image``.
+
+    Args:
+        image: a 3D image file nnU-Net can read.
+        model: ``LoadedModel``, model folder or ``DATASET[:PRESET]``.
+        Ds, Ns, taus: the values to sweep (every combination is sampled).
+        base: the other sampler settings (steps, seed, reference_behaviour).
+
+    Returns the PNG path.
+    """
+    out_png = Path(out_png)
+    if out_png.suffix.lower() != ".png":
+        raise SDDMError(f"{out_png}: the output must be a .png file")
+    base = base or SamplerSettings()
+    combos = [base.replace(D=int(d), N=int(n), tau=float(t)) for n, t, d in itertools.product(Ns, taus, Ds)]
+    if not combos:
+        raise SDDMError("nothing to sweep: give at least one value of -D, -N and --tau")
+    vol = read_volume(image)
+    z = vol.num_slices // 2 if slice_index is None else int(slice_index)
+    if not 0 <= z < vol.num_slices:
+        raise SDDMError(f"{image}: --slice {z} is outside 0..{vol.num_slices - 1}")
+    loaded = load_for_adaptation(model, resolve_device(device))
+    for s in combos:
+        check_model_for_data(loaded, s, name=f"model {getattr(loaded, 'model_dir', model)}")
+    window = IntensityWindow.fit(vol.data, name=str(image))
+    y0, window, resize = volume_to_model_slices(vol.data[z:z + 1], loaded.image_size, window=window,
+                                                name=str(image))
+    dev = next(loaded.model.parameters()).device
+    key = f"{case_of(Path(image))}/{z}"
+    from tqdm import tqdm
+
+    panels = []
+    for s in tqdm(combos, desc="sweep", unit="setting", disable=not progress):
+        x = guided_sample(loaded, y0.to(dev), s, [key], amp=amp).cpu()
+        panels.append(window.denormalize(resize.inverse(x).numpy())[0])
+    reference = np.clip(vol.data[z], window.lo, window.hi)
+    _draw(out_png, reference, panels, combos, Ds, window, vol.spacing, title=f"{Path(image).name}  slice {z}")
+    write_json({"package_version": nnunet_sddm.__version__, "image": str(Path(image).resolve()), "slice": z,
+                "model": str(getattr(loaded, "model_dir", model)), "D": list(map(int, Ds)),
+                "N": list(map(int, Ns)), "tau": list(map(float, taus)), "base_settings": base.to_dict(),
+                "amp": amp}, out_png.with_suffix(".json"))
+    return out_png
+
+
+def _draw(out_png: Path, reference: np.ndarray, panels, combos, Ds, window: IntensityWindow, spacing,
+          title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_cols = len(Ds) + 1
+    n_rows = len(combos) // len(Ds)
+    h, w = reference.shape
+    aspect = float(spacing[1]) / float(spacing[2]) if len(spacing) == 3 else 1.0
+    cell = 2.4
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, (cell * aspect * h / w + 0.35) * n_rows + 0.4),
+                             squeeze=False)
+    kw = dict(cmap="gray", vmin=window.lo, vmax=window.hi, aspect=aspect, interpolation="nearest")
+    for r in range(n_rows):
+        axes[r, 0].imshow(reference, **kw)
+        axes[r, 0].set_title("reference", fontsize=8)
+        for c in range(len(Ds)):
+            s = combos[r * len(Ds) + c]
+            axes[r, c + 1].imshow(panels[r * len(Ds) + c], **kw)
+            axes[r, c + 1].set_title(f"D={s.D} N={s.N} tau={s.tau:g}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,245 @@
+"""Synthetic source-style datasets (the paper's DG use): adapted images + the ORIGINAL labels.
+
+``synthesize_dataset(SOURCE, NEW_ID)`` writes ``$nnUNet_raw/DatasetNEW_<name>`` with
+
+- ``imagesTr/<case>_syn<k>_0000<ending>``: source training image ``<case>`` adapted with seed
+  ``seed + k`` for ``k = 0 .. copies-1`` (same geometry and header as the source image);
+- ``labelsTr/<case>_syn<k><ending>``: a byte copy of the source label (labels are never resampled);
+- with ``include_test``: ``imagesTs`` (and ``labelsTs`` when the source has it), one copy (k = 0);
+- ``dataset.json`` (the source's, with the new name, ``numTraining`` and a provenance block);
+- ``cases.json``: per case ``case``, ``subject``, ``source_case``, ``copy``, ``synthetic: true``,
+  ``seed``, ``model``, ``sampler`` (full settings), ``split`` and the source record's fields;
+- ``$nnUNet_preprocessed/DatasetNEW_<name>/splits_final.json``: the source's splits mapped to the
+  new case names (all copies of a case stay in its fold); without source splits, patient-level
+  folds over the recorded subjects.
+
+Case names always carry ``_syn<k>``, also for one copy, so that a synthetic case can never be
+mistaken for (or collide with) a real one. Copy 0 with seed ``s`` equals ``nnUNetv2_sddm_adapt
+--seed s`` of the same image (the random streams are keyed by the source case).
+
+The dataset is built in ``$nnUNet_raw/.DatasetNEW_<name>.partial`` and renamed into place at the
+end; an interrupted run resumes there (same command again; adapted images already present are
+kept). An existing dataset with the new id is replaced only with ``overwrite``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import nnunet_sddm
+from nnunet_sddm.adaptation import distributed as dist_utils
+from nnunet_sddm.adaptation.folders import adapt_files, run_record
+from nnunet_sddm.adaptation.volumes import check_model_for_data, load_for_adaptation
+from nnunet_sddm.data.raw_dataset import (list_images, list_labels, load_cases_json, load_dataset_json,
+                                          patient_level_splits)
+from nnunet_sddm.sampling.guided import SamplerSettings
+from nnunet_sddm.utilities.errors import SDDMError
+from nnunet_sddm.utilities.files import atomic_path, write_json
+from nnunet_sddm.utilities.nnunet_paths import (dataset_folder_name, datasets_with_id, find_raw_dataset,
+                                                parse_dataset_folder_name, preprocessed_root, raw_root)
+
+RECORD_FILE = "sddm_synthesize.json"
+
+
+def synthetic_case(case: str, copy: int) -> str:
+    """Name of copy ``copy`` of source case ``case``: ``<case>_syn<copy>``."""
+    return f"{case}_syn{int(copy)}"
+
+
+def _partial_folder(folder_name: str) -> Path:
+    return raw_root() / f".{folder_name}.partial"
+
+
+def _source_listing(src: Path, ending: str, include_test: bool) -> List[Tuple[str, str, Path, Optional[Path]]]:
+    """``(split, case, image, label)`` of the source; every training image needs its label."""
+    out = []
+    train = list_images(src / "imagesTr", ending)
+    labels = list_labels(src / "labelsTr", ending)
+    if not train:
+        raise SDDMError(f"{src / 'imagesTr'}: no training images with ending {ending}")
+    for case, img in sorted(train.items()):
+        if case not in labels:
+            raise SDDMError(f"{src / 'labelsTr' / (case + ending)}: label of training case {case} is missing")
+        out.append(("Tr", case, img, labels[case]))
+    if include_test and (src / "imagesTs").is_dir():
+        test_labels = list_labels(src / "labelsTs", ending)
+        for case, img in sorted(list_images(src / "imagesTs", ending).items()):
+            out.append(("Ts", case, img, test_labels.get(case)))
+    return out
+
+
+def _mapped_splits(src: Path, new_cases: Dict[str, List[str]], subjects: Dict[str, str]) -> Optional[list]:
+    """The source's ``splits_final.json`` with every source case replaced by its copies; if the
+    source has none, patient-level folds (all copies of a subject together)."""
+    p = preprocessed_root() / src.name / "splits_final.json"
+    if p.is_file():
+        try:
+            source_splits = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise SDDMError(f"{p}: not valid JSON ({e})") from None
+        out = []
+        for fold in source_splits:
+            out.append({part: sorted(n for c in fold.get(part, []) for n in new_cases.get(c, []))
+                        for part in ("train", "val")})
+        covered = {n for fold in out for n in fold["val"]}
+        missing = sorted(set(n for v in new_cases.values() for n in v) - covered)
+        if missing:
+            raise SDDMError(f"{p}: source splits do not place {len(missing)} training case(s) in a "
+                            f"validation fold (e.g. {missing[0]}); fix the source splits")
+        return out
+    case_to_subject = {n: subjects[c] for c, names in new_cases.items() for n in names}
+    n_subjects = len(set(case_to_subject.values()))
+    if n_subjects < 2:
+        return None
+    return patient_level_splits(case_to_subject, n_folds=min(5, n_subjects))
+
+
+def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model, settings: SamplerSettings,
+                       name: Optional[str] = None, copies: int = 1, include_test: bool = False,
+                       overwrite: bool = False, batch_size: Optional[int] = None, device: Optional[str] = None,
+                       amp: Optional[str] = None, progress: bool = True,
+                       ranks: Optional[dist_utils.Ranks] = None) -> Path:
+    """Build the synthetic dataset ``DatasetNEW_<name>`` from raw dataset ``source``.
+
+    Args:
+        source: dataset id, ``DatasetXXX_Name`` or folder in ``$nnUNet_raw``.
+        new_id: id of the new dataset (must differ from the source's).
+        model: ``LoadedModel``, model folder or ``DATASET[:PRESET]``.
+        name: new dataset name (default ``<source name>SDDM``).
+        copies: differently seeded copies per training case (seeds ``settings.seed + k``).
+
+    Returns the new raw dataset folder.
+    """
+    copies = int(copies)
+    if copies < 1:
+        raise SDDMError(f"--copies must be >= 1, got {copies}")
+    src = find_raw_dataset(source)
+    src_id, src_name = parse_dataset_folder_name(src.name)
+    if int(new_id) == src_id:
+        raise SDDMError(f"the new dataset id {new_id} is the source's ({src.name}); choose another id")
+    folder_name = dataset_folder_name(new_id, name or f"{src_name}SDDM")
+    final = raw_root() / folder_name
+    existing = datasets_with_id(int(new_id))
+    if existing and not overwrite:
+        raise SDDMError(f"{existing[0]}: a dataset with id {int(new_id)} exists already; pass --overwrite "
+                        f"to replace it")
+    dj = load_dataset_json(src)
+    if len(dj.get("channel_names", {"0": None})) != 1:
+        raise SDDMError(f"{src / 'dataset.json'}: only single-channel datasets can be synthesised")
+    ending = dj["file_ending"]
+    listing = _source_listing(src, ending, include_test)
+    records = {r["case"]: r for r in load_cases_json(src)}
+
+    ranks = ranks or dist_utils.init_from_env(device)
+    loaded = load_for_adaptation(model, dist_utils.resolve_device(device, ranks))
+    check_model_for_data(loaded, settings, name=f"model {getattr(loaded, 'model_dir', model)}")
+
+    subjects = {case: str(records.get(case, {}).get("subject", case)) for _, case, _, _ in listing}
+    new_cases = {case: [synthetic_case(case, k) for k in range(copies)] for split, case, _, _ in listing
+                 if split == "Tr"}
+    splits = _mapped_splits(src, new_cases, subjects)
+    split_path = preprocessed_root() / folder_name / "splits_final.json"
+    if splits is not None and split_path.exists() and not overwrite:
+        raise SDDMError(f"{split_path} exists already (left from an earlier dataset {folder_name}?); pass "
+                        f"--overwrite to replace it")
+
+    partial = _partial_folder(folder_name)
+    record = run_record(loaded, settings, amp, batch_size, source=str(src.resolve()), dataset=folder_name,
+                        copies=copies, include_test=bool(include_test))
+    ok, msg = True, ""
+    if ranks.is_main:
+        try:
+            _prepare_partial(partial, record)
+        except SDDMError as e:
+            ok, msg = False, str(e)
+    dist_utils.all_ok(ok, msg, ranks)
+    dist_utils.barrier(ranks)
+
+    model_name = record["model"]
+    new_records: List[dict] = []
+    for k in range(copies):
+        jobs = [(split, case, img, lab) for split, case, img, lab in listing if split == "Tr" or k == 0]
+        pairs = [(img, partial / f"images{split}" / f"{synthetic_case(case, k)}_0000{ending}")
+                 for split, case, img, _ in jobs]
+        copy_settings = settings.replace(seed=settings.seed + k)
+        adapt_files(pairs, loaded, copy_settings, batch_size=batch_size, amp=amp, overwrite=False,
+                    progress=progress, seed_keys=[case for _, case, _, _ in jobs], ranks=ranks)
+        for split, case, img, lab in jobs:
+            new = synthetic_case(case, k)
+            base = {key: v for key, v in records.get(case, {}).items() if key not in ("case", "split", "dataset")}
+            subject = subjects[case]
+            new_records.append({**base, "case": new, "subject": subject, "split": split,
+                                "source_case": case, "source_dataset": src.name, "copy": k, "synthetic": True,
+                                "seed": copy_settings.seed, "model": model_name,
+                                "sampler": copy_settings.to_dict(), "amp": amp, "dataset": folder_name})
+            if ranks.is_main and lab is not None:
+                target = partial / f"labels{split}" / f"{new}{ending}"
+                if not target.exists():
+                    with atomic_path(target) as tmp:
+                        shutil.copyfile(lab, tmp)
+    dist_utils.barrier(ranks)
+    if ranks.is_main:
+        n_train = sum(1 for r in new_records if r["split"] == "Tr")
+        new_dj = dict(dj)
+        new_dj.update({
+            "name": folder_name.split("_", 1)[1], "numTraining": n_train,
+            "description": f"SD-DM synthetic copy of {src.name} ({copies} cop{'y' if copies == 1 else 'ies'} "
+                           f"per training case)",
+            "nnunet_sddm_version": nnunet_sddm.__version__,
+            "sddm_synthesis": {"source": src.name, "model": model_name, "sampler": settings.to_dict(),
+                               "copies": copies, "include_test": bool(include_test), "amp": amp},
+        })
+        write_json(new_dj, partial / "dataset.json")
+        write_json(sorted(new_records, key=lambda r: (r["split"] != "Tr", r["case"])), partial / "cases.json")
+        _publish(partial, final, existing, overwrite)
+        if splits is not None:
+            write_json(splits, split_path)
+    dist_utils.barrier(ranks)
+    return final
+
+
+def _prepare_partial(partial: Path, record: dict) -> None:
+    """Create the staging folder, or check that an existing one belongs to the same run."""
+    rec_path = partial / RECORD_FILE
+    if partial.exists():
+        try:
+            old = json.loads(rec_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        same = old is not None and all(old.get(k) == record.get(k) for k in
+                                       ("model", "settings", "amp", "source", "copies", "include_test",
+                                        "batch_size"))
+        if same:
+            return
+        shutil.rmtree(partial)  # a different (or unreadable) unfinished run: start afresh
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (partial / sub).mkdir(parents=True, exist_ok=True)
+    write_json(record, rec_path)
+
+
+def _publish(partial: Path, final: Path, existing: List[Path], overwrite: bool) -> None:
+    """Move the finished staging folder into place (replacing same-id datasets if ``overwrite``)."""
+    (partial / RECORD_FILE).unlink()
+    for sub in ("imagesTs", "labelsTs"):
+        if (partial / sub).is_dir() and not any((partial / sub).iterdir()):
+            (partial / sub).rmdir()
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(partial):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+    trash = []
+    for old in existing:
+        if old.exists():
+            if not overwrite:
+                raise SDDMError(f"{old} appeared while the dataset was being built")
+            moved = old.parent / f".{old.name}.old-{os.getpid()}"
+            os.replace(old, moved)
+            trash.append(moved)
+    os.replace(partial, final)
+    for t in trash:
+        shutil.rmtree(t, ignore_errors=True)

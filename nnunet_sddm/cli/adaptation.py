@@ -1,0 +1,136 @@
+"""``nnUNetv2_sddm_adapt``, ``nnUNetv2_sddm_synthesize``, ``nnUNetv2_sddm_sweep`` (argument parsing only)."""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import List, Optional, Sequence
+
+from nnunet_sddm.utilities.errors import cli_entry
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The sampler options shared by the adaptation commands."""
+    g = p.add_argument_group("sampler (SDDM_METHOD.md section 4)")
+    many = dict(nargs="+") if sweep else {}
+    g.add_argument("-D", type=int, default=[2, 4, 8] if sweep else 2, **many,
+                   help="low-pass factor(s), a power of 2 smaller than the model size (default "
+                        + ("2 4 8)" if sweep else "2)"))
+    g.add_argument("-N", type=int, default=[25] if sweep else 25, **many,
+                   help="diffusion range(s) in respaced steps, 0..K (default 25; 0 = no change)")
+    g.add_argument("--tau", type=float, default=[6.0] if sweep else 6.0, **many,
+                   help="guidance step(s) >= 0 (default 6; 0 = unguided SDEdit)")
+    g.add_argument("--steps", type=int, default=100, help="respaced chain length K (default 100)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the per-slice random streams (default 0)")
+    g.add_argument("--reference-behaviour", action="store_true",
+                   help="DDA's exact sampler: one guidance norm over the whole batch, noise at N but "
+                        "first step at N-1, zero-padded filter (results depend on the batch size)")
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu; under torchrun "
+                        "each rank takes cuda:LOCAL_RANK)")
+    g.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision of the diffusion network (--amp = bf16; fp16 only on CUDA; "
+                        "default fp32)")
+    if not sweep:
+        g.add_argument("--batch-size", type=int, default=None,
+                       help="slices per sampler batch, taken across volumes (default 16 on CPU, 64 on CUDA)")
+
+
+def _settings(a):
+    from nnunet_sddm.sampling.guided import SamplerSettings
+
+    return SamplerSettings(D=a.D, N=a.N, tau=a.tau, steps=a.steps, seed=a.seed,
+                           reference_behaviour=a.reference_behaviour)
+
+
+def adapt_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_adapt", allow_abbrev=False,
+        description="Adapt every nnU-Net-named image of a folder (CASE_0000.nii.gz, ...) to the source domain "
+                    "of a diffusion model; outputs keep file names, shape and geometry. Resumable: existing "
+                    "outputs are skipped. Records the run in OUT/sddm_adapt.json.")
+    p.add_argument("-i", "--input", required=True, help="input folder of nnU-Net-named images")
+    p.add_argument("-o", "--output", required=True, help="output folder (must differ from the input)")
+    p.add_argument("-m", "--model", required=True, help="diffusion model folder or DATASET[:PRESET]")
+    add_sampler_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="redo and replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@cli_entry
+def adapt_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``nnUNetv2_sddm_adapt``."""
+    a = adapt_parser().parse_args(argv)
+    from nnunet_sddm.adaptation.folders import adapt_folder
+
+    t0 = time.time()
+    written = adapt_folder(a.input, a.output, a.model, _settings(a), batch_size=a.batch_size, device=a.device,
+                           amp=a.amp, overwrite=a.overwrite, progress=not a.quiet)
+    print(f"nnUNetv2_sddm_adapt: {len(written)} image(s) written to {a.output} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def synthesize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_synthesize", allow_abbrev=False,
+        description="Create a new nnU-Net raw dataset whose images are the source dataset's images adapted by "
+                    "the diffusion model and whose labels are the ORIGINAL labels (DG use). Writes "
+                    "dataset.json, cases.json (provenance) and the source's patient-level splits.")
+    p.add_argument("-d", "--source", required=True, help="source raw dataset: id, DatasetXXX_Name or folder")
+    p.add_argument("-o", "--new-id", type=int, required=True, help="id of the new dataset (1-999)")
+    p.add_argument("--name", default=None, help="name of the new dataset (default <source name>SDDM)")
+    p.add_argument("-m", "--model", required=True, help="diffusion model folder or DATASET[:PRESET]")
+    add_sampler_arguments(p)
+    p.add_argument("--copies", type=int, default=1,
+                   help="differently seeded copies per training case (seeds seed..seed+K-1; default 1)")
+    p.add_argument("--include-test", action="store_true", help="also adapt imagesTs (one copy)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the new id")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@cli_entry
+def synthesize_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``nnUNetv2_sddm_synthesize``."""
+    a = synthesize_parser().parse_args(argv)
+    from nnunet_sddm.adaptation.synthesize import synthesize_dataset
+
+    t0 = time.time()
+    out = synthesize_dataset(a.source, a.new_id, a.model, _settings(a), name=a.name, copies=a.copies,
+                             include_test=a.include_test, overwrite=a.overwrite, batch_size=a.batch_size,
+                             device=a.device, amp=a.amp, progress=not a.quiet)
+    print(f"nnUNetv2_sddm_synthesize: wrote {out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_sweep", allow_abbrev=False,
+        description="Adapt one slice for every combination of the given D, N and tau values and draw the grid "
+                    "(the paper's Fig. 3-5): one row per (N, tau), the reference then one column per D.")
+    p.add_argument("-i", "--image", required=True, help="a 3D image file (NIfTI or any nnU-Net-readable format)")
+    p.add_argument("-m", "--model", required=True, help="diffusion model folder or DATASET[:PRESET]")
+    p.add_argument("-o", "--output", required=True, help="output PNG (settings recorded in OUT.json)")
+    p.add_argument("--slice", type=int, default=None, help="slice index z (default: the middle slice)")
+    add_sampler_arguments(p, sweep=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@cli_entry
+def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``nnUNetv2_sddm_sweep``."""
+    a = sweep_parser().parse_args(argv)
+    from nnunet_sddm.adaptation.sweep import sweep_grid
+    from nnunet_sddm.sampling.guided import SamplerSettings
+
+    base = SamplerSettings(D=a.D[0], N=a.N[0], tau=a.tau[0], steps=a.steps, seed=a.seed,
+                           reference_behaviour=a.reference_behaviour)
+    out = sweep_grid(a.image, a.model, a.output, Ds=a.D, Ns=a.N, taus=a.tau, slice_index=a.slice, base=base,
+                     device=a.device, amp=a.amp, progress=not a.quiet)
+    print(f"nnUNetv2_sddm_sweep: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    adapt_main()
