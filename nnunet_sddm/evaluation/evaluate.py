@@ -112,7 +112,10 @@ def resolve_labels(labels: Optional[Union[Mapping[str, int], Sequence[str]]] = N
     ending = dj.get("file_ending") if dj else None
     if labels:
         lab = dict(labels) if isinstance(labels, Mapping) else parse_label_args(labels)
-        return {str(k): int(v) for k, v in lab.items()}, "labels argument", ending
+        lab = {str(k): int(v) for k, v in lab.items()}
+        if 0 in lab.values() or len(set(lab.values())) != len(lab):
+            raise SDDMError(f"labels {lab}: values must be distinct and non-zero (0 is the background)")
+        return lab, "labels argument", ending
     if dj is not None:
         return labels_from_dataset_json(dj, str(dj_path)), str(dj_path), ending
     return dict(DEFAULT_LABELS), "default (LV=1 MYO=2 RV=3)", None

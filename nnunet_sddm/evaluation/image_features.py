@@ -63,7 +63,6 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.signal import convolve2d
 
 #: Feature names in DSMRI's order.
 FEATURE_NAMES = ("MEAN", "RNG", "VAR", "CV", "PSNR", "SNR1", "SNR2", "CNR", "CJV", "EFC",
@@ -99,6 +98,11 @@ def _db(ratio_num: float, ratio_den: float, scale: float) -> float:
     if ratio_den <= ratio_num * 10 ** (-_DB_CAP / scale):
         return _DB_CAP
     return float(scale * np.log10(ratio_num / ratio_den))
+
+
+def _conv_same(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """2D convolution, output the size of ``img``, zeros outside (``convolve2d(..., 'same')``)."""
+    return ndimage.convolve(img, kernel, mode="constant", cval=0.0)
 
 
 def _stats(a: np.ndarray) -> tuple:
@@ -241,8 +245,8 @@ def slice_features(img: np.ndarray) -> Dict[str, float]:
     thr = P.mean()
     sig, noise = P[P >= thr], P[P < thr]
     out["SNRF"] = _db(float(sig.mean()) if sig.size else 0.0, float(noise.mean()) if noise.size else 0.0, 10.0)
-    out["HFR"] = float(np.sqrt(np.abs(np.fft.fft2(convolve2d(F, _HP, mode="same")))).mean())
-    out["LFR"] = float(np.sqrt(np.abs(np.fft.fft2(convolve2d(F, _LP, mode="same")))).mean())
+    out["HFR"] = float(np.sqrt(np.abs(np.fft.fft2(_conv_same(F, _HP)))).mean())
+    out["LFR"] = float(np.sqrt(np.abs(np.fft.fft2(_conv_same(F, _LP)))).mean())
     groups = [np.asarray(c) if not isinstance(c, tuple) else np.stack(c) for c in wavedec2(F)]
     out["WQS"] = float(sum(g.sum() for g in groups))
     out["WCE"] = float(sum(np.abs(g).sum() for g in groups) / len(groups))

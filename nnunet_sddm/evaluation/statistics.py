@@ -12,7 +12,6 @@ import math
 from typing import Dict, Sequence
 
 import numpy as np
-from scipy import stats
 
 
 def finite(x: Sequence[float]) -> np.ndarray:
@@ -23,6 +22,8 @@ def finite(x: Sequence[float]) -> np.ndarray:
 
 def confidence_interval(x: Sequence[float], level: float = 0.95) -> tuple:
     """Student-t confidence interval of the mean of the finite values of ``x`` (NaNs if n < 2)."""
+    from scipy import stats  # lazy: scipy.stats takes seconds to import
+
     a = finite(x)
     if a.size < 2:
         return (math.nan, math.nan)
@@ -53,6 +54,8 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
     p is NaN when either sample has fewer than 2 values; two identical constant samples give
     p = 1 (no evidence of a difference) rather than SciPy's NaN.
     """
+    from scipy import stats
+
     x, y = finite(a), finite(b)
     out = {"n_a": int(x.size), "n_b": int(y.size), "t": math.nan, "p": math.nan}
     if x.size < 2 or y.size < 2:
