@@ -12,6 +12,7 @@ content always gives the same bytes.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import sys
@@ -186,7 +187,16 @@ class DatasetBuilder:
         folder = preprocessed_root() / self.folder_name
         p = write_splits(folder, patient_level_splits(train, n_folds=n_folds))
         if p is None:
-            log(f"note: {folder / 'splits_final.json'} exists already and was kept (never overwritten)")
+            existing = folder / "splits_final.json"
+            log(f"note: {existing} exists already and was kept (never overwritten)")
+            try:
+                with open(existing) as f:
+                    listed = {c for fold in json.load(f) for c in fold.get("val", [])}
+            except (OSError, ValueError, TypeError, AttributeError):
+                listed = set()
+            if listed != set(train):
+                log(f"WARNING: {existing} does not list the same training cases as the new dataset "
+                    f"({len(listed)} vs {len(train)}); delete it to get a fresh patient-level split")
         else:
             self.splits_path = p
 

@@ -22,11 +22,11 @@ import argparse
 import csv
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from dataset_converters.common import (DatasetBuilder, Source, check_same_grid, frame, image_dtype,
+from dataset_converters.common import (DatasetBuilder, check_same_grid, frame, image_dtype,
                                        label_array, load_source, log, write_with_header)
 from nnunet_sddm.utilities.errors import SDDMError, cli_entry
 

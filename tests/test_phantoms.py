@@ -147,6 +147,7 @@ def test_cli_refuses_existing_id_and_keeps_splits(nnunet_env, capsys):
                    "--name", "First", "--overwrite"])
     assert len(list((first / "imagesTr").iterdir())) == 12
     assert splits.read_bytes() == before  # an existing split file is never overwritten
+    assert "does not list the same training cases" in capsys.readouterr().err
     # replacing with another name removes the old folder of that id
     phantoms.main(["-d", "12", "--vendor", "B", "--cases", "5", "--matrix", "32", "--overwrite"])
     assert sorted(p.name for p in nnunet_env["raw"].iterdir()) == ["Dataset012_PhantomB"]
