@@ -71,7 +71,7 @@ def _small_config():
     cfg = preset_config("tiny")
     return apply_overrides(cfg, {"model.image_size": 16, "model.model_channels": 32, "model.channel_mult": [1, 2],
                                  "model.attention_resolutions": [8], "model.num_head_channels": 32,
-                                 "model.num_res_blocks": 1})
+                                 "model.num_res_blocks": 1, "model.norm_groups": 32})
 
 
 def test_parameter_names_and_shapes_equal_guided_diffusion():

@@ -28,7 +28,7 @@ def create_model(config: Mapping[str, Any]) -> UNetModel:
         use_checkpoint=bool(m.get("use_checkpoint", False)), num_heads=int(m["num_heads"]),
         num_head_channels=int(m["num_head_channels"]), num_heads_upsample=int(m["num_heads_upsample"]),
         use_scale_shift_norm=bool(m["use_scale_shift_norm"]), resblock_updown=bool(m["resblock_updown"]),
-        use_new_attention_order=bool(m["use_new_attention_order"]))
+        use_new_attention_order=bool(m["use_new_attention_order"]), norm_groups=int(m.get("norm_groups", 32)))
 
 
 def create_diffusion(config: Mapping[str, Any], respacing: Optional[Union[int, str]] = None) -> GaussianDiffusion:
@@ -36,7 +36,8 @@ def create_diffusion(config: Mapping[str, Any], respacing: Optional[Union[int, s
     all T steps if ``respacing`` is None, else a ``SpacedDiffusion`` with K kept steps."""
     d = config["diffusion"] if "diffusion" in config else config
     betas = get_named_beta_schedule(d["noise_schedule"], int(d["steps"]))
-    kwargs = dict(model_var_type="learned_range" if d["learn_sigma"] else "fixed_large",
+    fixed = "fixed_small" if d.get("sigma_small") else "fixed_large"
+    kwargs = dict(model_var_type="learned_range" if d["learn_sigma"] else fixed,
                   loss_type=d["loss"], model_mean_type="start_x" if d.get("predict_xstart") else "epsilon",
                   rescale_timesteps=bool(d.get("rescale_timesteps", False)))
     if respacing is None or respacing == "" or (isinstance(respacing, int) and respacing == int(d["steps"])):

@@ -14,9 +14,10 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def normalization(channels: int) -> nn.Module:
-    """The UNet's normalisation layer: GroupNorm with 32 groups over ``channels``."""
-    return GroupNorm32(32, channels)
+def normalization(channels: int, groups: int = 32) -> nn.Module:
+    """The UNet's normalisation layer: GroupNorm over ``channels`` with ``groups`` groups
+    (guided-diffusion: always 32; fewer only for very narrow models such as the ``tiny`` preset)."""
+    return GroupNorm32(groups, channels)
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:

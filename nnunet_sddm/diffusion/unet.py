@@ -78,11 +78,11 @@ class ResBlock(TimestepBlock):
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: Optional[int] = None,
                  use_conv: bool = False, use_scale_shift_norm: bool = False, dims: int = 2,
-                 use_checkpoint: bool = False, up: bool = False, down: bool = False):
+                 use_checkpoint: bool = False, up: bool = False, down: bool = False, norm_groups: int = 32):
         super().__init__()
         self.channels, self.out_channels = channels, out_channels or channels
         self.use_scale_shift_norm, self.use_checkpoint = use_scale_shift_norm, use_checkpoint
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+        self.in_layers = nn.Sequential(normalization(channels, norm_groups), nn.SiLU(),
                                        conv_nd(dims, channels, self.out_channels, 3, padding=1))
         self.updown = up or down
         if up:
@@ -93,7 +93,7 @@ class ResBlock(TimestepBlock):
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
             nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
-        self.out_layers = nn.Sequential(normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+        self.out_layers = nn.Sequential(normalization(self.out_channels, norm_groups), nn.SiLU(), nn.Dropout(p=dropout),
                                         zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)))
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
@@ -134,7 +134,7 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 use_checkpoint: bool = False, use_new_attention_order: bool = False):
+                 use_checkpoint: bool = False, use_new_attention_order: bool = False, norm_groups: int = 32):
         super().__init__()
         self.channels = channels
         if num_head_channels == -1:
@@ -145,7 +145,7 @@ class AttentionBlock(nn.Module):
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
         self.new_order = use_new_attention_order
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
@@ -177,7 +177,8 @@ class UNetModel(nn.Module):
 
     Args (guided-diffusion's names): ``attention_resolutions`` are downsampling RATES (ds = 1,
     2, 4, ...; i.e. ``image_size // resolution_in_pixels``), ``channel_mult`` multiplies
-    ``model_channels`` per level, ``num_heads_upsample`` -1 means ``num_heads``.
+    ``model_channels`` per level, ``num_heads_upsample`` -1 means ``num_heads``. ``norm_groups``
+    (GroupNorm groups, guided-diffusion: 32) changes no parameter name or shape.
     """
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
@@ -185,7 +186,7 @@ class UNetModel(nn.Module):
                  channel_mult: Sequence[float] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
                  use_checkpoint: bool = False, num_heads: int = 1, num_head_channels: int = -1,
                  num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
-                 resblock_updown: bool = False, use_new_attention_order: bool = False):
+                 resblock_updown: bool = False, use_new_attention_order: bool = False, norm_groups: int = 32):
         super().__init__()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
@@ -199,11 +200,12 @@ class UNetModel(nn.Module):
 
         def res(cin, cout=None, **kw):
             return ResBlock(cin, time_embed_dim, dropout, out_channels=cout, dims=dims, use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm, **kw)
+                            use_scale_shift_norm=use_scale_shift_norm, norm_groups=norm_groups, **kw)
 
         def attn(c, heads):
             return AttentionBlock(c, num_heads=heads, num_head_channels=num_head_channels,
-                                  use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order)
+                                  use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order,
+                                  norm_groups=norm_groups)
 
         ch = input_ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
@@ -233,7 +235,7 @@ class UNetModel(nn.Module):
                     layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
+        self.out = nn.Sequential(normalization(ch, norm_groups), nn.SiLU(),
                                  zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

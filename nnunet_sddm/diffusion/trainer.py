@@ -1,0 +1,543 @@
+"""Training loop of the source-domain diffusion model (improved DDPM recipe).
+
+AdamW, EMA of the weights, gradient accumulation over micro-batches, bf16/fp16 autocast and
+channels_last on CUDA, optional ``torch.compile``, DDP through ``torchrun`` (rank 0 writes),
+periodic atomic checkpoints, Ctrl-C checkpointing and exact resumption.
+
+Determinism: the data order of step ``s`` is a pure function of ``(seed, s)`` (one seeded
+permutation per epoch of the slice set) and every random draw of step ``s`` (timesteps, noise,
+dropout) comes from generators seeded with ``(seed, s, rank)``. A checkpoint therefore needs
+only the step, the weights, the EMA, the optimizer (and loss-aware sampler / grad scaler) state
+for ``--resume`` to continue exactly as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from nnunet_sddm.diffusion.factory import create_diffusion, create_model
+from nnunet_sddm.diffusion.model_folder import (CONFIG_FILE, EMA_FILE, RAW_FILE, load_config, load_training_state,
+                                                load_weights, save_model_folder)
+from nnunet_sddm.diffusion.slice_dataset import SliceSet
+from nnunet_sddm.diffusion.timestep_sampler import create_named_schedule_sampler
+from nnunet_sddm.utilities.errors import SDDMError
+from nnunet_sddm.utilities.files import write_text
+
+LOG_FILE = "log.csv"
+LOG_FIELDS = ["step", "images_seen", "loss", "mse", "vb", "grad_norm", "lr", "images_per_s", "elapsed_s"]
+
+#: training settings that may change on --resume without changing the run
+RESUME_MUTABLE = {"iterations", "log_interval", "save_interval", "sample_interval", "num_samples", "compile"}
+
+
+# ----------------------------------------------------------------------------- helpers
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A 63-bit seed for the random draws of ``step`` on ``rank``."""
+    return int(np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> np.ndarray:
+    """Indices into the slice set of the global batch of ``step``: consecutive positions of a
+    stream made of one seeded permutation per epoch (epoch ``e`` uses ``default_rng([seed, e])``)."""
+    start = step * batch_size
+    pos = np.arange(start, start + batch_size)
+    epochs, offsets = np.divmod(pos, num_items)
+    out = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([int(seed), int(e)]).permutation(num_items)
+        sel = epochs == e
+        out[sel] = perm[offsets[sel]]
+    return out
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters:
+    ``ema <- rate * ema + (1 - rate) * theta`` after every optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, rate: float):
+        self.rate = float(rate)
+        self.names = [n for n, p in model.named_parameters()]
+        self.params = [p.detach().clone().float() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1.0 - self.rate)
+
+    def state_dict(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+        """The model's state dict with parameters replaced by their EMA."""
+        sd = dict(model.state_dict())
+        for n, p in zip(self.names, self.params):
+            sd[n] = p.to(sd[n].dtype)
+        return sd
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        for n, p in zip(self.names, self.params):
+            p.copy_(state[n].float())
+
+
+def _distributed() -> tuple:
+    """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 without)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(device: Optional[str], local_rank: int = 0) -> torch.device:
+    """``"auto"``/None -> cuda (the local rank's GPU) if available, else mps, else cpu."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SDDMError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise SDDMError(f"--device {device!r}: {e}") from None
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# ----------------------------------------------------------------------------- figures
+def plot_progress(rows: List[Dict[str, Any]], path: Path) -> None:
+    """Loss curve (loss, mse, vb against step, log scale) to ``progress.png``, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key in ("loss", "mse", "vb"):
+        vals = [float(r[key]) for r in rows]
+        if any(v > 0 for v in vals):
+            ax.plot(steps, vals, label=key, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss (mean over log interval)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    from nnunet_sddm.utilities.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(buf.getvalue())
+
+
+def save_image_grid(images: torch.Tensor, path: Path, title: str = "") -> None:
+    """``(N, 1, H, W)`` in [-1, 1] -> a grid PNG (grey, -1 black, 1 white), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = images.shape[0]
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + 0.3), dpi=100, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i, 0].float().cpu().numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    from nnunet_sddm.utilities.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(buf.getvalue())
+
+
+def read_log(path: Path, max_step: int) -> List[Dict[str, Any]]:
+    """Rows of ``log.csv`` up to ``max_step`` (later rows belong to an interrupted stretch)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: (float(v) if k not in ("step", "images_seen") else int(float(v))) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+    return [r for r in rows if r["step"] <= max_step]
+
+
+def write_log(rows: List[Dict[str, Any]], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in LOG_FIELDS})
+    write_text(buf.getvalue(), path)
+
+
+# ----------------------------------------------------------------------------- resume checks
+def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> List[str]:
+    """``section.key: stored -> requested`` for every setting that would change the run."""
+    diffs = []
+    for section in ("model", "diffusion", "data", "training"):
+        a, b = stored.get(section, {}), requested.get(section, {})
+        for k in sorted(set(a) | set(b)):
+            if section == "training" and k in RESUME_MUTABLE:
+                continue
+            if a.get(k) != b.get(k):
+                diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    if stored.get("preset") != requested.get("preset"):
+        diffs.append(f"preset: {stored.get('preset')!r} -> {requested.get('preset')!r}")
+    return diffs
+
+
+# ----------------------------------------------------------------------------- trainer
+class Trainer:
+    """Trains ``config``'s model on ``slices`` into ``model_dir``.
+
+    ``run()`` returns ``"finished"`` or ``"interrupted"`` (Ctrl-C: a checkpoint of the last
+    completed step was written). ``callback(step)`` is called after every completed step
+    (tests use it to simulate an interrupt).
+    """
+
+    def __init__(self, config: Dict[str, Any], slices: SliceSet, model_dir: Path, device: Optional[str] = None,
+                 resume: bool = False, progress: bool = True, callback: Optional[Callable[[int], None]] = None):
+        self.config = copy.deepcopy(config)
+        self.tcfg = self.config["training"]
+        self.slices = slices
+        self.model_dir = Path(model_dir)
+        self.progress, self.callback = progress, callback
+        self.rank, self.world, local_rank = _distributed()
+        self.device = resolve_device(device, local_rank)
+        self.distributed = self.world > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+        size = int(self.config["model"]["image_size"])
+        if tuple(slices.images.shape[1:]) != (int(self.config["model"]["in_channels"]), size, size):
+            raise SDDMError(f"training slices have shape {tuple(slices.images.shape[1:])}, the model expects "
+                            f"({self.config['model']['in_channels']}, {size}, {size})")
+        self.batch_size = int(self.tcfg["batch_size"])
+        if self.batch_size < 1 or self.batch_size % self.world:
+            raise SDDMError(f"--batch-size {self.batch_size} must be a positive multiple of the "
+                            f"{self.world} processes")
+        self.local_batch = self.batch_size // self.world
+        mb = self.tcfg.get("microbatch") or self.local_batch
+        if int(mb) < 1:
+            raise SDDMError(f"--microbatch {mb} must be >= 1")
+        self.microbatch = min(int(mb), self.local_batch)
+        self.seed = int(self.tcfg["seed"])
+        self.iterations = int(self.tcfg["iterations"])
+
+        torch.manual_seed(self.seed)
+        self.model = create_model(self.config).to(self.device)
+        self.diffusion = create_diffusion(self.config)
+        self.sampler = create_named_schedule_sampler(self.tcfg["schedule_sampler"], self.diffusion.num_timesteps)
+        amp = str(self.tcfg.get("amp", "off"))
+        if amp not in ("bf16", "fp16", "off"):
+            raise SDDMError(f"--amp {amp!r}: choose bf16, fp16 or off")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=float(self.tcfg["lr"]),
+                                     weight_decay=float(self.tcfg["weight_decay"]))
+        self.ema = EMA(self.model, float(self.tcfg["ema_rate"]))
+        self.step = 0
+        self.rows: List[Dict[str, Any]] = []
+        self.elapsed = 0.0
+        if resume:
+            self._load_checkpoint()
+        self.net = self.model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.tcfg.get("compile"):
+            self.net = torch.compile(self.net)
+        self.data = slices.images.to(self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_checkpoint(self) -> None:
+        state = load_training_state(self.model_dir)
+        if state is None:
+            raise SDDMError(f"{self.model_dir}: no training_state.pt to resume from")
+        self.model.load_state_dict(load_weights(self.model_dir / RAW_FILE))
+        self.ema.load(load_weights(self.model_dir / EMA_FILE))
+        self.opt.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state.get("sampler", {}))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        self.rows = read_log(self.model_dir / LOG_FILE, self.step)
+
+    def save_checkpoint(self) -> None:
+        """Atomically write weights, EMA, optimizer state, config and log (rank 0 only)."""
+        if self.rank == 0:
+            state = {"step": self.step, "optimizer": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                     "elapsed_s": self.elapsed, "images_seen": self.step * self.batch_size}
+            save_model_folder(self.model_dir, self.model, self.config, ema_state=self.ema.state_dict(self.model),
+                              training_state=state)
+            write_log(self.rows, self.model_dir / LOG_FILE)
+            if self.rows:
+                plot_progress(self.rows, self.model_dir / "progress.png")
+        if self.distributed:
+            dist.barrier()
+
+    @torch.no_grad()
+    def write_samples(self) -> None:
+        """``samples.png``: unconditional samples of the EMA model with the respaced chain
+        (fixed seed, so successive grids are comparable)."""
+        if self.rank != 0:
+            return
+        n = int(self.tcfg.get("num_samples", 16))
+        if n < 1:
+            return
+        ema_model = create_model(self.config).to(self.device).eval()
+        ema_model.load_state_dict(self.ema.state_dict(self.model))
+        k = self.config["diffusion"].get("sample_respacing") or self.diffusion.num_timesteps
+        spaced = create_diffusion(self.config, int(k))
+        size, c = int(self.config["model"]["image_size"]), int(self.config["model"]["in_channels"])
+        g = torch.Generator().manual_seed(self.seed + 12345)
+        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        with ctx:
+            x = spaced.p_sample_loop(ema_model, (n, c, size, size), generator=g, device=self.device)
+        save_image_grid(x.clamp(-1, 1), self.model_dir / "samples.png",
+                        title=f"EMA samples, iteration {self.step}, {spaced.num_timesteps} steps")
+
+    # ------------------------------------------------------------------ one step
+    def _forward_backward(self, x: torch.Tensor, gen: torch.Generator) -> Dict[str, float]:
+        t, weights = self.sampler.sample(x.shape[0], self.device, generator=gen)
+        noise = torch.randn(x.shape, generator=gen).to(self.device)
+        if self.device.type == "cuda":
+            x, noise = x.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+        totals = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        all_t, all_losses = [], []
+        n = x.shape[0]
+        for i in range(0, n, self.microbatch):
+            sl = slice(i, i + self.microbatch)
+            last = i + self.microbatch >= n
+            sync = nullcontext() if (last or not self.distributed) else self.net.no_sync()
+            ac = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+            with sync:
+                with ac:
+                    terms = self.diffusion.training_losses(self.net, x[sl], t[sl], noise=noise[sl])
+                loss = (terms["loss"].float() * weights[sl]).sum() / n
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            for k in totals:
+                totals[k] += float(terms[k].detach().float().sum()) / n
+            all_t.append(t[sl])
+            all_losses.append(terms["loss"].detach().float())
+        self._update_sampler(torch.cat(all_t), torch.cat(all_losses))
+        return totals
+
+    def _update_sampler(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        if self.distributed:
+            ts = [torch.zeros_like(t) for _ in range(self.world)]
+            ls = [torch.zeros_like(losses) for _ in range(self.world)]
+            dist.all_gather(ts, t)
+            dist.all_gather(ls, losses)
+            t, losses = torch.cat(ts), torch.cat(ls)
+        self.sampler.update(t, losses)
+
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step on the global batch of ``self.step``; returns mean losses."""
+        seed = step_seed(self.seed, self.step, self.rank)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # dropout
+        idx = batch_indices(self.step, self.batch_size, len(self.slices), self.seed)
+        idx = idx[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
+        x = self.data[torch.from_numpy(idx).to(self.device)]
+        self.opt.zero_grad(set_to_none=True)
+        terms = self._forward_backward(x, gen)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        clip = self.tcfg.get("grad_clip")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   float(clip) if clip else float("inf"))
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.ema.update(self.model)
+        self.step += 1
+        terms["grad_norm"] = float(grad_norm)
+        return terms
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> str:
+        """Train up to ``training.iterations``; checkpoint, plot and sample at the configured
+        intervals and at the end. Returns ``"finished"`` or ``"interrupted"``."""
+        log_every = max(1, int(self.tcfg["log_interval"]))
+        save_every = max(1, int(self.tcfg["save_interval"]))
+        sample_every = max(1, int(self.tcfg["sample_interval"]))
+        acc: Dict[str, float] = {}
+        acc_n, acc_t = 0, time.perf_counter()
+        bar = tqdm(total=self.iterations, initial=self.step, desc="training", unit="it",
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        status = "finished"
+        stop = threading.Event()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):  # first Ctrl-C: finish the step, checkpoint, exit
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                stop.set()
+                tqdm.write("Ctrl-C: stopping after this iteration and saving a checkpoint "
+                           "(press again to abort without saving)")
+
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            while self.step < self.iterations:
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                try:
+                    terms = self.train_step()
+                except RuntimeError as e:
+                    if _is_oom(e):
+                        raise SDDMError(f"out of memory on {self.device} with batch size {self.batch_size} "
+                                        f"(micro-batch {self.microbatch}); use a smaller --batch-size or "
+                                        f"--microbatch. Checkpoints in {self.model_dir} are intact.") from None
+                    raise
+                if not all(math.isfinite(v) for v in terms.values()):
+                    raise SDDMError(f"non-finite loss at iteration {self.step} ({terms}); last good checkpoint "
+                                    f"in {self.model_dir} is intact; try a lower --lr or --amp off")
+                self.elapsed += time.perf_counter() - t0
+                for k, v in terms.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                acc_n += 1
+                if self.step % log_every == 0 or self.step == self.iterations:
+                    dt = time.perf_counter() - acc_t
+                    row = {"step": self.step, "images_seen": self.step * self.batch_size,
+                           **{k: v / acc_n for k, v in acc.items()}, "lr": float(self.tcfg["lr"]),
+                           "images_per_s": acc_n * self.batch_size / max(dt, 1e-9), "elapsed_s": self.elapsed}
+                    self.rows.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+                    acc, acc_n, acc_t = {}, 0, time.perf_counter()
+                bar.update(1)
+                if self.step % save_every == 0 and self.step < self.iterations:
+                    self.save_checkpoint()
+                if self.step % sample_every == 0 and self.step < self.iterations:
+                    self.write_samples()
+                    acc_t = time.perf_counter()
+                if self.callback is not None:
+                    self.callback(self.step)
+        except KeyboardInterrupt:
+            status = "interrupted"
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        self.save_checkpoint()
+        if status == "finished":
+            self.write_samples()
+        return status
+
+
+# ----------------------------------------------------------------------------- entry point
+def prepare_config(model_dir: Path, preset: Optional[str], overrides: Mapping[str, Any], resume: bool,
+                   overwrite: bool) -> Dict[str, Any]:
+    """The run's configuration: a preset plus ``overrides`` for a new run; the stored
+    ``config.json`` plus ``overrides`` for ``resume`` (``SDDMError`` if anything but the
+    iteration count / intervals would change, or if the folder exists without ``--resume`` /
+    ``--overwrite``)."""
+    from nnunet_sddm.diffusion.presets import DEFAULT_PRESET, apply_overrides, preset_config, validate_config
+
+    model_dir = Path(model_dir)
+    if resume:
+        if not (model_dir / CONFIG_FILE).is_file():
+            raise SDDMError(f"--resume: {model_dir / CONFIG_FILE} not found; nothing to resume")
+        stored = load_config(model_dir)
+        stored.pop("package_version", None)
+        if preset is not None and preset != stored.get("preset"):
+            raise SDDMError(f"--resume: {model_dir} was trained with preset {stored.get('preset')!r}, "
+                            f"not {preset!r}")
+        cfg = apply_overrides(stored, overrides)
+        diffs = config_differences(stored, cfg)
+        if diffs:
+            raise SDDMError(f"--resume: the command's settings differ from {model_dir / CONFIG_FILE}: "
+                            + "; ".join(diffs) + ". Resume with the same settings or train into a new folder.")
+    else:
+        if model_dir.exists() and any(model_dir.iterdir()):
+            if not overwrite:
+                raise SDDMError(f"{model_dir} already exists; use --resume to continue it or --overwrite "
+                                f"to start again")
+        cfg = apply_overrides(preset_config(preset or DEFAULT_PRESET), overrides)
+    validate_config(cfg)
+    return cfg
+
+
+def train_model(dataset: str, preset: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
+                model_dir: Optional[os.PathLike] = None, resume: bool = False, overwrite: bool = False,
+                device: Optional[str] = None, progress: bool = True, cache_dir: Optional[os.PathLike] = None,
+                callback: Optional[Callable[[int], None]] = None) -> tuple:
+    """Train (or resume) a diffusion model on the slices of raw dataset ``dataset`` (id, name or
+    folder). Default folder: ``$nnUNet_results/DatasetXXX_Name/sddm__<preset>``.
+    Returns ``(model_dir, status)`` with status ``"finished"`` or ``"interrupted"``."""
+    from nnunet_sddm.diffusion.model_folder import default_model_dir
+    from nnunet_sddm.diffusion.slice_dataset import load_slices
+    from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset
+
+    folder = find_raw_dataset(dataset)
+    overrides = dict(overrides or {})
+    if model_dir is None:
+        p = preset
+        if p is None and resume:
+            raise SDDMError("--resume without -o needs -p PRESET to find the default model folder")
+        from nnunet_sddm.diffusion.presets import DEFAULT_PRESET
+
+        model_dir = default_model_dir(folder, p or DEFAULT_PRESET)
+    model_dir = Path(model_dir)
+    overrides.setdefault("data.dataset", folder.name)
+    cfg = prepare_config(model_dir, preset, overrides, resume, overwrite)
+    rank, world, _ = _distributed()
+    if not resume and overwrite and model_dir.exists() and rank == 0:
+        shutil.rmtree(model_dir)
+    if world > 1 and rank != 0:
+        # rank 0 fills the cache first; the others then read it
+        _barrier_after_init(device)
+    slices = load_slices(folder, int(cfg["model"]["image_size"]), cfg["data"], cache_dir=cache_dir,
+                         progress=progress and rank == 0)
+    if world > 1 and rank == 0:
+        _barrier_after_init(device)
+    trainer = Trainer(cfg, slices, model_dir, device=device, resume=resume, progress=progress, callback=callback)
+    if rank == 0:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    return model_dir, trainer.run()
+
+
+def _barrier_after_init(device: Optional[str]) -> None:
+    _, _, local_rank = _distributed()
+    dev = resolve_device(device, local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.barrier()
