@@ -36,6 +36,9 @@ def test_same_seed_gives_identical_bytes_and_different_seed_differs(nnunet_env, 
         monkeypatch.setenv(var, str(tmp_path / "again" / var))
     b = generate_phantom_dataset(501, "A", 5, n_test_cases=1, seed=3, matrix=MATRIX)
     assert _files(b) == first
+    for name, blob in first.items():  # gzip header: no time stamp, no (temporary) file name
+        if name.endswith(".nii.gz"):
+            assert blob[:3] == b"\x1f\x8b\x08" and blob[4:8] == b"\0\0\0\0" and not blob[3] & 0x08, name
     assert (tmp_path / "again" / "nnUNet_preprocessed" / a.name / "splits_final.json").read_bytes() == splits
     c = generate_phantom_dataset(502, "A", 5, n_test_cases=1, seed=4, matrix=MATRIX)
     assert _files(c)["imagesTr/PhA0000_ED_0000.nii.gz"] != first["imagesTr/PhA0000_ED_0000.nii.gz"]
