@@ -6,8 +6,9 @@ nnU-Net's spawn workers):
 
 1. read the case's images with ``plans_manager.image_reader_writer_class()`` (the reader nnU-Net
    itself uses for this model), arrays ``(C, z, y, x)``;
-2. adapt every channel volume ``(z, y, x)`` with the injected ``adapt_fn`` (several cases are
-   adapted together so that slices of many volumes share sampler batches);
+2. adapt the volume ``(z, y, x)`` with the injected ``adapt_fn`` (single-channel images, as all
+   of this project; several cases are adapted together so that slices of many volumes share
+   sampler batches);
 3. optionally write the adapted images (``--save-adapted``: nnU-Net file names, the input's exact
    geometry, float32, written atomically);
 4. run the configuration's preprocessor ``run_case_npy`` and yield
@@ -19,9 +20,9 @@ Both nnU-Net paths are covered: ``predict_from_files`` (export workers, through
 from the files ``nnUNetv2_sddm_adapt`` writes (float32, same geometry), so the segmentation equals
 ``nnUNetv2_sddm_adapt`` followed by the stock ``nnUNetv2_predict`` with the same seed.
 
-Random streams: every slice is keyed ``"<image>/<k>"`` where ``<image>`` is the image file name
-without its ending (``CASE_0000``) and ``k`` the slice index, as in ``nnUNetv2_sddm_adapt``, so a
-seed gives the same adapted image whichever command, batch size or case grouping produced it.
+Random streams: every slice is keyed ``"<case>/<k>"`` (``CASE`` of ``CASE_0000.nii.gz``, ``k`` the
+slice index), as in ``nnUNetv2_sddm_adapt``, so a seed gives the same adapted image whichever
+command, batch size or case grouping produced it.
 
 ``N = 0`` means no adaptation: the input goes to nnU-Net untouched and the result equals the stock
 ``nnUNetv2_predict`` (the sampler's N = 0 would only clip intensities to the 0.5/99.5 percentile
@@ -65,10 +66,10 @@ AdaptFn = Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]]
 PathLike = Union[str, os.PathLike]
 
 
-def image_key(image_file: PathLike, file_ending: str) -> str:
-    """The adaptation key of an image file: its name without the file ending (``CASE_0000``)."""
-    name = Path(image_file).name
-    return name[: -len(file_ending)] if file_ending and name.endswith(file_ending) else name
+def case_key(channel_files: Sequence[PathLike], file_ending: str) -> str:
+    """The case identifier nnU-Net derives from a case's files (``CASE_0000<ending>`` -> ``CASE``):
+    also the key of the case's random streams, as in ``nnUNetv2_sddm_adapt``."""
+    return Path(channel_files[0]).name[: -(len(file_ending) + 5)]
 
 
 class SDDMPredictor(nnUNetPredictor):
@@ -97,8 +98,8 @@ class SDDMPredictor(nnUNetPredictor):
 
     # ------------------------------------------------------------------ adaptation of raw images
     def read_and_adapt(self, list_of_lists: Sequence[Sequence[str]]) -> Iterator[Tuple[np.ndarray, dict]]:
-        """For each case (its list of channel files) yield ``(data (C, z, y, x) float32, properties)``:
-        the images as nnU-Net's reader gives them, every channel adapted. Cases are adapted in groups
+        """For each case (its list of channel files) yield ``(data (1, z, y, x) float32, properties)``:
+        the image as nnU-Net's reader gives it, adapted. Cases are adapted in groups
         of ``cases_per_adaptation``; adapted copies are written when ``save_adapted_dir`` is set."""
         rw = self.plans_manager.image_reader_writer_class()
         ending = self.dataset_json["file_ending"]
@@ -107,25 +108,24 @@ class SDDMPredictor(nnUNetPredictor):
             raw = []
             volumes: Dict[str, np.ndarray] = {}
             for files in group:
+                if len(files) != 1:
+                    raise SDDMError(f"{files[1]}: only single-channel images can be adapted (the diffusion "
+                                    f"model sees one channel; found {len(files)} channels)")
                 try:
                     data, props = rw.read_images(list(files))
                 except Exception as e:
                     raise SDDMError(f"{files[0]}: cannot read image ({type(e).__name__}: {e})") from None
                 data = np.asarray(data, dtype=np.float32)
                 raw.append((files, data, props))
-                for c, f in enumerate(files):
-                    volumes[image_key(f, ending)] = data[c]
+                volumes[case_key(files, ending)] = data[0]
             adapted = volumes if self.adapt_fn is None else self.adapt_fn(volumes)
             for files, data, props in raw:
-                out = np.empty_like(data)
-                for c, f in enumerate(files):
-                    a = np.asarray(adapted[image_key(f, ending)], dtype=np.float32)
-                    if a.shape != data[c].shape:
-                        raise SDDMError(f"{f}: adaptation returned shape {a.shape}, expected {data[c].shape}")
-                    out[c] = a
-                    if self.save_adapted_dir is not None:
-                        write_like(a, f, self.save_adapted_dir / Path(f).name)
-                yield out, props
+                a = np.asarray(adapted[case_key(files, ending)], dtype=np.float32)
+                if a.shape != data[0].shape:
+                    raise SDDMError(f"{files[0]}: adaptation returned shape {a.shape}, expected {data[0].shape}")
+                if self.save_adapted_dir is not None:
+                    write_like(a, files[0], self.save_adapted_dir / Path(files[0]).name)
+                yield a[None], props
 
     def adapted_preprocessed_cases(self, input_list_of_lists: Sequence[Sequence[str]],
                                    seg_from_prev_stage_files: Optional[Sequence[Optional[str]]],
@@ -262,6 +262,8 @@ def _predict(predictor: nnUNetPredictor, cases: Sequence[Case], outputs: Sequenc
     """Run nnU-Net's prediction on explicit lists, sequentially when both process counts are 0
     (as ``nnUNetv2_predict``), else with its worker pools."""
     lists = [c.files for c in cases]
+    for folder in {os.path.dirname(o) for o in outputs}:
+        os.makedirs(folder, exist_ok=True)  # nnU-Net's sequential path does not create it
     if num_processes_preprocessing == 0 and num_processes_segmentation_export == 0:
         predictor.predict_from_files_sequential(lists, list(outputs), save_probabilities=save_probabilities,
                                                 overwrite=True, folder_with_segs_from_prev_stage=prev_stage_predictions)

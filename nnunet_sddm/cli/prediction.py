@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=100, help="respaced chain length K (default 100)")
     s.add_argument("--seed", type=int, default=0, help="seed of the per-slice random streams (default 0)")
     s.add_argument("--batch-size", type=int, default=None, help="slices per sampler batch (default: 16 CPU, 64 GPU)")
-    s.add_argument("--amp", choices=("bf16", "fp16"), default=None,
-                   help="mixed precision of the diffusion network (fp16: CUDA only; default fp32)")
+    s.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision of the diffusion network (--amp = bf16; fp16 only on CUDA; default fp32)")
     s.add_argument("--reference-behaviour", action="store_true",
                    help="DDA's exact sampler (one guidance norm over the batch, N/N-1 offset, zero padding)")
     s.add_argument("--save-adapted", default=None, metavar="DIR",

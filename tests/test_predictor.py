@@ -1,0 +1,179 @@
+"""``nnUNetv2_sddm_predict``: SD-DM adaptation inside nnU-Net prediction.
+
+One module-scoped setup (phantom vendor A source dataset, a 2-epoch nnU-Net 2d model trained with
+our ``nnUNetTrainer_SDDM_NoDA_Quick``, a random-init tiny diffusion model, vendor B target images)
+is shared by all tests; every command is the real console script.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+SOURCE_ID, TARGET_ID = 611, 612
+TRAINER = "nnUNetTrainer_SDDM_NoDA_Quick"
+# a small diffusion model and a short chain keep the sampling cheap on 2 CPU cores
+MODEL_OVERRIDES = {"model.image_size": 32, "model.channel_mult": [1, 2], "model.attention_resolutions": []}
+SAMPLER = ["-N", "2", "--steps", "10", "-D", "2", "--tau", "6", "--seed", "3"]
+NNUNET = ["-d", str(SOURCE_ID), "-c", "2d", "-tr", TRAINER, "-f", "0", "-device", "cpu", "--disable_progress_bar"]
+
+
+def run(cmd, env, timeout=300):
+    r = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {r.returncode}\n--- stdout\n{r.stdout[-4000:]}"
+                             f"\n--- stderr\n{r.stderr[-4000:]}")
+    return r
+
+
+def seg(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def probs(path: Path) -> np.ndarray:
+    return np.load(path)["probabilities"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Source model + diffusion model + target images, and the reference outputs: the target
+    adapted by ``nnUNetv2_sddm_adapt`` then predicted by the stock ``nnUNetv2_predict``, and the
+    stock prediction of the unadapted target (both with probabilities)."""
+    from dataset_converters.phantoms import generate_phantom_dataset
+    from nnunet_sddm.diffusion.model_folder import create_model_folder
+    from plugin_trainers.discovery import ensure_trainer_path_in_env
+
+    root = tmp_path_factory.mktemp("sddm_predict")
+    env = dict(os.environ)
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        (root / sub).mkdir()
+        env[var] = str(root / sub)
+    env["nnUNet_compile"] = "0"
+    env.pop("nnUNet_n_proc_DA", None)
+    ensure_trainer_path_in_env(env)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            mp.setenv(var, env[var])
+        generate_phantom_dataset(SOURCE_ID, "A", n_cases=3, seed=0, matrix=32)
+        target_ds = generate_phantom_dataset(TARGET_ID, "B", n_cases=1, seed=1, matrix=32)
+        model = create_model_folder(root / "diffusion", "tiny", overrides=MODEL_OVERRIDES, seed=0)
+    target = root / "target"  # one vendor-B case keeps the sampling short
+    target.mkdir()
+    shutil.copy(target_ds / "imagesTr" / "PhB0000_ED_0000.nii.gz", target)
+
+    run(["nnUNetv2_plan_and_preprocess", "-d", SOURCE_ID, "-c", "2d", "-np", "1"], env)
+    run(["nnUNetv2_train", SOURCE_ID, "2d", "0", "-tr", TRAINER, "-device", "cpu"], {**env, "nnUNet_n_proc_DA": "0"})
+
+    adapted = root / "adapted_by_adapt"
+    run(["nnUNetv2_sddm_adapt", "-i", target, "-o", adapted, "-m", model, "--device", "cpu", *SAMPLER], env)
+    ref = root / "stock_on_adapted"
+    run(["nnUNetv2_predict", "-i", adapted, "-o", ref, *NNUNET, "-npp", "0", "-nps", "0", "--save_probabilities"], env)
+    plain = root / "stock_on_original"
+    run(["nnUNetv2_predict", "-i", target, "-o", plain, *NNUNET, "-npp", "0", "-nps", "0", "--save_probabilities"],
+        env)
+    return {"root": root, "env": env, "model": model, "target": target, "adapted": adapted, "ref": ref,
+            "plain": plain, "case": "PhB0000_ED"}
+
+
+def sddm_predict(world, out, *extra):
+    return run(["nnUNetv2_sddm_predict", "-i", world["target"], "-o", out, *NNUNET, "-m", world["model"], *extra],
+               world["env"])
+
+
+@pytest.mark.timeout(400)
+def test_equals_adapt_then_stock_predict(world):
+    """Same seed -> the same adapted image and the same segmentation and probabilities as
+    ``nnUNetv2_sddm_adapt`` followed by ``nnUNetv2_predict`` (nnU-Net's path with an export worker)."""
+    root, case = world["root"], world["case"]
+    out, keep = root / "sddm_main", root / "sddm_main_adapted"
+    sddm_predict(world, out, *SAMPLER, "-npp", "1", "-nps", "1", "--save_probabilities", "--save-adapted", keep)
+
+    ours, ref = seg(out / f"{case}.nii.gz"), seg(world["ref"] / f"{case}.nii.gz")
+    assert len(np.unique(ref)) > 1, "degenerate reference segmentation: the check would be vacuous"
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_allclose(probs(out / f"{case}.npz"), probs(world["ref"] / f"{case}.npz"), rtol=0, atol=1e-6)
+
+    # --save-adapted: identical to nnUNetv2_sddm_adapt's file, input geometry, and really adapted
+    from nnunet_sddm.data.volumes import same_geometry
+
+    name = f"{case}_0000.nii.gz"
+    kept, adapted, original = (sitk.ReadImage(str(p / name)) for p in (keep, world["adapted"], world["target"]))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(kept), sitk.GetArrayFromImage(adapted))
+    assert same_geometry(keep / name, world["target"] / name)
+    assert kept.GetSize() == original.GetSize() and kept.GetSpacing() == original.GetSpacing()
+    assert kept.GetOrigin() == original.GetOrigin() and kept.GetDirection() == original.GetDirection()
+    assert not np.allclose(sitk.GetArrayFromImage(kept), sitk.GetArrayFromImage(original), atol=1e-3)
+
+    import json
+
+    record = json.loads((out / "sddm_predict.json").read_text())
+    assert record["sampler"]["N"] == 2 and record["sampler"]["seed"] == 3 and record["nnunet_sddm_version"]
+
+
+@pytest.mark.timeout(400)
+def test_ensemble_original_averages_probabilities(world):
+    """--ensemble-original (sequential path, -npp 0 -nps 0): probabilities are the mean of the adapted and the
+    original input's probabilities, the segmentation their argmax; no temporary files are left."""
+    root, case = world["root"], world["case"]
+    out = root / "sddm_ensemble"
+    sddm_predict(world, out, *SAMPLER, "-npp", "0", "-nps", "0", "--save_probabilities", "--ensemble-original")
+    p_adapted, p_plain = probs(world["ref"] / f"{case}.npz"), probs(world["plain"] / f"{case}.npz")
+    assert not np.allclose(p_adapted, p_plain, atol=1e-3), "adaptation changed nothing: the check would be vacuous"
+    p = probs(out / f"{case}.npz")
+    np.testing.assert_allclose(p, (p_adapted + p_plain) / 2, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(seg(out / f"{case}.nii.gz"), np.argmax(p, axis=0))
+    assert sorted(x.name for x in out.iterdir() if x.name.startswith(".")) == []
+
+
+@pytest.mark.timeout(400)
+def test_n0_equals_plain_nnunet(world):
+    """N = 0: no adaptation; the result is the stock nnUNetv2_predict's."""
+    root, case = world["root"], world["case"]
+    out = root / "sddm_n0"
+    sddm_predict(world, out, "-N", "0", "-npp", "0", "-nps", "0", "--save_probabilities")
+    np.testing.assert_array_equal(seg(out / f"{case}.nii.gz"), seg(world["plain"] / f"{case}.nii.gz"))
+    np.testing.assert_allclose(probs(out / f"{case}.npz"), probs(world["plain"] / f"{case}.npz"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("extra, message", [
+    (["-m", "{root}/no_such_model"], "no_such_model"),
+    (["-D", "3"], "power of 2"),
+    (["-N", "20", "--steps", "10"], "exceeds"),
+    (["--tau", "-1"], "tau"),
+    (["-f", "3"], "fold_3"),
+    (["-o", "{target}"], "input folder"),
+    (["-i", "{root}/nan_input"], "NaN"),
+])
+def test_bad_inputs_write_nothing(world, monkeypatch, capsys, extra, message):
+    """Clear error, exit code 2, no output folder created."""
+    from nnunet_sddm.cli.prediction import predict_main
+
+    root, target = world["root"], world["target"]
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, world["env"][var])
+    nan_dir = root / "nan_input"
+    if not nan_dir.exists():
+        nan_dir.mkdir()
+        img = sitk.ReadImage(str(target / "PhB0000_ED_0000.nii.gz"))
+        arr = sitk.GetArrayFromImage(img)
+        arr[0, 0, 0] = np.nan
+        bad = sitk.GetImageFromArray(arr)
+        bad.CopyInformation(img)
+        sitk.WriteImage(bad, str(nan_dir / "PhB0000_ED_0000.nii.gz"))
+    out = root / f"bad_out_{abs(hash(tuple(extra))) % 10**8}"
+    argv = ["-i", str(target), "-o", str(out), *NNUNET, "-m", str(world["model"]), *SAMPLER]
+    argv += [e.format(root=root, target=target) for e in extra]
+    with pytest.raises(SystemExit) as exc:
+        predict_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert not out.exists()
+    if "-o" in extra:
+        assert sorted(p.name for p in target.iterdir()) == ["PhB0000_ED_0000.nii.gz"]
