@@ -187,7 +187,7 @@ def _autocast(device: torch.device, amp: Optional[str]):
 
 
 def guided_sample(loaded_or_model_diffusion: Any, y0: torch.Tensor, settings: SamplerSettings,
-                  keys: Sequence[str], amp: Optional[str] = None) -> torch.Tensor:
+                  keys: Sequence[str], amp: Optional[str] = None, channels_last: bool = True) -> torch.Tensor:
     """Algorithm 1 on a batch of reference slices.
 
     Args:
@@ -197,6 +197,8 @@ def guided_sample(loaded_or_model_diffusion: Any, y0: torch.Tensor, settings: Sa
         settings: validated sampler settings.
         keys: ``B`` unique strings naming the slices (e.g. ``"case/z"``): their random streams.
         amp: None (fp32), ``"bf16"`` or ``"fp16"`` autocast of the network (fp16: CUDA only).
+        channels_last: run the network in channels-last memory format (faster convolutions on
+            CUDA and with oneDNN on the CPU; converts the model's parameters in place).
 
     Returns:
         ``(B, 1, H, W)`` float32 adapted slices on ``y0``'s device (not clamped).
@@ -214,7 +216,7 @@ def guided_sample(loaded_or_model_diffusion: Any, y0: torch.Tensor, settings: Sa
     out_device = y0.device
     B, _, H, W = y0.shape
     y0 = y0.detach().to(device=device, dtype=torch.float32)
-    if device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
         y0 = y0.contiguous(memory_format=torch.channels_last)
     noise = SliceNoise(settings.seed, list(keys), (1, H, W), device)

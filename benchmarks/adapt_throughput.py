@@ -1,0 +1,185 @@
+"""Throughput of the guided sampler: the project's batched sampler against DDA's reference loop.
+
+Both run in this process, on the same model weights (two copies of one generated model folder)
+and the same reference slices, with the same D, N, tau and K:
+
+- project: ``guided_sample`` with the project's defaults: slices of many volumes in batches of
+  ``--batch-size``, per-sample guidance norm, per-slice random streams, precomputed phi_D
+  matrices, frozen parameters, channels-last, and on CUDA bf16 autocast;
+- reference: DDA's loop: one slice at a time (batch 1), fp32, ``reference_behaviour=True`` (one
+  norm over the batch, N / N-1 offset, zero padding), the filter weights rebuilt for every slice,
+  contiguous (channels-first) tensors.
+
+Reported per configuration: slices/s of each, their ratio, and the peak memory during each run
+(CPU: resident set size above the level before the run, sampled every 5 ms; CUDA: peak allocated
+by torch). With no arguments it runs ``tiny`` (64 x 64) on the CPU in under 2 minutes with a
+generated model and generated slices; on a machine with a GPU add ``--device cuda`` (then it also
+runs ``paper128`` at 128 x 128 with bf16). The last line is ``speedup_vs_reference: <number>``
+for the last configuration that ran.
+
+    python benchmarks/adapt_throughput.py
+    python benchmarks/adapt_throughput.py --device cuda --slices 128 --batch-size 64 -N 25
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def generated_slices(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """``(n, 1, size, size)`` cardiac-like slices in [-1, 1]: a bright ellipse (blood pool) in a
+    darker ring (myocardium) inside a body ellipse, plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    out = np.empty((n, 1, size, size), np.float32)
+    for i in range(n):
+        cy, cx = rng.uniform(-0.08, 0.08, 2)
+        body = ((yy / 0.42) ** 2 + (xx / 0.48) ** 2) < 1
+        r = np.hypot(yy - cy, xx - cx)
+        img = 0.25 * body + 0.35 * (r < rng.uniform(0.12, 0.16)) + 0.6 * (r < rng.uniform(0.07, 0.1))
+        img = img + rng.normal(0, 0.04, img.shape)
+        out[i, 0] = np.clip(img * 2.0 - 1.0, -1, 1)
+    return torch.from_numpy(out)
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA peak allocated, or the CPU RSS sampled every 5 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        self.base, self.max, self.stop = self._rss(), 0, False
+
+        def poll():
+            while not self.stop:
+                self.max = max(self.max, self._rss())
+                time.sleep(0.005)
+
+        self.thread = threading.Thread(target=poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        else:
+            self.stop = True
+            self.thread.join()
+            self.peak_mb = max(self.max, self._rss()) - self.base
+            self.peak_mb /= 2**20
+        return False
+
+
+def run_config(preset: str, device: torch.device, n_slices: int, batch_size: int, N: int, steps: int,
+               amp, workdir: Path) -> float:
+    from nnunet_sddm.diffusion.model_folder import create_model_folder, load_model
+    from nnunet_sddm.sampling import lowpass
+    from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
+
+    folder = create_model_folder(workdir / preset, preset=preset, seed=0)
+    project_model = load_model(folder, device)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the output layer is zero-initialised: give the network a real gradient
+        for name, p in project_model.model.named_parameters():
+            if name.startswith("out."):
+                p.normal_(0.0, 0.02)
+    reference_model = copy.deepcopy(project_model)
+    size = project_model.image_size
+    y0 = generated_slices(n_slices, size).to(device)
+    keys = [f"bench/{i}" for i in range(n_slices)]
+    project = SamplerSettings(D=2, N=N, tau=6.0, steps=steps, seed=0)
+    reference = project.replace(reference_behaviour=True)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def run_project():
+        for s in range(0, n_slices, batch_size):
+            guided_sample(project_model, y0[s:s + batch_size], project, keys[s:s + batch_size], amp=amp)
+        sync()
+
+    def run_reference():
+        for i in range(n_slices):
+            lowpass.LowPass._cache.clear()          # DDA rebuilds its resize weights at every call
+            lowpass.lowpass_matrix.cache_clear()
+            lowpass.resize_matrix.cache_clear()
+            guided_sample(reference_model, y0[i:i + 1], reference, keys[i:i + 1], amp=None, channels_last=False)
+        sync()
+
+    # warm-up (allocator, oneDNN/cuDNN algorithm choice) on a short chain, not timed
+    warm = project.replace(N=1)
+    guided_sample(project_model, y0[:min(batch_size, n_slices)], warm, keys[:min(batch_size, n_slices)], amp=amp)
+    guided_sample(reference_model, y0[:1], warm.replace(reference_behaviour=True), keys[:1], channels_last=False)
+    sync()
+
+    results = {}
+    for name, fn in (("reference", run_reference), ("project", run_project)):
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+        results[name] = (n_slices / dt, dt, mem.peak_mb)
+        print(f"  {name:9s}: {results[name][0]:8.3f} slices/s  ({dt:6.1f} s for {n_slices} slices x {N} steps)  "
+              f"peak memory +{mem.peak_mb:7.1f} MiB", flush=True)
+    ratio = results["project"][0] / results["reference"][0]
+    print(f"  {preset} on {device} ({size}x{size}, batch {batch_size}, amp {amp or 'fp32'}): "
+          f"speedup {ratio:.2f}x", flush=True)
+    return ratio
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--presets", nargs="+", default=None,
+                   help="model presets to run (default: tiny; on CUDA: tiny paper128)")
+    p.add_argument("--slices", type=int, default=None, help="slices per run (default 16 CPU, 128 CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="project batch (default 16 CPU, 64 CUDA)")
+    p.add_argument("-N", type=int, default=None, help="diffusion range (default 4 CPU, 25 CUDA)")
+    p.add_argument("--steps", type=int, default=100, help="respaced chain length K (default 100)")
+    p.add_argument("--amp", default=None, help="project autocast on CUDA (default bf16); CPU: fp32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("CUDA requested but not available", file=sys.stderr)
+        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    presets = a.presets or (["tiny", "paper128"] if cuda else ["tiny"])
+    n_slices = a.slices or (128 if cuda else 16)
+    batch = a.batch_size or (64 if cuda else 16)
+    N = a.N or (25 if cuda else 4)
+    amp = a.amp or ("bf16" if cuda else None)
+    print(f"adapt_throughput: device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads, D=2 tau=6 K={a.steps} N={N}", flush=True)
+    ratio = float("nan")
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in presets:
+            ratio = run_config(preset, device, n_slices, batch, N, a.steps, amp if cuda else None, Path(tmp))
+    print(f"speedup_vs_reference: {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
