@@ -1,0 +1,263 @@
+"""The study: configuration (defaults, --quick, validation), the stage runner (skip, resume,
+--from, invalidation) and one end-to-end smoke study on tiny phantoms with an interruption."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nnunet_sddm.study.config import QUICK, build_config, read_config_file, trainer_of
+from nnunet_sddm.study.stages import STATE_FILE, Stage, StageRunner
+from nnunet_sddm.utilities.errors import SDDMError
+
+
+# ----------------------------------------------------------------------------- configuration
+def test_defaults_and_quick_are_valid():
+    cfg = build_config()
+    assert cfg["segmenters"] == ["2d", "3d_fullres", "vanilla"] and cfg["fold"] == "all"
+    assert trainer_of(cfg, "2d") == "nnUNetTrainer_SDDM_NoDA_250ep"
+    assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet"
+    q = build_config(quick=True)
+    assert q["source"]["phantom"] == "A" and q["target"]["phantom"] == "B"
+    assert q["diffusion"]["preset"] == "tiny" and q["device"] == "cpu"
+    assert q["segmenters"] == ["2d", "3d_fullres", "vanilla"]
+    assert trainer_of(q, "3d_fullres") == f"nnUNetTrainer_SDDM_NoDA_{QUICK['epochs']}ep"
+    assert trainer_of(build_config({"epochs": "quick"}), "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_Quick"
+    # a file layer overrides --quick, the command line overrides the file
+    c = build_config({"sampler": {"N": 10}}, {"sampler": {"tau": 2.0}}, quick=True)
+    assert (c["sampler"]["N"], c["sampler"]["tau"], c["sampler"]["steps"]) == (10, 2.0, QUICK["sampler"]["steps"])
+    # an existing dataset replaces the phantom of that side
+    d = build_config({"source": {"dataset": "27"}})
+    assert d["source"]["phantom"] is None and d["source"]["dataset"] == "27"
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({"segmenterz": ["2d"]}, r"unknown key\(s\) 'segmenterz' in the study configuration"),
+    ({"sampler": {"DD": 2}}, r"unknown key\(s\) 'DD' in 'sampler'"),
+    ({"segmenters": ["2d", "unet"]}, r"unknown segmenter 'unet'"),
+    ({"segmenters": []}, r"segmenters must be a non-empty list"),
+    ({"sampler": {"D": 3}}, r"sampler: low-pass factor D must be a power of 2"),
+    ({"sampler": {"N": 200}}, r"sampler: diffusion range N=200 exceeds"),
+    ({"target": {"phantom": "A", "seed": 0}}, r"source and target are the same phantoms"),
+    ({"target": {"phantom": "Z"}}, r"target.phantom 'Z' is not a phantom vendor"),
+    ({"target": {"split": "Val"}}, r"target.split must be 'Tr' or 'Ts'"),
+    ({"synthesis": {"id": 970}}, r"synthesis.id and source.id are both dataset id 970"),
+    ({"epochs": 0}, r"epochs must be an integer in 1..99999"),
+    ({"diffusion": {"preset": "huge"}}, r"diffusion.preset 'huge' does not exist"),
+    ({"diffusion": {"set": {"model.image_size": 60}}}, r"not divisible"),
+    ({"trainers": {"2d": "MyTrainer"}}, r"trainers.2d must be an nnU-Net trainer class name"),
+    ({"device": "tpu"}, r"device must be auto, cpu, cuda or mps"),
+    ({"evaluation": {"alpha": 1.5}}, r"evaluation.alpha must be in \(0, 1\)"),
+    ({"figures": {"sweep": {"D": [2], "N": [500], "tau": [6]}}}, r"figures.sweep.N value 500"),
+])
+def test_bad_configurations_name_the_problem(layer, message):
+    with pytest.raises(SDDMError, match=r"STUDY\.json: .*" + message):
+        build_config(layer, origin="STUDY.json")
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(SDDMError, match=r"missing\.json: study configuration not found"):
+        read_config_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SDDMError, match=r"bad\.json: not valid JSON"):
+        read_config_file(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(SDDMError, match=r"bad\.json: expected a JSON object"):
+        read_config_file(bad)
+
+
+def test_cli_flags_map_to_configuration_keys(tmp_path, capsys):
+    from nnunet_sddm.cli.study import study_main
+
+    study_main(["--quick", "--print-config", "-o", str(tmp_path / "o"), "--source", "27", "--target", "phantom:C",
+                "--segmenters", "2d", "vanilla", "--epochs", "5", "-N", "10", "--tau", "3", "--trainer",
+                "2d=nnUNetTrainer_SDDM_NoDA_50ep", "--fold", "0"])
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["output"] == str(tmp_path / "o")
+    assert cfg["source"]["dataset"] == "27" and cfg["source"]["phantom"] is None
+    assert cfg["target"]["phantom"] == "C" and cfg["segmenters"] == ["2d", "vanilla"]
+    assert cfg["epochs"] == 5 and cfg["sampler"]["N"] == 10 and cfg["sampler"]["tau"] == 3.0
+    assert trainer_of(cfg, "2d") == "nnUNetTrainer_SDDM_NoDA_50ep" and cfg["fold"] == 0
+    assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_5ep"
+    with pytest.raises(SystemExit) as e:
+        study_main(["--quick", "-D", "6", "--print-config"])
+    assert e.value.code == 2
+    assert "error: study configuration: sampler: low-pass factor D must be a power of 2" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- stage runner
+class _Ctx:
+    def __init__(self, out: Path):
+        self.out = out
+        self.settings = {"a": 1, "b": 1, "c": 1}
+        self.ran = []
+        self.resumed = []
+        self.fail_in = None
+
+
+def _stage(name: str, after=()):
+    def run(ctx, resume):
+        ctx.ran.append(name)
+        if resume:
+            ctx.resumed.append(name)
+        part = ctx.out / name / "part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        kept = part.is_file()
+        part.write_text("x")
+        if ctx.fail_in == name:
+            raise RuntimeError(f"simulated crash in {name}")
+        (ctx.out / name / "done").write_text(str(ctx.settings[name]))
+        return {"kept_partial_work": kept}
+
+    return Stage(name, f"stage {name}", run, lambda c: {"setting": c.settings[name]},
+                 lambda c: [c.out / name], after)
+
+
+def _runner(ctx, log):
+    return StageRunner([_stage("a"), _stage("b", ("a",)), _stage("c", ("b",))], ctx.out, log=log.append)
+
+
+def test_stage_runner_skips_resumes_and_invalidates(tmp_path):
+    ctx, log = _Ctx(tmp_path), []
+    res = _runner(ctx, log).run(ctx)
+    assert ctx.ran == ["a", "b", "c"] and set(res) == {"a", "b", "c"}
+    state = json.loads((tmp_path / STATE_FILE).read_text())["stages"]
+    assert all(state[s]["status"] == "done" and state[s]["seconds"] >= 0 for s in "abc")
+
+    ctx.ran.clear()
+    _runner(ctx, log).run(ctx)
+    assert ctx.ran == [] and sum("skipped" in line for line in log) == 3
+
+    # a changed setting re-runs that stage and, through its outputs digest, everything downstream
+    ctx.settings["b"] = 2
+    _runner(ctx, log).run(ctx)
+    assert ctx.ran == ["b", "c"] and ctx.resumed == []
+
+    # deleted outputs of the last stage: only that stage runs
+    ctx.ran.clear()
+    (tmp_path / "c" / "done").unlink()
+    _runner(ctx, log).run(ctx)
+    assert ctx.ran == ["c"]
+
+    # --from forces a fresh run from that stage on (old outputs removed first)
+    ctx.ran.clear()
+    (tmp_path / "b" / "stale").write_text("old")
+    _runner(ctx, log).run(ctx, from_stage="b")
+    assert ctx.ran == ["b", "c"] and not (tmp_path / "b" / "stale").exists()
+    with pytest.raises(SDDMError, match="unknown stage 'x'"):
+        _runner(ctx, log).run(ctx, from_stage="x")
+
+
+def test_stage_runner_resumes_an_interrupted_stage(tmp_path):
+    ctx, log = _Ctx(tmp_path), []
+    ctx.fail_in = "b"
+    with pytest.raises(RuntimeError, match="simulated crash in b"):
+        _runner(ctx, log).run(ctx)
+    state = json.loads((tmp_path / STATE_FILE).read_text())["stages"]
+    assert state["a"]["status"] == "done" and state["b"]["status"] == "running" and "c" not in state
+    ctx.fail_in, ctx.ran = None, []
+    res = _runner(ctx, log).run(ctx)
+    assert ctx.ran == ["b", "c"] and ctx.resumed == ["b"]
+    assert res["b"] == {"kept_partial_work": True}  # the interrupted stage kept its partial work
+    # an interrupted stage whose settings changed meanwhile starts afresh
+    ctx.fail_in = "c"
+    with pytest.raises(RuntimeError):
+        _runner(ctx, log).run(ctx, from_stage="c")
+    ctx.fail_in, ctx.resumed = None, []
+    ctx.settings["c"] = 5
+    res = _runner(ctx, log).run(ctx)
+    assert ctx.resumed == [] and res["c"] == {"kept_partial_work": False}
+
+
+def test_stage_runner_refuses_a_broken_state_file(tmp_path):
+    (tmp_path / STATE_FILE).write_text("{")
+    with pytest.raises(SDDMError, match=r"study_state.json: unreadable study state"):
+        _runner(_Ctx(tmp_path), [])
+
+
+# ----------------------------------------------------------------------------- smoke study
+def smoke_config(out: Path) -> dict:
+    """The smallest study that still runs every stage: 3 + 2 phantom subjects at 32 x 32, a
+    two-level 32-pixel diffusion model trained 4 iterations, N = 2 of 10 respaced steps, the
+    quick nnU-Net trainers (2 epochs x 5 iterations) for the two 2D segmenters."""
+    return build_config({
+        "name": "smoke", "output": str(out),
+        "source": {"phantom": "A", "subjects": 3, "matrix": 32},
+        "target": {"phantom": "B", "subjects": 2, "matrix": 32},
+        "segmenters": ["2d", "vanilla"], "epochs": "quick",
+        "diffusion": {"preset": "tiny", "iterations": 4, "batch_size": 4,
+                      "set": {"model.image_size": 32, "model.channel_mult": [1, 2],
+                              "model.attention_resolutions": [], "training.num_samples": 4,
+                              "diffusion.sample_respacing": 10}},
+        "sampler": {"D": 2, "N": 2, "tau": 6.0, "steps": 10},
+        "device": "cpu", "nnunet": {"num_processes": 1},
+        "evaluation": {"num_processes": 1},
+        "figures": {"sweep": {"D": [2], "N": [2], "tau": [0.0, 6.0]}},
+    })
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.timeout(900)
+def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
+    from nnunet_sddm.study.pipeline import run_study
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / "user" / var))  # must stay untouched (own folders)
+    out = tmp_path / "study"
+    cfg = smoke_config(out)
+
+    def crash_at_predict(stage):
+        if stage == "predict":
+            raise _Interrupt("simulated kill")
+
+    log1 = []
+    with pytest.raises(_Interrupt):
+        run_study(cfg, progress=False, log=log1.append, on_stage_start=crash_at_predict)
+    state = json.loads((out / STATE_FILE).read_text())["stages"]
+    assert [s for s in state if state[s]["status"] == "done"] == ["data", "diffusion", "synthesis", "adaptation",
+                                                                   "preprocess", "train"]
+    assert state["predict"]["status"] == "running"
+
+    log2 = []
+    res = run_study(cfg, progress=False, log=log2.append)
+    ran = [m.group(1) for m in (re.match(r"\[study\] (\w+): .*\((new|resuming an interrupted run)\)$", x)
+                                for x in log2) if m]
+    assert ran == ["predict", "evaluate", "compare", "figures", "report"]
+    assert sum(x.endswith("skipped") for x in log2) == 6
+    assert not (tmp_path / "user").exists()
+
+    # the report: every approach x model row with numbers, stage times, settings
+    report = (out / "report.md").read_text()
+    rows = [r for r in report.splitlines() if re.match(r"^\| (Baseline|DA|DG|Mixed|DA\+ens|Mixed\+ens) \| ", r)]
+    models = ("2D nnU-Net", "2D U-Net")
+    table_rows = [r for r in rows if r.split("|")[2].strip() in models]
+    assert len(table_rows) == 6 * len(models)
+    for r in table_rows:
+        cells = [c.strip() for c in r.strip("|").split("|")[2:]]
+        assert len(cells) == 6 and any(re.search(r"\d\.\d", c) for c in cells), r
+        dsc = float(re.search(r"\d+\.\d+", cells[0]).group(0))
+        assert 0.0 <= dsc <= 1.0
+    for stage in ("diffusion", "synthesis", "adaptation", "preprocess", "train", "predict", "evaluate"):
+        assert re.search(rf"^\| {stage} \| [\d.]+ (s|min) \|", report, re.M), stage
+    assert "nnunetv2" in report and '"N": 2' in report and "sampler seed 0" in report
+    for fig in ("figures/sweep.png", "figures/domain_shift/tsne.png", "comparison/fig_HD95.png",
+                "figures/ci_2d_HD95.png", "diffusion_model/samples.png"):
+        assert (out / fig).is_file() and (out / fig).stat().st_size > 1000, fig
+    # DA images keep the target's geometry; DG dataset has the source's labels
+    import SimpleITK as sitk
+
+    tgt = sorted((out / "nnUNet_raw" / "Dataset971_StudyPhantomBTarget" / "imagesTr").glob("*.nii.gz"))
+    ada = sorted((out / "adapted" / "target").glob("*.nii.gz"))
+    assert [p.name for p in tgt] == [p.name for p in ada] and len(tgt) == 4
+    a, b = sitk.ReadImage(str(tgt[0])), sitk.ReadImage(str(ada[0]))
+    assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
+    syn = out / "nnUNet_raw" / "Dataset972_StudyPhantomASourceSDDM"
+    assert len(list((syn / "labelsTr").glob("*_syn0.nii.gz"))) == 6
+    assert set(res["compare"]["improvements"]) == {f"{a}/{m}" for a in ("DA", "DG", "Mixed", "DA+ens", "Mixed+ens")
+                                                   for m in models}
