@@ -71,10 +71,18 @@ class _InFlight:
 
 def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: SamplerSettings,
                  batch_size: Optional[int] = None, amp: Optional[str] = None, progress: bool = True,
-                 total_slices: Optional[int] = None, desc: str = "adapting") -> Iterator[Tuple[str, np.ndarray]]:
+                 total_slices: Optional[int] = None, desc: str = "adapting",
+                 pad_batches: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
     """Adapt ``(case, volume (z, y, x))`` pairs, yielding ``(case, adapted (z, y, x) float32)`` as soon
     as each volume's last slice is done. Volumes are pulled lazily, only when the batch needs more
     slices, so memory stays bounded for any number of volumes. Case names must be unique.
+
+    ``pad_batches``: fill the last, partial batch up to ``batch_size`` with throw-away copies, so
+    that every sampler call has the same shape. Batched kernels (oneDNN, cuDNN) may round
+    differently for different batch SHAPES but give a slice the same bits whatever its batch
+    neighbours; padding therefore makes results bit-identical for a given batch size however the
+    slices are grouped: resumed runs, other case subsets, other rank counts. Costs at most one
+    batch per call.
     """
     check_model_for_data(loaded, settings)
     device = next(loaded.model.parameters()).device
@@ -113,8 +121,13 @@ def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: Sa
             if not queue:
                 break
             batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
-            y0 = torch.cat([state[c].slices[z:z + 1] for c, z in batch]).to(device, non_blocking=True)
-            x = guided_sample(loaded, y0, settings, [f"{c}/{z}" for c, z in batch], amp=amp).cpu()
+            y0 = torch.cat([state[c].slices[z:z + 1] for c, z in batch])
+            keys = [f"{c}/{z}" for c, z in batch]
+            n_pad = batch_size - len(batch) if pad_batches else 0
+            if n_pad:
+                y0 = torch.cat([y0, y0[:1].expand(n_pad, -1, -1, -1)])
+                keys += [f"\x00padding/{j}" for j in range(n_pad)]
+            x = guided_sample(loaded, y0.to(device, non_blocking=True), settings, keys, amp=amp)[:len(batch)].cpu()
             for (c, z), xs in zip(batch, x):
                 s = state[c]
                 s.out[z] = xs
@@ -129,7 +142,7 @@ def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: Sa
 
 def adapt_arrays(volumes: Mapping[str, np.ndarray], loaded, settings: SamplerSettings,
                  batch_size: Optional[int] = None, device: Optional[Union[str, torch.device]] = None,
-                 amp: Optional[str] = None, progress: bool = True) -> Dict[str, np.ndarray]:
+                 amp: Optional[str] = None, progress: bool = True, pad_batches: bool = True) -> Dict[str, np.ndarray]:
     """Adapt many volumes ``{case: (z, y, x)}`` with slices batched across volumes.
 
     Args:
@@ -139,6 +152,8 @@ def adapt_arrays(volumes: Mapping[str, np.ndarray], loaded, settings: SamplerSet
         batch_size: slices per sampler call (default 16 on CPU, 64 on CUDA).
         device: where to run (default: where the model is).
         amp: None, ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the network.
+        pad_batches: pad the last batch to ``batch_size`` (bit-identical results for a given
+            batch size however the slices are grouped; see ``iter_adapted``).
 
     Returns:
         ``{case: (z, y, x) float32}`` in the input's intensity units and shape, in input order.
@@ -151,5 +166,5 @@ def adapt_arrays(volumes: Mapping[str, np.ndarray], loaded, settings: SamplerSet
         loaded = load_for_adaptation(loaded, torch.device("cpu"))
     total = sum(int(np.shape(v)[0]) for v in volumes.values() if np.ndim(v) == 3)
     done = dict(iter_adapted(volumes.items(), loaded, settings, batch_size=batch_size, amp=amp,
-                             progress=progress, total_slices=total))
+                             progress=progress, total_slices=total, pad_batches=pad_batches))
     return {case: done[case] for case in volumes}
