@@ -13,6 +13,16 @@ from nnunet_sddm.diffusion.respace import SpacedDiffusion, space_timesteps
 from nnunet_sddm.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models: thread synchronisation costs more than it gains on 2 (busy) cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 @pytest.mark.parametrize("T", [1000, 2000, 4000])
 def test_linear_schedule_closed_form(T):
     b = get_named_beta_schedule("linear", T)

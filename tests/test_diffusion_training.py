@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -101,12 +103,12 @@ def test_interrupt_and_resume_equals_uninterrupted(phantoms, tmp_path):
             "model.dropout": 0.1}
     full, _ = train_model("11", "tiny", over, model_dir=tmp_path / "full", progress=False)
 
-    def interrupt(step):
-        if step == 3:
-            raise KeyboardInterrupt
+    def interrupt(step):  # a real Ctrl-C (SIGINT) right after iteration 2
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
 
     part, status = train_model("11", "tiny", over, model_dir=tmp_path / "part", progress=False, callback=interrupt)
-    assert status == "interrupted" and load_training_state(part)["step"] == 3
+    assert status == "interrupted" and load_training_state(part)["step"] == 2
     # a resume with different settings is refused, the checkpoint is untouched
     with pytest.raises(SDDMError, match="training.lr"):
         train_model("11", "tiny", {**over, "training.lr": 1e-4}, model_dir=part, resume=True, progress=False)

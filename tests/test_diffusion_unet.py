@@ -8,6 +8,16 @@ from nnunet_sddm.diffusion import create_model, preset_config
 from nnunet_sddm.diffusion.presets import PRESETS, apply_overrides, validate_config
 from nnunet_sddm.utilities.errors import SDDMError
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models: thread synchronisation costs more than it gains on 2 (busy) cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------
 # guided-diffusion's module tree (guided_diffusion/unet.py, UNetModel), written out by hand:
 #   time_embed = Sequential(Linear(mc, 4mc), SiLU, Linear(4mc, 4mc))

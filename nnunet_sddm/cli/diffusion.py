@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -102,7 +103,8 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         print(f"interrupted: checkpoint saved in {model_dir}; continue with the same command plus --resume",
               file=sys.stderr)
         return 130
-    print(model_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(model_dir)
     return 0
 
 

@@ -102,6 +102,14 @@ def apply_overrides(config: Dict[str, Any], overrides: Optional[Mapping[str, Any
             raise SDDMError(f"override {key!r}: unknown section {section!r}")
         if name not in cfg[section]:
             raise SDDMError(f"override {key!r}: unknown key {name!r}; {section} has {sorted(cfg[section])}")
+        old = cfg[section][name]
+        if isinstance(old, list) and value is not None and not isinstance(value, list):
+            value = [value]  # "--set model.attention_resolutions=16" -> [16]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and value is not None and type(old) is not type(value) and \
+                not (isinstance(old, list) and isinstance(value, list)):
+            raise SDDMError(f"override {key!r}: expected a {type(old).__name__} like {old!r}, got {value!r}")
         cfg[section][name] = value
     return cfg
 

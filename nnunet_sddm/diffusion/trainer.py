@@ -387,8 +387,20 @@ class Trainer:
             self.opt.step()
         self.ema.update(self.model)
         self.step += 1
+        if self.distributed:  # log the mean over all ranks' samples
+            v = torch.tensor([terms["loss"], terms["mse"], terms["vb"]], device=self.device, dtype=torch.float64)
+            dist.all_reduce(v)
+            terms = dict(zip(("loss", "mse", "vb"), (v / self.world).tolist()))
         terms["grad_norm"] = float(grad_norm)
         return terms
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is True on any (all ranks stop at the same step)."""
+        if not self.distributed:
+            return flag
+        v = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        return bool(v.item())
 
     # ------------------------------------------------------------------ loop
     def run(self) -> str:
@@ -415,7 +427,7 @@ class Trainer:
             previous = signal.signal(signal.SIGINT, on_sigint)
         try:
             while self.step < self.iterations:
-                if stop.is_set():
+                if self._agree(stop.is_set()):
                     raise KeyboardInterrupt
                 t0 = time.perf_counter()
                 try:
