@@ -92,6 +92,7 @@ class nnUNetTrainer_SDDM_RealPlusSynthetic(nnUNetTrainer_SDDM_NoDA_250ep):
             "n_real_val": len(val_keys),
             "n_synthetic_used": len(used),
             "n_synthetic_excluded": len(excluded),
+            "synthetic_used": used,
             "synthetic_excluded": excluded,
             "rule": "synthetic cases never validate; copies whose source case or subject is in the "
                     "validation split are excluded from training",
