@@ -140,4 +140,9 @@ def test_bad_calls(loaded, refs):
         guided_sample(loaded, refs[:2], s, ["a", "a"])
     with pytest.raises(SDDMError, match=r"\(B, 1, H, W\)"):
         guided_sample(loaded, refs[:2, 0], s, KEYS[:2])
+    with pytest.raises(SDDMError, match="bf16"):
+        guided_sample(loaded, refs[:2], s, KEYS[:2], amp="fp16")
+    fp32 = guided_sample(loaded, refs[:2], s, KEYS[:2])
+    bf16 = guided_sample(loaded, refs[:2], s, KEYS[:2], amp="bf16")
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - fp32).abs().max() < 0.1
     assert slice_seed(0, "a/1") != slice_seed(0, "a/2") != slice_seed(1, "a/1")
