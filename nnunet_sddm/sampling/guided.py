@@ -139,13 +139,11 @@ class SliceNoise:
         self.generators = [torch.Generator().manual_seed(slice_seed(seed, k)) for k in keys]
         self.shape, self.device = tuple(shape), device
         self._buffer = torch.empty((len(keys),) + self.shape)
-        if device.type == "cuda":
-            self._buffer = self._buffer.pin_memory()
 
     def draw(self) -> torch.Tensor:
         for b, g in enumerate(self.generators):
             torch.randn(self.shape, generator=g, out=self._buffer[b])
-        return self._buffer.to(self.device, non_blocking=True, copy=True)
+        return self._buffer.to(self.device, copy=True)  # synchronous: the buffer is reused
 
 
 def _model_and_diffusion(loaded_or_pair: Any, steps: int):
@@ -157,8 +155,17 @@ def _model_and_diffusion(loaded_or_pair: Any, steps: int):
             raise SDDMError(f"the diffusion has {diffusion.num_timesteps} steps but settings.steps = {steps}")
         return model, diffusion
     loaded = loaded_or_pair
-    loaded_steps = loaded.diffusion.num_timesteps
-    return loaded.model, (loaded.diffusion if steps == loaded_steps else loaded.spaced_diffusion(steps))
+    if steps == loaded.diffusion.num_timesteps:
+        return loaded.model, loaded.diffusion
+    key = (id(loaded.diffusion), steps)
+    if key not in _SPACED or _SPACED[key][0] is not loaded.diffusion:
+        _SPACED[key] = (loaded.diffusion, loaded.spaced_diffusion(steps))
+    return loaded.model, _SPACED[key][1]
+
+
+#: Respaced chains built so far, keyed by (id of the full diffusion, K); the full diffusion is
+#: kept in the value so that its id cannot be reused while the entry exists.
+_SPACED: Dict[Tuple[int, int], Tuple[Any, Any]] = {}
 
 
 @contextlib.contextmanager
