@@ -530,8 +530,6 @@ def train_model(dataset: str, preset: Optional[str] = None, overrides: Optional[
     overrides.setdefault("data.dataset", folder.name)
     cfg = prepare_config(model_dir, preset, overrides, resume, overwrite)
     rank, world, _ = _distributed()
-    if not resume and overwrite and model_dir.exists() and rank == 0:
-        shutil.rmtree(model_dir)
     if world > 1 and rank != 0:
         # rank 0 fills the cache first; the others then read it
         _barrier_after_init(device)
@@ -541,6 +539,8 @@ def train_model(dataset: str, preset: Optional[str] = None, overrides: Optional[
         _barrier_after_init(device)
     trainer = Trainer(cfg, slices, model_dir, device=device, resume=resume, progress=progress, callback=callback)
     if rank == 0:
+        if not resume and overwrite and model_dir.exists():  # only once data and model are ready
+            shutil.rmtree(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
     return model_dir, trainer.run()
 
