@@ -85,7 +85,7 @@ QUICK: Dict[str, Any] = {
     "output": "sddm_quick",
     "source": {"phantom": "A", "subjects": 8, "matrix": 64, "seed": 0},
     "target": {"phantom": "B", "subjects": 5, "matrix": 64, "seed": 1, "split": "Tr"},
-    "epochs": 2,
+    "epochs": 1,
     "diffusion": {"preset": "tiny", "iterations": 300},
     "sampler": {"D": 2, "N": 12, "tau": 6.0, "steps": 50},
     "device": "cpu",

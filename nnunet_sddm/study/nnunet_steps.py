@@ -29,11 +29,15 @@ PLANS = "nnUNetPlans"
 
 
 def nnunet_env(folders: Mapping[str, Path], device: str, training: bool = False,
-               base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """Environment of an nnU-Net subprocess (see the module docstring)."""
+               base: Optional[Mapping[str, str]] = None, num_processes: Optional[int] = None) -> Dict[str, str]:
+    """Environment of an nnU-Net subprocess (see the module docstring). ``num_processes`` sets
+    ``nnUNet_def_n_proc`` (nnU-Net's default worker count, 8, e.g. for the final validation's
+    export workers, each a process start-up)."""
     from plugin_trainers.discovery import ensure_trainer_path_in_env
 
     env = dict(os.environ if base is None else base)
+    if num_processes is not None:
+        env["nnUNet_def_n_proc"] = str(int(num_processes))
     env["nnUNet_raw"] = str(folders["raw"])
     env["nnUNet_preprocessed"] = str(folders["preprocessed"])
     env["nnUNet_results"] = str(folders["results"])
@@ -69,9 +73,10 @@ def run_command(cmd: Sequence[object], env: Mapping[str, str], log_file: Path) -
 
 def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str], env: Mapping[str, str],
                         num_processes: int, log_file: Path) -> float:
-    """``nnUNetv2_plan_and_preprocess -d IDS -c CONFIGS -np N`` (default planner and plans)."""
+    """``nnUNetv2_plan_and_preprocess -d IDS -c CONFIGS -np N -npfp N`` (default planner and plans;
+    ``-npfp``: nnU-Net's default of 8 fingerprint workers costs 8 process start-ups per dataset)."""
     cmd = ["nnUNetv2_plan_and_preprocess", "-d", *dataset_ids, "-c", *configurations,
-           "-np", *([num_processes] * len(configurations))]
+           "-np", *([num_processes] * len(configurations)), "-npfp", num_processes]
     return run_command(cmd, env, log_file)
 
 
@@ -108,10 +113,14 @@ def load_predictor(model_dir: Path, fold: Union[int, str], device: str, step_siz
     ensure_trainer_path_in_env()
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    predictor = nnUNetPredictor(tile_step_size=float(step_size), use_gaussian=True, use_mirroring=True,
-                                perform_everything_on_device=True, device=torch.device(device), verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_dir), (fold,), checkpoint_name="checkpoint_final.pth")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints its trainer lookup
+        predictor = nnUNetPredictor(tile_step_size=float(step_size), use_gaussian=True, use_mirroring=True,
+                                    perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(model_dir), (fold,), checkpoint_name="checkpoint_final.pth")
     return predictor
 
 

@@ -120,8 +120,8 @@ class StudyContext:
     def entries(self) -> List[Tuple[str, str, str, Path]]:
         """``(approach, segmenter, entry name, prediction folder)`` of every table row."""
         out = []
-        for s in self.cfg["segmenters"]:
-            for approach, (kind, inp) in APPROACHES.items():
+        for approach, (kind, inp) in APPROACHES.items():  # approach-major, as the paper's Table 1
+            for s in self.cfg["segmenters"]:
                 out.append((approach, s, f"{approach}/{SEGMENTERS[s][2]}", self.prediction_dir(kind, s, inp)))
         return out
 
@@ -129,7 +129,8 @@ class StudyContext:
         return self.out / "evaluation" / f"{approach.replace('+', '_')}__{segmenter}"
 
     def nnunet_env(self, training: bool = False) -> Dict[str, str]:
-        return nnunet_steps.nnunet_env(self.folders, self.device, training=training, base=self.user_env)
+        return nnunet_steps.nnunet_env(self.folders, self.device, training=training, base=self.user_env,
+                                       num_processes=self.cfg["nnunet"]["num_processes"])
 
 
 @contextlib.contextmanager

@@ -154,20 +154,23 @@ def write_report(ctx) -> Path:
               f"[loss curve]({_rel(ctx, ctx.model_dir / 'progress.png')}).", ""]
 
     # ---- stages
-    L += ["## Stages", "", "| stage | wall time | finished (UTC) | result |", "|---|---|---|---|"]
-    total = 0.0
+    L += ["## Stages", "", "| stage | wall time | CPU time | finished (UTC) | result |", "|---|---|---|---|---|"]
+    total = cpu_total = 0.0
     for name in ctx.runner.names:
         rec = state.get(name, {})
         if name == "report":
-            L.append("| report | (this file) | | |")
+            L.append("| report | (this file) | | | |")
             continue
-        sec = rec.get("seconds") if rec.get("status") == "done" else None
+        done = rec.get("status") == "done"
+        sec, cpu = (rec.get("seconds"), rec.get("cpu_seconds")) if done else (None, None)
         total += float(sec or 0)
+        cpu_total += float(cpu or 0)
         res = json.dumps(rec.get("result", {}), sort_keys=True)
         res = res if len(res) <= 160 else res[:157] + "..."
-        L.append(f"| {name} | {_fmt_seconds(sec)} | {rec.get('finished', '-')} | `{res}` |")
-    L += ["", f"Total wall time of the stages: {_fmt_seconds(total)} (a stage resumed after an interruption "
-              f"counts all its runs).", "", "Logs of nnU-Net's commands: `logs/`.", ""]
+        L.append(f"| {name} | {_fmt_seconds(sec)} | {_fmt_seconds(cpu)} | {rec.get('finished', '-')} | `{res}` |")
+    L += ["", f"Total wall time of the stages: {_fmt_seconds(total)}; CPU time {_fmt_seconds(cpu_total)} (this "
+              f"process and nnU-Net's subprocesses; a stage resumed after an interruption counts all its runs).",
+          "", "Logs of nnU-Net's commands: `logs/`.", ""]
 
     # ---- seeds, settings, software
     s = cfg["sampler"]

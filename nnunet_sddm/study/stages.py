@@ -7,7 +7,8 @@ and ``outputs(ctx)``, the files and folders it produces. The runner keeps one st
 
     {"status": "running" | "done", "fingerprint": sha256(inputs, upstream output digests),
      "outputs_digest": sha256(relative path, size, mtime of every output file),
-     "seconds": wall time, "started": ..., "finished": ..., "result": {...}}
+     "seconds": wall time, "cpu_seconds": CPU time of the study process and its finished
+     subprocesses (comparable on a busy machine), "started": ..., "finished": ..., "result": {...}}
 
 A stage is skipped when it is ``done``, its fingerprint is unchanged and its outputs are still
 exactly what it wrote; otherwise it runs. Because the fingerprint contains the upstream stages'
@@ -24,6 +25,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -106,6 +108,12 @@ def remove_paths(paths: Sequence[Path]) -> None:
             p.unlink()
         elif p.is_dir():
             shutil.rmtree(p)
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished child processes."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _now() -> str:
@@ -206,23 +214,25 @@ class StageRunner:
         self._save()
         if self.on_stage_start is not None:
             self.on_stage_start(stage.name)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         try:
             result = stage.run(ctx, resume) or {}
         finally:
             self.state["stages"][stage.name]["seconds"] = earlier + time.perf_counter() - t0
             self._save()
         seconds = earlier + time.perf_counter() - t0
+        cpu = float(rec.get("cpu_seconds", 0.0) if resume else 0.0) + cpu_seconds() - c0
         digest = digest_paths(stage.outputs(ctx), getattr(ctx, "out", None))
         if digest is None:
             missing = [str(p) for p in stage.outputs(ctx) if not Path(p).exists()]
             raise SDDMError(f"stage {stage.name} finished without writing {', '.join(missing)}")
         self.state["stages"][stage.name] = {"status": "done", "fingerprint": fp, "outputs_digest": digest,
-                                            "seconds": round(seconds, 3), "started":
+                                            "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+                                            "started":
                                             self.state["stages"][stage.name]["started"],
                                             "finished": _now(), "result": result}
         self._save()
-        self.log(f"[study] {stage.name}: finished in {seconds:.1f} s")
+        self.log(f"[study] {stage.name}: finished in {seconds:.1f} s (CPU {cpu:.1f} s)")
         return result
 
     def times(self) -> Dict[str, Optional[float]]:
