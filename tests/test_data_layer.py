@@ -1,6 +1,7 @@
 """The shared data layer: raw-dataset helpers, volumes with geometry, model-space slices, utilities."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,6 +50,7 @@ def test_write_like_keeps_nifti_geometry(tmp_path):
     np.testing.assert_allclose(a.affine, b.affine)
     np.testing.assert_allclose(b.get_fdata(), data * 0.5, rtol=1e-6)
     assert [p.name for p in out.parent.iterdir()] == ["case_0000.nii.gz"]  # no temp left
+    assert out.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044  # readable by others
 
 
 def test_write_like_keeps_sitk_geometry(tmp_path):
