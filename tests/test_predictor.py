@@ -2,7 +2,10 @@
 
 One module-scoped setup (phantom vendor A source dataset, a 2-epoch nnU-Net 2d model trained with
 our ``nnUNetTrainer_SDDM_NoDA_Quick``, a random-init tiny diffusion model, vendor B target images)
-is shared by all tests; every command is the real console script.
+is shared by all tests. The reference commands (``nnUNetv2_sddm_adapt``, ``nnUNetv2_predict``) and
+the main ``nnUNetv2_sddm_predict`` run are real console scripts in subprocesses; the other
+``nnUNetv2_sddm_predict`` runs call the console script's function in-process (same code, no
+second torch/nnU-Net start-up) to keep the module within its time budget.
 """
 from __future__ import annotations
 
@@ -66,23 +69,42 @@ def world(tmp_path_factory):
     target.mkdir()
     shutil.copy(target_ds / "imagesTr" / "PhB0000_ED_0000.nii.gz", target)
 
-    run(["nnUNetv2_plan_and_preprocess", "-d", SOURCE_ID, "-c", "2d", "-np", "1"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", SOURCE_ID, "-c", "2d", "-np", "1", "-npfp", "1"], env)
     run(["nnUNetv2_train", SOURCE_ID, "2d", "0", "-tr", TRAINER, "-device", "cpu"], {**env, "nnUNet_n_proc_DA": "0"})
 
     adapted = root / "adapted_by_adapt"
     run(["nnUNetv2_sddm_adapt", "-i", target, "-o", adapted, "-m", model, "--device", "cpu", *SAMPLER], env)
-    ref = root / "stock_on_adapted"
-    run(["nnUNetv2_predict", "-i", adapted, "-o", ref, *NNUNET, "-npp", "0", "-nps", "0", "--save_probabilities"], env)
-    plain = root / "stock_on_original"
-    run(["nnUNetv2_predict", "-i", target, "-o", plain, *NNUNET, "-npp", "0", "-nps", "0", "--save_probabilities"],
+    # one stock nnUNetv2_predict run for both references: the original image and the adapted copy
+    stock_in, stock = root / "stock_in", root / "stock"
+    stock_in.mkdir()
+    shutil.copy(target / "PhB0000_ED_0000.nii.gz", stock_in / "PhB0000_ED_0000.nii.gz")
+    shutil.copy(adapted / "PhB0000_ED_0000.nii.gz", stock_in / "ADAPTED_PhB0000_ED_0000.nii.gz")
+    run(["nnUNetv2_predict", "-i", stock_in, "-o", stock, *NNUNET, "-npp", "0", "-nps", "0", "--save_probabilities"],
         env)
-    return {"root": root, "env": env, "model": model, "target": target, "adapted": adapted, "ref": ref,
-            "plain": plain, "case": "PhB0000_ED"}
+    return {"root": root, "env": env, "model": model, "target": target, "adapted": adapted, "case": "PhB0000_ED",
+            "ref": stock / "ADAPTED_PhB0000_ED", "plain": stock / "PhB0000_ED"}
 
 
 def sddm_predict(world, out, *extra):
+    """The console script in a subprocess."""
     return run(["nnUNetv2_sddm_predict", "-i", world["target"], "-o", out, *NNUNET, "-m", world["model"], *extra],
                world["env"])
+
+
+def sddm_predict_here(world, monkeypatch, out, *extra):
+    """The console script's function in this process (environment and torch threads restored after)."""
+    import torch
+
+    from nnunet_sddm.cli.prediction import predict_main
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_compile"):
+        monkeypatch.setenv(var, world["env"][var])
+    threads = torch.get_num_threads()
+    try:
+        assert predict_main(["-i", str(world["target"]), "-o", str(out), *NNUNET, "-m", str(world["model"]),
+                             *map(str, extra)]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(400)
@@ -93,10 +115,10 @@ def test_equals_adapt_then_stock_predict(world):
     out, keep = root / "sddm_main", root / "sddm_main_adapted"
     sddm_predict(world, out, *SAMPLER, "-npp", "1", "-nps", "1", "--save_probabilities", "--save-adapted", keep)
 
-    ours, ref = seg(out / f"{case}.nii.gz"), seg(world["ref"] / f"{case}.nii.gz")
+    ours, ref = seg(out / f"{case}.nii.gz"), seg(f"{world['ref']}.nii.gz")
     assert len(np.unique(ref)) > 1, "degenerate reference segmentation: the check would be vacuous"
     np.testing.assert_array_equal(ours, ref)
-    np.testing.assert_allclose(probs(out / f"{case}.npz"), probs(world["ref"] / f"{case}.npz"), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(probs(out / f"{case}.npz"), probs(f"{world['ref']}.npz"), rtol=0, atol=1e-6)
 
     # --save-adapted: identical to nnUNetv2_sddm_adapt's file, input geometry, and really adapted
     from nnunet_sddm.data.volumes import same_geometry
@@ -116,13 +138,14 @@ def test_equals_adapt_then_stock_predict(world):
 
 
 @pytest.mark.timeout(400)
-def test_ensemble_original_averages_probabilities(world):
+def test_ensemble_original_averages_probabilities(world, monkeypatch):
     """--ensemble-original (sequential path, -npp 0 -nps 0): probabilities are the mean of the adapted and the
     original input's probabilities, the segmentation their argmax; no temporary files are left."""
     root, case = world["root"], world["case"]
     out = root / "sddm_ensemble"
-    sddm_predict(world, out, *SAMPLER, "-npp", "0", "-nps", "0", "--save_probabilities", "--ensemble-original")
-    p_adapted, p_plain = probs(world["ref"] / f"{case}.npz"), probs(world["plain"] / f"{case}.npz")
+    sddm_predict_here(world, monkeypatch, out, *SAMPLER, "-npp", "0", "-nps", "0", "--save_probabilities",
+                      "--ensemble-original")
+    p_adapted, p_plain = probs(f"{world['ref']}.npz"), probs(f"{world['plain']}.npz")
     assert not np.allclose(p_adapted, p_plain, atol=1e-3), "adaptation changed nothing: the check would be vacuous"
     p = probs(out / f"{case}.npz")
     np.testing.assert_allclose(p, (p_adapted + p_plain) / 2, rtol=0, atol=1e-5)
@@ -131,19 +154,26 @@ def test_ensemble_original_averages_probabilities(world):
 
 
 @pytest.mark.timeout(400)
-def test_n0_equals_plain_nnunet(world):
+def test_n0_equals_plain_nnunet(world, monkeypatch):
     """N = 0: no adaptation; the result is the stock nnUNetv2_predict's."""
     root, case = world["root"], world["case"]
     out = root / "sddm_n0"
-    sddm_predict(world, out, "-N", "0", "-npp", "0", "-nps", "0", "--save_probabilities")
-    np.testing.assert_array_equal(seg(out / f"{case}.nii.gz"), seg(world["plain"] / f"{case}.nii.gz"))
-    np.testing.assert_allclose(probs(out / f"{case}.npz"), probs(world["plain"] / f"{case}.npz"), rtol=0, atol=1e-6)
+    sddm_predict_here(world, monkeypatch, out, "-N", "0", "-npp", "0", "-nps", "0", "--save_probabilities")
+    np.testing.assert_array_equal(seg(out / f"{case}.nii.gz"), seg(f"{world['plain']}.nii.gz"))
+    np.testing.assert_allclose(probs(out / f"{case}.npz"), probs(f"{world['plain']}.npz"), rtol=0, atol=1e-6)
+
+    # resumable: --continue_prediction skips the finished case and leaves its files alone
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith(case)}
+    sddm_predict_here(world, monkeypatch, out, "-N", "0", "-npp", "0", "-nps", "0", "--save_probabilities",
+                      "--continue_prediction")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith(case)} == before
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("extra, message", [
     (["-m", "{root}/no_such_model"], "no_such_model"),
     (["-D", "3"], "power of 2"),
+    (["-D", "32"], "smaller than"),
     (["-N", "20", "--steps", "10"], "exceeds"),
     (["--tau", "-1"], "tau"),
     (["-f", "3"], "fold_3"),
