@@ -11,7 +11,6 @@ content always gives the same bytes.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -25,8 +24,9 @@ import numpy as np
 from nnunet_sddm import __version__
 from nnunet_sddm.data.raw_dataset import (CARDIAC_LABELS, patient_level_splits, write_dataset_json,
                                           write_splits)
+from nnunet_sddm.data.volumes import save_nifti
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.files import atomic_path, staging_dir, write_json
+from nnunet_sddm.utilities.files import staging_dir, write_json
 from nnunet_sddm.utilities.nnunet_paths import (dataset_folder_name, datasets_with_id,
                                                 preprocessed_root, raw_root)
 
@@ -36,19 +36,6 @@ FILE_ENDING = ".nii.gz"
 def log(msg: str) -> None:
     """Progress/report line on stderr (stdout stays free for machine-readable output)."""
     print(msg, file=sys.stderr, flush=True)
-
-
-def nifti_bytes(img) -> bytes:
-    """gzip-compressed bytes of a nibabel ``Nifti1Image`` with a deterministic gzip header."""
-    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
-
-
-def save_nifti(img, path: Path) -> Path:
-    """Write a nibabel image to ``path`` (``.nii.gz``) atomically and byte-deterministically."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(nifti_bytes(img))
-    return path
 
 
 def make_nifti(data_zyx: np.ndarray, spacing_zyx, dtype) -> "object":

@@ -7,10 +7,10 @@ pixdim; other formats: origin, spacing, direction) and replacing only the voxel 
 """
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -104,11 +104,27 @@ def default_reader_writer(path: os.PathLike):
     return cls()
 
 
+def nifti_bytes(img, compressed: bool = True) -> bytes:
+    """Bytes of a nibabel ``Nifti1Image`` file; gzip-compressed with a fixed header (mtime 0,
+    no file name) so that the same content always gives the same bytes."""
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=1, mtime=0) if compressed else raw
+
+
+def save_nifti(img, path: os.PathLike) -> Path:
+    """Write a nibabel image to ``path`` (``.nii.gz`` or ``.nii``) atomically and byte-deterministically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(nifti_bytes(img, compressed=path.name.endswith(".gz")))
+    return path
+
+
 def write_like(data: np.ndarray, template: os.PathLike, out_path: os.PathLike) -> Path:
     """Write ``data`` (z, y, x) as float32 with the geometry of the ``template`` image file.
 
     The output has the template's shape, spacing, origin, direction/affine (NIfTI: the whole
-    header, qform and sform codes included). Written atomically; returns ``out_path``.
+    header, qform and sform codes included). Written atomically (NIfTI: byte-deterministic);
+    returns ``out_path``.
     """
     template, out_path = Path(template), Path(out_path)
     data = np.asarray(data, dtype=np.float32)
@@ -127,7 +143,7 @@ def write_like(data: np.ndarray, template: os.PathLike, out_path: os.PathLike) -
             img.set_sform(src.get_sform(), code=int(src.header["sform_code"]))
             img.header["scl_slope"] = np.nan
             img.header["scl_inter"] = np.nan
-            nib.save(img, str(tmp))
+            tmp.write_bytes(nifti_bytes(img, compressed=out_path.name.endswith(".gz")))
         else:
             import SimpleITK as sitk
 
