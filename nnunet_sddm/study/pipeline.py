@@ -151,6 +151,21 @@ def nnunet_environment(ctx: StudyContext) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def guard_user_outputs(ctx: StudyContext, stage: str, paths: List[Path]) -> None:
+    """With ``nnunet.folders = "environment"``, refuse to replace nnU-Net datasets, plans or models
+    that this study did not create (no record of ``stage`` in its state): ``SDDMError`` naming them."""
+    if ctx.cfg["nnunet"]["folders"] != "environment":
+        return
+    runner = getattr(ctx, "runner", None)
+    if runner is not None and runner.record(stage) is not None:
+        return
+    existing = [str(p) for p in paths if Path(p).exists() or Path(p).is_symlink()]
+    if existing:
+        raise SDDMError(f"stage {stage}: {', '.join(existing[:3])} exist(s) in your nnU-Net folders and "
+                        f"were not made by this study; the study never replaces them. Remove them, choose "
+                        f"other dataset ids, or use nnunet.folders = 'study'")
+
+
 # ----------------------------------------------------------------------------- stage: data
 def _is_study_phantom(folder: Path) -> bool:
     """A phantom dataset this study generated (safe to delete)."""
@@ -181,6 +196,7 @@ def _data_inputs(ctx: StudyContext) -> Any:
 
 
 def _data_clean(ctx: StudyContext) -> None:
+    guard_user_outputs(ctx, "data", [ctx.raw(s) for s in ("source", "target") if ctx.cfg[s].get("phantom")])
     for side in ("source", "target"):
         p = ctx.raw(side)
         if p.is_symlink():
@@ -311,8 +327,9 @@ def run_synthesis(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
 
 def _synthesis_clean(ctx: StudyContext) -> None:
     name = ctx.dataset_name("synthetic")
-    remove_paths([ctx.folders["raw"] / name, ctx.folders["raw"] / f".{name}.partial",
-                  ctx.folders["preprocessed"] / name])
+    paths = [ctx.folders["raw"] / name, ctx.folders["raw"] / f".{name}.partial", ctx.folders["preprocessed"] / name]
+    guard_user_outputs(ctx, "synthesis", paths)
+    remove_paths(paths)
 
 
 def run_adaptation(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
@@ -348,7 +365,14 @@ def _train_outputs(ctx: StudyContext) -> List[Path]:
 
 
 def _train_clean(ctx: StudyContext) -> None:
-    remove_paths([m for _, _, m in ctx.segmenter_models()])
+    paths = [m for _, _, m in ctx.segmenter_models()]
+    guard_user_outputs(ctx, "train", paths)
+    remove_paths(paths)
+
+
+def _preprocess_clean(ctx: StudyContext) -> None:
+    guard_user_outputs(ctx, "preprocess", _preprocess_outputs(ctx))
+    remove_paths(_preprocess_outputs(ctx))
 
 
 def run_train(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
@@ -477,7 +501,8 @@ def build_stages(ctx: StudyContext) -> List[Stage]:
               lambda c: {"sampler": _sampler_inputs(c), "split": c.cfg["target"]["split"]},
               lambda c: [c.adapted], ("data", "diffusion")),
         Stage("preprocess", "nnU-Net plan + preprocess (real and synthetic source)", run_preprocess,
-              lambda c: {"configurations": configurations(c.cfg)}, _preprocess_outputs, ("data", "synthesis")),
+              lambda c: {"configurations": configurations(c.cfg)}, _preprocess_outputs, ("data", "synthesis"),
+              _preprocess_clean),
         Stage("train", "train every segmenter on real and synthetic source", run_train, segs, _train_outputs,
               ("preprocess",), _train_clean),
         Stage("predict", "predict the target test set (original, adapted, ensemble)", run_predict,
