@@ -5,7 +5,7 @@ with ``nnUNet_extTrainer`` set by ``ensure_trainer_path_in_env``, then scores bo
 ``nnunet_sddm.evaluation.evaluate_folders`` (MedPy Dice per structure). Prints wall times and a
 table; writes ``domain_gap.json`` in the work folder.
 
-    python benchmarks/trainer_domain_gap.py --trainer nnUNetTrainer_SDDM_NoDA_5ep --workdir /tmp/gap
+    python benchmarks/trainer_domain_gap.py --trainer nnUNetTrainer_SDDM_NoDA_1ep --workdir /tmp/gap
 """
 from __future__ import annotations
 
