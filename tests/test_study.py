@@ -262,3 +262,18 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
     assert len(list((syn / "labelsTr").glob("*_syn0.nii.gz"))) == 4
     assert set(res["compare"]["improvements"]) == {f"{a}/{m}" for a in ("DA", "DG", "Mixed", "DA+ens", "Mixed+ens")
                                                    for m in models}
+
+
+def test_given_diffusion_model_is_used_not_trained(tmp_path, nnunet_env):
+    from nnunet_sddm.diffusion.model_folder import create_model_folder
+    from nnunet_sddm.study.pipeline import make_context, run_diffusion
+
+    model = create_model_folder(tmp_path / "my_model", "tiny", {"model.image_size": 32, "model.channel_mult": [1, 2],
+                                                               "model.attention_resolutions": []})
+    cfg = build_config({"output": str(tmp_path / "study"), "diffusion": {"model": str(model)}})
+    ctx = make_context(cfg, progress=False)
+    assert ctx.model_dir == model.resolve()
+    res = run_diffusion(ctx, resume=False)
+    assert res["trained_by_study"] is False and res["preset"] == "tiny"
+    with pytest.raises(SDDMError, match="does not exist|no trained model"):
+        make_context(build_config({"diffusion": {"model": str(tmp_path / "nope")}}), progress=False)

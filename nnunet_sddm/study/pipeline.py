@@ -57,6 +57,7 @@ class StudyContext:
     log: Callable[[str], None] = print
     user_env: Dict[str, str] = field(default_factory=dict)
     user_datasets: Dict[str, Path] = field(default_factory=dict)  # side -> existing raw dataset folder
+    given_model: Optional[Path] = None  # diffusion.model resolved in the user's environment
 
     # ---- nnU-Net folders
     @property
@@ -98,7 +99,7 @@ class StudyContext:
 
     @property
     def model_dir(self) -> Path:
-        return Path(self.cfg["diffusion"]["model"]) if self.cfg["diffusion"]["model"] else self.out / "diffusion_model"
+        return self.given_model if self.given_model is not None else self.out / "diffusion_model"
 
     @property
     def adapted(self) -> Path:
@@ -581,6 +582,10 @@ def make_context(cfg: Dict[str, Any], progress: bool = True, log: Callable[[str]
     for side in ("source", "target"):
         if cfg[side].get("dataset") is not None:
             ctx.user_datasets[side] = find_raw_dataset(cfg[side]["dataset"])
+    if cfg["diffusion"]["model"]:
+        from nnunet_sddm.diffusion.model_folder import resolve_model_dir
+
+        ctx.given_model = resolve_model_dir(cfg["diffusion"]["model"]).resolve()
     if cfg["source"].get("dataset") is not None and cfg["target"].get("dataset") is not None and \
             ctx.user_datasets["source"].resolve() == ctx.user_datasets["target"].resolve():
         raise SDDMError(f"source and target are the same dataset ({ctx.user_datasets['source']})")
