@@ -151,8 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--presets", nargs="+", default=None,
                    help="model presets to run (default: tiny; on CUDA: tiny paper128)")
-    p.add_argument("--slices", type=int, default=None, help="slices per run (default 16 CPU, 128 CUDA)")
-    p.add_argument("--batch-size", type=int, default=None, help="project batch (default 16 CPU, 64 CUDA)")
+    p.add_argument("--slices", type=int, default=None, help="slices per run (default 32 CPU, 128 CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="project batch (default 32 CPU, 64 CUDA)")
     p.add_argument("-N", type=int, default=None, help="diffusion range (default 4 CPU, 25 CUDA)")
     p.add_argument("--steps", type=int, default=100, help="respaced chain length K (default 100)")
     p.add_argument("--amp", default=None, help="project autocast on CUDA (default bf16); CPU: fp32")
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     presets = a.presets or (["tiny", "paper128"] if cuda else ["tiny"])
-    n_slices = a.slices or (128 if cuda else 16)
-    batch = a.batch_size or (64 if cuda else 16)
+    n_slices = a.slices or (128 if cuda else 32)
+    batch = a.batch_size or (64 if cuda else 32)
     N = a.N or (25 if cuda else 4)
     amp = a.amp or ("bf16" if cuda else None)
     print(f"adapt_throughput: device {device}"
