@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 import nnunet_sddm
 from nnunet_sddm.adaptation import distributed as dist_utils

@@ -39,7 +39,6 @@ exact even where the two inputs are cropped differently by nnU-Net's nonzero-cro
 """
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import tempfile

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 import nnunet_sddm
 from nnunet_sddm.adaptation.distributed import resolve_device

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from nnunet_sddm.utilities.errors import cli_entry
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Union
 import torch
 
 from nnunet_sddm.diffusion.factory import create_model
-from nnunet_sddm.diffusion.model_folder import CONFIG_FILE, EMA_FILE, RAW_FILE, save_config, save_weights
+from nnunet_sddm.diffusion.model_folder import EMA_FILE, RAW_FILE, save_config, save_weights
 from nnunet_sddm.diffusion.presets import PRESETS, validate_config
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import staging_dir

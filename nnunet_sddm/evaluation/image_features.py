@@ -59,7 +59,7 @@ The coif4 filter is the published 24-tap Coiflet (the decomposition low-pass of 
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 from scipy import ndimage

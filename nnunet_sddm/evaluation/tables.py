@@ -13,7 +13,7 @@ import csv
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 from nnunet_sddm.evaluation.metrics import HIGHER_IS_BETTER, METRICS
 

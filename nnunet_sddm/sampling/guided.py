@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
