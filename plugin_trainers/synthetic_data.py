@@ -36,7 +36,7 @@ from tqdm import tqdm
 import nnunet_sddm
 from nnunet_sddm.data.raw_dataset import load_cases_json, load_dataset_json, subjects_of
 from nnunet_sddm.utilities.errors import SDDMError, cli_entry
-from nnunet_sddm.utilities.files import write_json
+from nnunet_sddm.utilities.files import read_json, write_json
 from nnunet_sddm.utilities.nnunet_paths import (
     datasets_with_id,
     find_raw_dataset,
@@ -83,10 +83,7 @@ def load_link(real_preprocessed: os.PathLike) -> dict:
     if not p.is_file():
         raise SDDMError(f"{p} not found: prepare the synthetic cases first with "
                         f"python -m plugin_trainers.synthetic_data -d {Path(real_preprocessed).name} -s SYNTHETIC -c 2d")
-    try:
-        link = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SDDMError(f"{p}: not valid JSON ({e})") from None
+    link = read_json(p)
     for key in ("synthetic_dataset", "folder", "plans_identifier", "data_identifiers", "fraction", "cases"):
         if key not in link:
             raise SDDMError(f"{p}: required key {key!r} is missing (re-run the preparation)")

@@ -37,7 +37,7 @@ from nnunet_sddm.data.raw_dataset import (list_images, list_labels, load_cases_j
                                           patient_level_splits)
 from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.files import atomic_path, write_json
+from nnunet_sddm.utilities.files import atomic_path, read_json, write_json
 from nnunet_sddm.utilities.nnunet_paths import (dataset_folder_name, datasets_with_id, find_raw_dataset,
                                                 parse_dataset_folder_name, preprocessed_root, raw_root)
 
@@ -76,10 +76,7 @@ def _mapped_splits(src: Path, new_cases: Dict[str, List[str]], subjects: Dict[st
     source has none, patient-level folds (all copies of a subject together)."""
     p = preprocessed_root() / src.name / "splits_final.json"
     if p.is_file():
-        try:
-            source_splits = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise SDDMError(f"{p}: not valid JSON ({e})") from None
+        source_splits = read_json(p)
         out = []
         for fold in source_splits:
             out.append({part: sorted(n for c in fold.get(part, []) for n in new_cases.get(c, []))

@@ -6,7 +6,6 @@ Layout (nnU-Net v2): ``DatasetXXX_Name/{imagesTr,labelsTr,imagesTs[,labelsTs]}``
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 import numpy as np
 
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.files import write_json
+from nnunet_sddm.utilities.files import read_json, write_json
 
 #: Labels of every dataset this project writes (M&Ms convention).
 CARDIAC_LABELS: Dict[str, int] = {"background": 0, "LV": 1, "MYO": 2, "RV": 3}
@@ -31,11 +30,7 @@ def load_dataset_json(dataset_folder: os.PathLike) -> dict:
     p = Path(dataset_folder) / "dataset.json"
     if not p.is_file():
         raise SDDMError(f"{p}: missing dataset.json (is {Path(dataset_folder)} an nnU-Net raw dataset?)")
-    try:
-        with open(p) as f:
-            dj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SDDMError(f"{p}: not valid JSON ({e})") from None
+    dj = read_json(p)
     for key in ("labels", "file_ending"):
         if key not in dj:
             raise SDDMError(f"{p}: required key {key!r} is missing")
@@ -96,11 +91,7 @@ def load_cases_json(dataset_folder: os.PathLike) -> List[dict]:
     p = Path(dataset_folder) / "cases.json"
     if not p.is_file():
         return []
-    try:
-        with open(p) as f:
-            records = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SDDMError(f"{p}: not valid JSON ({e})") from None
+    records = read_json(p)
     if not isinstance(records, list) or not all(isinstance(r, dict) and "case" in r for r in records):
         raise SDDMError(f"{p}: expected a list of records, each with a 'case' key")
     return records

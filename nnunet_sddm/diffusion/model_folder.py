@@ -12,7 +12,6 @@ Default location for a dataset: ``$nnUNet_results/DatasetXXX_Name/sddm__<preset>
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from nnunet_sddm.diffusion.factory import create_diffusion, create_model
 from nnunet_sddm.diffusion.gaussian_diffusion import GaussianDiffusion
 from nnunet_sddm.diffusion.presets import DEFAULT_PRESET, apply_overrides, preset_config
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.files import atomic_path, write_json
+from nnunet_sddm.utilities.files import atomic_path, read_json, write_json
 from nnunet_sddm.utilities.nnunet_paths import (datasets_with_id, parse_dataset_folder_name, raw_root,
                                                 results_root)
 
@@ -74,11 +73,7 @@ def load_config(model_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise SDDMError(f"{path}: missing; {Path(model_dir)} is not a model folder")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SDDMError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path)
     for section in ("model", "diffusion"):
         if section not in cfg:
             raise SDDMError(f"{path}: section {section!r} is missing")

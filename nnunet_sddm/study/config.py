@@ -33,12 +33,12 @@ Appendix-A 2D U-Net), trained by the plugin's no-augmentation trainers for ``epo
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from nnunet_sddm.utilities.errors import SDDMError
+from nnunet_sddm.utilities.files import read_json
 
 #: Segmenter name -> (nnU-Net configuration, trainer family, name in tables).
 SEGMENTERS: Dict[str, tuple] = {
@@ -109,10 +109,7 @@ def read_config_file(path: os.PathLike) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise SDDMError(f"{p}: study configuration not found")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SDDMError(f"{p}: not valid JSON ({e})") from None
+    cfg = read_json(p)
     if not isinstance(cfg, dict):
         raise SDDMError(f"{p}: expected a JSON object at the top level")
     return cfg
@@ -173,7 +170,6 @@ def _int(cfg: Mapping[str, Any], key: str, where: str, origin: str, lo: int = 0,
 def validate(cfg: Dict[str, Any], origin: str = "study configuration") -> None:
     """Check every setting; ``SDDMError`` naming ``origin`` and the offending key."""
     from nnunet_sddm.diffusion.presets import PRESETS
-    from nnunet_sddm.sampling.guided import SamplerSettings
 
     ids = {}
     for side in ("source", "target"):

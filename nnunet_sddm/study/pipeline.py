@@ -488,7 +488,6 @@ def run_report(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- assembly
 def build_stages(ctx: StudyContext) -> List[Stage]:
-    cfg = ctx.cfg
     segs = lambda c: {"segmenters": c.cfg["segmenters"], "trainers": {s: trainer_of(c.cfg, s) for s in c.cfg["segmenters"]},  # noqa: E731
                       "fold": c.cfg["fold"]}
     return [

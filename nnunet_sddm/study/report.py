@@ -114,7 +114,7 @@ def write_report(ctx) -> Path:
           f"labels{cfg['target']['split']} ({data.get('target_test_cases', '?')} cases).",
           f"- DG dataset: `{ctx.dataset_name('synthetic')}` (source training images adapted by the diffusion "
           f"model, original labels, {cfg['synthesis']['copies']} cop{'y' if cfg['synthesis']['copies'] == 1 else 'ies'}).",
-          f"- Segmenters: " + "; ".join(f"{SEGMENTERS[s][2]} (`{SEGMENTERS[s][0]}`, `{trainer_of(cfg, s)}`, fold "
+          "- Segmenters: " + "; ".join(f"{SEGMENTERS[s][2]} (`{SEGMENTERS[s][0]}`, `{trainer_of(cfg, s)}`, fold "
                                          f"{cfg['fold']})" for s in cfg["segmenters"]) + ".",
           "- Approaches: " + "; ".join(f"**{a}**: {_APPROACH_TEXT[a]}" for a in APPROACHES) + ".", ""]
 

@@ -40,6 +40,18 @@ def _umask() -> int:
     return mask
 
 
+def read_json(path: PathLike) -> Any:
+    """Parse a JSON file; ``SDDMError`` naming the file if it is not valid JSON (callers check
+    for a missing file themselves, with their own hint)."""
+    from nnunet_sddm.utilities.errors import SDDMError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SDDMError(f"{path}: not valid JSON ({e})") from None
+
+
 def write_json(obj: Any, path: PathLike, indent: int = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     with atomic_path(path) as tmp:
