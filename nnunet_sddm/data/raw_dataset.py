@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +45,20 @@ def split_ending(filename: str, endings: Sequence[str] = IMAGE_ENDINGS) -> tuple
     return filename, ""
 
 
+def scan_folder(folder: os.PathLike, file_ending: Optional[str] = None) -> List[Tuple[str, str, Path]]:
+    """``(stem, ending, path)`` of every visible file directly in ``folder`` whose name ends in
+    ``file_ending`` (default: any of ``IMAGE_ENDINGS``), sorted by name; other files are ignored."""
+    endings = (file_ending,) if file_ending else IMAGE_ENDINGS
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        stem, ending = split_ending(p.name, endings)
+        if ending:
+            out.append((stem, ending, p))
+    return out
+
+
 def list_images(folder: os.PathLike, file_ending: Optional[str] = None) -> Dict[str, Path]:
     """Map case id -> channel-0 image file for a folder of nnU-Net-named images.
 
@@ -55,15 +69,9 @@ def list_images(folder: os.PathLike, file_ending: Optional[str] = None) -> Dict[
     folder = Path(folder)
     if not folder.is_dir():
         raise SDDMError(f"image folder {folder} does not exist")
-    endings = (file_ending,) if file_ending else IMAGE_ENDINGS
     cases: Dict[str, Path] = {}
     seen_endings = set()
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        stem, ending = split_ending(p.name, endings)
-        if not ending:
-            continue
+    for stem, ending, p in scan_folder(folder, file_ending):
         m = _CHANNEL_RE.match(stem)
         if not m:
             raise SDDMError(f"{p}: image file names must end in _XXXX{ending} (nnU-Net channel suffix)")
@@ -82,8 +90,7 @@ def list_labels(folder: os.PathLike, file_ending: str) -> Dict[str, Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return {}
-    return {p.name[: -len(file_ending)]: p for p in sorted(folder.iterdir())
-            if p.is_file() and not p.name.startswith(".") and p.name.endswith(file_ending)}
+    return {stem: p for stem, _, p in scan_folder(folder, file_ending)}
 
 
 def load_cases_json(dataset_folder: os.PathLike) -> List[dict]:

@@ -34,7 +34,7 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
-from nnunet_sddm.data.raw_dataset import IMAGE_ENDINGS, split_ending
+from nnunet_sddm.data.raw_dataset import scan_folder, split_ending
 from nnunet_sddm.evaluation.figures import scatter_2d
 from nnunet_sddm.evaluation.image_features import FEATURE_NAMES, select_slices, volume_features
 from nnunet_sddm.evaluation.io import read_image
@@ -56,8 +56,7 @@ def collect_images(source: PathLike) -> List[Path]:
     p = Path(s)
     if not p.is_dir():
         raise SDDMError(f"{p}: not a folder (nor a glob pattern)")
-    files = [f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")
-             and split_ending(f.name, IMAGE_ENDINGS)[1]]
+    files = [f for _, _, f in scan_folder(p)]
     if not files:
         raise SDDMError(f"{p}: no image files")
     return files

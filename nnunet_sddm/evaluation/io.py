@@ -14,7 +14,7 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
-from nnunet_sddm.data.raw_dataset import IMAGE_ENDINGS, split_ending
+from nnunet_sddm.data.raw_dataset import scan_folder
 from nnunet_sddm.utilities.errors import SDDMError
 
 _NIFTI = (".nii.gz", ".nii")
@@ -104,15 +104,9 @@ def list_cases(folder: os.PathLike, file_ending: Optional[str] = None,
     folder = Path(folder)
     if not folder.is_dir():
         raise SDDMError(f"{folder}: folder does not exist")
-    endings = (file_ending,) if file_ending else IMAGE_ENDINGS
     out: Dict[str, Path] = {}
     seen = set()
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        stem, ending = split_ending(p.name, endings)
-        if not ending:
-            continue
+    for stem, ending, p in scan_folder(folder, file_ending):
         if strip_channel and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
             stem = stem[:-5]
         out[stem] = p
