@@ -8,15 +8,19 @@ from typing import Optional, Sequence
 from nnunet_sddm.utilities.errors import cli_entry
 
 
-def add_sampler_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    """The sampler options shared by the adaptation commands."""
+def add_sampler_arguments(p: argparse.ArgumentParser, sweep: bool = False, device: bool = True) -> None:
+    """The sampler options shared by the adaptation commands (and ``nnUNetv2_sddm_predict``).
+
+    sweep: -D/-N/--tau take several values and there is no --batch-size; device: add --device
+    (``nnUNetv2_sddm_predict`` has nnU-Net's own ``-device``).
+    """
     g = p.add_argument_group("sampler (SDDM_METHOD.md section 4)")
     many = dict(nargs="+") if sweep else {}
     g.add_argument("-D", type=int, default=[2, 4, 8] if sweep else 2, **many,
                    help="low-pass factor(s), a power of 2 smaller than the model size (default "
                         + ("2 4 8)" if sweep else "2)"))
     g.add_argument("-N", type=int, default=[25] if sweep else 25, **many,
-                   help="diffusion range(s) in respaced steps, 0..K (default 25; 0 = no change)")
+                   help="diffusion range(s) in respaced steps, 0..K (default 25; 0 = no adaptation)")
     g.add_argument("--tau", type=float, default=[6.0] if sweep else 6.0, **many,
                    help="guidance step(s) >= 0 (default 6; 0 = unguided SDEdit)")
     g.add_argument("--steps", type=int, default=100, help="respaced chain length K (default 100)")
@@ -24,9 +28,10 @@ def add_sampler_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> No
     g.add_argument("--reference-behaviour", action="store_true",
                    help="DDA's exact sampler: one guidance norm over the whole batch, noise at N but "
                         "first step at N-1, zero-padded filter (results depend on the batch size)")
-    g.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu; under torchrun "
-                        "each rank takes cuda:LOCAL_RANK)")
+    if device:
+        g.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu; under torchrun "
+                            "each rank takes cuda:LOCAL_RANK)")
     g.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16"), default=None,
                    help="mixed precision of the diffusion network (--amp = bf16; fp16 only on CUDA; "
                         "default fp32)")
@@ -35,7 +40,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> No
                        help="slices per sampler batch, taken across volumes (default 16 on CPU, 64 on CUDA)")
 
 
-def _settings(a):
+def sampler_settings(a: argparse.Namespace):
+    """``SamplerSettings`` from parsed ``add_sampler_arguments`` options (validated)."""
     from nnunet_sddm.sampling.guided import SamplerSettings
 
     return SamplerSettings(D=a.D, N=a.N, tau=a.tau, steps=a.steps, seed=a.seed,
@@ -64,7 +70,7 @@ def adapt_main(argv: Optional[Sequence[str]] = None) -> int:
     from nnunet_sddm.adaptation.folders import adapt_folder
 
     t0 = time.time()
-    written = adapt_folder(a.input, a.output, a.model, _settings(a), batch_size=a.batch_size, device=a.device,
+    written = adapt_folder(a.input, a.output, a.model, sampler_settings(a), batch_size=a.batch_size, device=a.device,
                            amp=a.amp, overwrite=a.overwrite, progress=not a.quiet)
     print(f"nnUNetv2_sddm_adapt: {len(written)} image(s) written to {a.output} in {time.time() - t0:.1f} s")
     return 0
@@ -96,7 +102,7 @@ def synthesize_main(argv: Optional[Sequence[str]] = None) -> int:
     from nnunet_sddm.adaptation.synthesize import synthesize_dataset
 
     t0 = time.time()
-    out = synthesize_dataset(a.source, a.new_id, a.model, _settings(a), name=a.name, copies=a.copies,
+    out = synthesize_dataset(a.source, a.new_id, a.model, sampler_settings(a), name=a.name, copies=a.copies,
                              include_test=a.include_test, overwrite=a.overwrite, batch_size=a.batch_size,
                              device=a.device, amp=a.amp, progress=not a.quiet)
     print(f"nnUNetv2_sddm_synthesize: wrote {out} in {time.time() - t0:.1f} s")

@@ -5,6 +5,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from nnunet_sddm.cli.adaptation import add_sampler_arguments, sampler_settings
 from nnunet_sddm.utilities.errors import cli_entry
 
 
@@ -55,21 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = p.add_argument_group("SD-DM adaptation (as nnUNetv2_sddm_adapt)")
     s.add_argument("-m", "--model", required=True, help="diffusion model folder or DATASET[:PRESET]")
-    s.add_argument("-D", type=int, default=2, help="low-pass factor, a power of 2 (default 2)")
-    s.add_argument("-N", type=int, default=25,
-                   help="diffusion range in respaced steps (default 25); 0 = no adaptation (plain nnU-Net)")
-    s.add_argument("--tau", type=float, default=6.0, help="guidance step (default 6)")
-    s.add_argument("--steps", type=int, default=100, help="respaced chain length K (default 100)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the per-slice random streams (default 0)")
-    s.add_argument("--batch-size", type=int, default=None, help="slices per sampler batch (default: 16 CPU, 64 GPU)")
-    s.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16"), default=None,
-                   help="mixed precision of the diffusion network (--amp = bf16; fp16 only on CUDA; default fp32)")
-    s.add_argument("--reference-behaviour", action="store_true",
-                   help="DDA's exact sampler (one guidance norm over the batch, N/N-1 offset, zero padding)")
     s.add_argument("--save-adapted", default=None, metavar="DIR",
                    help="also write the adapted images here (nnU-Net names, the input's geometry)")
     s.add_argument("--ensemble-original", action="store_true",
                    help="average the class probabilities of the adapted and the original input")
+    add_sampler_arguments(p, device=False)  # -N 0 = no adaptation: exactly the stock prediction
     return p
 
 
@@ -78,12 +69,9 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     """Console script ``nnUNetv2_sddm_predict``."""
     a = build_parser().parse_args(argv)
     from nnunet_sddm.adaptation.predictor import sddm_predict
-    from nnunet_sddm.sampling.guided import SamplerSettings
 
-    settings = SamplerSettings(D=a.D, N=a.N, tau=a.tau, steps=a.steps, seed=a.seed,
-                               reference_behaviour=a.reference_behaviour)
     summary = sddm_predict(
-        a.i, a.o, a.d, a.c, a.model, settings, plans=a.p, trainer=a.tr, folds=a.f, checkpoint=a.chk,
+        a.i, a.o, a.d, a.c, a.model, sampler_settings(a), plans=a.p, trainer=a.tr, folds=a.f, checkpoint=a.chk,
         step_size=a.step_size, disable_tta=a.disable_tta, verbose=a.verbose,
         save_probabilities=a.save_probabilities, continue_prediction=a.continue_prediction,
         num_processes_preprocessing=a.npp, num_processes_segmentation_export=a.nps,
