@@ -1,11 +1,13 @@
 """Training length of the SD-DM trainers: epochs, iterations, final validation, and epoch variants.
 
 A trainer declares its schedule as class attributes; :class:`ScheduleMixin` applies them after
-``nnUNetTrainer.__init__``. Any epoch count is available by NAME: ``<family>_<N>ep`` (e.g.
-``nnUNetTrainer_SDDM_NoDA_100ep``) is built on first lookup by :func:`epoch_variant`, which the
-modules of the trainer families expose through a module-level ``__getattr__`` (PEP 562), the hook
-that nnU-Net's ``hasattr(module, name)`` lookup and ``pickle`` both use. The epoch count thus stays
-in the trainer name and therefore in the results folder name and the checkpoint.
+``nnUNetTrainer.__init__``. Any schedule is available by NAME: ``<family>_<N>ep`` (N epochs of nnU-Net's 250 iterations, e.g.
+``nnUNetTrainer_SDDM_NoDA_100ep``) and ``<family>_<N>ep_<M>it`` (N epochs of M iterations and
+ceil(M / 5) validation iterations, nnU-Net's 250 : 50 ratio, e.g. ``nnUNetTrainer_SDDM_NoDA_1ep_100it``)
+are built on first lookup by :func:`epoch_variant`, which the modules of the trainer families
+expose through a module-level ``__getattr__`` (PEP 562), the hook that nnU-Net's
+``hasattr(module, name)`` lookup and ``pickle`` both use. The schedule thus stays in the trainer
+name and therefore in the results folder name and the checkpoint.
 """
 from __future__ import annotations
 
@@ -18,9 +20,15 @@ from plugin_trainers.compat import require_supported_nnunet
 
 require_supported_nnunet()
 
-_VARIANT_RE = re.compile(r"^(?P<family>nnUNetTrainer_SDDM_[A-Za-z]+)_(?P<epochs>[1-9]\d{0,4})ep$")
+_VARIANT_RE = re.compile(r"^(?P<family>nnUNetTrainer_SDDM_[A-Za-z]+)_(?P<epochs>[1-9]\d{0,4})ep"
+                         r"(?:_(?P<iterations>[1-9]\d{0,4})it)?$")
 _FAMILIES: Dict[str, type] = {}
-_VARIANTS: Dict[Tuple[str, int], type] = {}
+_VARIANTS: Dict[Tuple[str, int, Optional[int]], type] = {}
+
+
+def _variant_key(m: "re.Match[str]") -> Tuple[str, int, Optional[int]]:
+    its = m.group("iterations")
+    return m.group("family"), int(m.group("epochs")), None if its is None else int(its)
 
 
 class ScheduleMixin:
@@ -63,31 +71,36 @@ def register_variant(cls: type) -> type:
     """Class decorator for a statically defined ``<family>_<N>ep`` class: checks that its
     ``sddm_num_epochs`` matches its name and makes :func:`epoch_variant` return it."""
     m = _VARIANT_RE.match(cls.__name__)
-    if not m or int(m.group("epochs")) != cls.sddm_num_epochs:
+    if not m or m.group("iterations") or int(m.group("epochs")) != cls.sddm_num_epochs:
         raise RuntimeError(f"{cls.__name__}: name and sddm_num_epochs={cls.sddm_num_epochs} disagree")
-    _VARIANTS[(m.group("family"), int(m.group("epochs")))] = cls
+    _VARIANTS[_variant_key(m)] = cls
     return cls
 
 
 def epoch_variant(name: str) -> type:
-    """The trainer class called ``name`` = ``<family>_<N>ep`` (1 <= N <= 99999): a subclass of the
-    registered family's base class with ``sddm_num_epochs = N``. Built once and cached (the same
-    object on every call; the statically defined variants are returned as they are).
+    """The trainer class called ``name`` = ``<family>_<N>ep`` or ``<family>_<N>ep_<M>it``
+    (1 <= N, M <= 99999): a subclass of the registered family's base class with
+    ``sddm_num_epochs = N`` (and ``sddm_iterations_per_epoch = M``,
+    ``sddm_val_iterations_per_epoch = ceil(M / 5)``). Built once and cached (the same object on
+    every call; the statically defined variants are returned as they are).
 
     Raises ``AttributeError`` for any other name (so ``hasattr`` lookups stay cheap and correct).
     """
     m = _VARIANT_RE.match(name)
     if not m or m.group("family") not in _FAMILIES:
         raise AttributeError(name)
-    key = (m.group("family"), int(m.group("epochs")))
+    key = _variant_key(m)
     if key not in _VARIANTS:
-        base = _FAMILIES[key[0]]
-        _VARIANTS[key] = type(name, (base,), {
-            "sddm_num_epochs": key[1],
-            "__module__": base.__module__,
-            "__qualname__": name,
-            "__doc__": f"{base.__name__} trained for {key[1]} epochs (class built from its name).",
-        })
+        family, epochs, iterations = key
+        base = _FAMILIES[family]
+        attrs = {"sddm_num_epochs": epochs, "__module__": base.__module__, "__qualname__": name,
+                 "__doc__": f"{base.__name__} trained for {epochs} epochs (class built from its name)."}
+        if iterations is not None:
+            attrs["sddm_iterations_per_epoch"] = iterations
+            attrs["sddm_val_iterations_per_epoch"] = -(-iterations // 5)
+            attrs["__doc__"] = (f"{base.__name__} trained for {epochs} epochs of {iterations} iterations "
+                                f"(class built from its name).")
+        _VARIANTS[key] = type(name, (base,), attrs)
     return _VARIANTS[key]
 
 

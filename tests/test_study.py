@@ -23,7 +23,10 @@ def test_defaults_and_quick_are_valid():
     assert q["source"]["phantom"] == "A" and q["target"]["phantom"] == "B"
     assert q["diffusion"]["preset"] == "tiny" and q["device"] == "cpu"
     assert q["segmenters"] == ["2d", "3d_fullres", "vanilla"]
-    assert trainer_of(q, "3d_fullres") == f"nnUNetTrainer_SDDM_NoDA_{QUICK['epochs']}ep"
+    assert trainer_of(q, "3d_fullres") == (f"nnUNetTrainer_SDDM_NoDA_{QUICK['epochs']}ep_"
+                                           f"{QUICK['iterations_per_epoch']}it")
+    assert trainer_of(q, "vanilla") == (f"nnUNetTrainer_SDDM_VanillaUNet_{QUICK['epochs']}ep_"
+                                        f"{QUICK['iterations_per_epoch']}it")
     assert trainer_of(build_config({"epochs": "quick"}), "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_Quick"
     # a file layer overrides --quick, the command line overrides the file
     c = build_config({"sampler": {"N": 10}}, {"sampler": {"tau": 2.0}}, quick=True)
@@ -45,6 +48,8 @@ def test_defaults_and_quick_are_valid():
     ({"target": {"split": "Val"}}, r"target.split must be 'Tr' or 'Ts'"),
     ({"synthesis": {"id": 970}}, r"synthesis.id and source.id are both dataset id 970"),
     ({"epochs": 0}, r"epochs must be an integer in 1..99999"),
+    ({"iterations_per_epoch": 0}, r"iterations_per_epoch must be null \(nnU-Net's 250\) or an integer"),
+    ({"iterations_per_epoch": "100"}, r"iterations_per_epoch must be null"),
     ({"diffusion": {"preset": "huge"}}, r"diffusion.preset 'huge' does not exist"),
     ({"diffusion": {"set": {"model.image_size": 60}}}, r"not divisible"),
     ({"trainers": {"2d": "MyTrainer"}}, r"trainers.2d must be an nnU-Net trainer class name"),
@@ -81,7 +86,7 @@ def test_cli_flags_map_to_configuration_keys(tmp_path, capsys):
     assert cfg["target"]["phantom"] == "C" and cfg["segmenters"] == ["2d", "vanilla"]
     assert cfg["epochs"] == 5 and cfg["sampler"]["N"] == 10 and cfg["sampler"]["tau"] == 3.0
     assert trainer_of(cfg, "2d") == "nnUNetTrainer_SDDM_NoDA_50ep" and cfg["fold"] == 0
-    assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_5ep"
+    assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_5ep_100it"  # --quick: 100 per epoch
     with pytest.raises(SystemExit) as e:
         study_main(["--quick", "-D", "6", "--print-config"])
     assert e.value.code == 2

@@ -98,7 +98,7 @@ def test_nnunet_lookup_finds_our_single_copy_and_no_builtin_shadows(monkeypatch)
 
     monkeypatch.setenv("nnUNet_extTrainer", discovery.trainer_path())
     builtins_folder = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
-    for name in discovery.TRAINER_NAMES + ("nnUNetTrainer_SDDM_NoDA_7ep",):
+    for name in discovery.TRAINER_NAMES + ("nnUNetTrainer_SDDM_NoDA_7ep", "nnUNetTrainer_SDDM_VanillaUNet_2ep_10it"):
         assert recursive_find_python_class(builtins_folder, name, "nnunetv2.training.nnUNetTrainer",
                                            nnunetv2.__path__[0]) is None, f"built-in {name} would shadow ours"
         cls = recursive_find_trainer_class_by_name(name)
@@ -125,8 +125,15 @@ def test_epoch_variants_by_name():
     import pickle
 
     assert pickle.loads(pickle.dumps(c)) is c
+    # epochs x iterations in the name; validation iterations in nnU-Net's 250 : 50 ratio
+    d = schedule.epoch_variant("nnUNetTrainer_SDDM_NoDA_3ep_101it")
+    assert d is nodata_aug.nnUNetTrainer_SDDM_NoDA_3ep_101it and pickle.loads(pickle.dumps(d)) is d
+    assert (d.sddm_num_epochs, d.sddm_iterations_per_epoch, d.sddm_val_iterations_per_epoch) == (3, 101, 21)
+    assert issubclass(d, nodata_aug.nnUNetTrainer_SDDM_NoDA_250ep)
+    assert schedule.epoch_variant("nnUNetTrainer_SDDM_NoDA_3ep") is not d
     for bad in ("nnUNetTrainer_SDDM_NoDA_0ep", "nnUNetTrainer_SDDM_Other_5ep", "nnUNetTrainer_5epochs",
-                "nnUNetTrainer_SDDM_NoDA_5"):
+                "nnUNetTrainer_SDDM_NoDA_5", "nnUNetTrainer_SDDM_NoDA_5ep_0it", "nnUNetTrainer_SDDM_NoDA_5ep_it",
+                "nnUNetTrainer_SDDM_NoDA_5ep10it"):
         assert not hasattr(nodata_aug, bad)
     for quick in (nodata_aug.nnUNetTrainer_SDDM_NoDA_Quick, vanilla_unet_trainer.nnUNetTrainer_SDDM_VanillaUNet_Quick):
         assert quick.sddm_final_validation is False and quick.sddm_iterations_per_epoch < 250

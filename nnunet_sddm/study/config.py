@@ -27,8 +27,10 @@ with the user's datasets and results; ``"environment"`` uses the user's ``$nnUNe
 
 Segmenters: ``2d`` (nnU-Net 2D), ``3d_fullres`` (nnU-Net 3D) and ``vanilla`` (the paper's
 Appendix-A 2D U-Net), trained by the plugin's no-augmentation trainers for ``epochs`` epochs
-(``nnUNetTrainer_SDDM_NoDA_<N>ep`` / ``nnUNetTrainer_SDDM_VanillaUNet_<N>ep``; ``"quick"`` = the
-``_Quick`` test trainers) unless ``trainers`` names others.
+(``nnUNetTrainer_SDDM_NoDA_<N>ep`` / ``nnUNetTrainer_SDDM_VanillaUNet_<N>ep``; with
+``iterations_per_epoch`` M: ``..._<N>ep_<M>it``; ``"quick"`` = the ``_Quick`` test trainers, whose
+fixed schedule ignores ``iterations_per_epoch``)
+unless ``trainers`` names others.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ DEFAULTS: Dict[str, Any] = {
                "split": "Tr"},
     "segmenters": ["2d", "3d_fullres", "vanilla"],
     "epochs": 250,
+    "iterations_per_epoch": None,
     "trainers": {},
     "fold": "all",
     "diffusion": {"preset": "tiny", "iterations": None, "batch_size": None, "set": {}, "model": None},
@@ -86,7 +89,8 @@ QUICK: Dict[str, Any] = {
     "source": {"phantom": "A", "subjects": 8, "matrix": 64, "seed": 0},
     "target": {"phantom": "B", "subjects": 5, "matrix": 64, "seed": 1, "split": "Tr"},
     "epochs": 1,
-    "diffusion": {"preset": "tiny", "iterations": 300},
+    "iterations_per_epoch": 100,
+    "diffusion": {"preset": "tiny", "iterations": 800},
     "sampler": {"D": 2, "N": 12, "tau": 6.0, "steps": 50},
     "device": "cpu",
     "figures": {"sweep": {"D": [2, 4], "N": [6, 12], "tau": [0.0, 6.0]}},
@@ -222,6 +226,10 @@ def validate(cfg: Dict[str, Any], origin: str = "study configuration") -> None:
     ep = cfg["epochs"]
     if ep != "quick" and (isinstance(ep, bool) or not isinstance(ep, int) or not 1 <= ep <= 99999):
         raise SDDMError(f"{origin}: epochs must be an integer in 1..99999 or \"quick\", got {ep!r}")
+    its = cfg["iterations_per_epoch"]
+    if its is not None and (isinstance(its, bool) or not isinstance(its, int) or not 1 <= its <= 99999):
+        raise SDDMError(f"{origin}: iterations_per_epoch must be null (nnU-Net's 250) or an integer in "
+                        f"1..99999, got {its!r}")
     if not isinstance(cfg["trainers"], Mapping):
         raise SDDMError(f"{origin}: trainers must map segmenter names to trainer class names")
     for s, tr in cfg["trainers"].items():
@@ -317,8 +325,11 @@ def trainer_of(cfg: Mapping[str, Any], segmenter: str) -> str:
         return cfg["trainers"][segmenter]
     family = SEGMENTERS[segmenter][1]
     ep = cfg["epochs"]
+    its = cfg["iterations_per_epoch"]
     if ep == "quick":
         return f"{family}_Quick"
+    if its is not None:
+        return f"{family}_{int(ep)}ep_{int(its)}it"
     if family == "nnUNetTrainer_SDDM_VanillaUNet" and int(ep) == 250:
         return family
     return f"{family}_{int(ep)}ep"
