@@ -22,10 +22,27 @@ def _plt():
     return plt
 
 
+_HATCHES = ("", "///", "...", "xxx", "\\\\\\", "ooo")
+
+
+def _bar_styles(entries: Sequence[str], plt) -> dict:
+    """``{entry: (colour, hatch)}``: colour by the part before ``/`` and hatch by the part after
+    it when that distinguishes every entry with at most 10 colours; else one colour per entry."""
+    heads = list(dict.fromkeys(e.split("/", 1)[0] for e in entries))
+    tails = list(dict.fromkeys(e.split("/", 1)[1] if "/" in e else "" for e in entries))
+    if len(heads) <= 10 and len(tails) <= len(_HATCHES) and len(heads) * len(tails) >= len(entries) > 10:
+        tab10 = plt.get_cmap("tab10").colors
+        return {e: (tab10[heads.index(e.split("/", 1)[0])],
+                    _HATCHES[tails.index(e.split("/", 1)[1] if "/" in e else "")]) for e in entries}
+    cmap = plt.get_cmap("tab10" if len(entries) <= 10 else "tab20")
+    return {e: (cmap(i % cmap.N), "") for i, e in enumerate(entries)}
+
+
 def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: str,
                  out_path: os.PathLike, title: str = "") -> Path:
     """Grouped bars: x = structures, one bar per entry (e.g. ``"DA/2d"``), height = mean of the
-    finite values, error bar = Student-t 95% CI of the mean.
+    finite values, error bar = Student-t 95% CI of the mean. Entries named ``"approach/model"`` get
+    one colour per approach and one hatch per model, so that no two bars look alike.
 
     samples: ``{entry: {structure: values}}``. Written atomically as PNG; returns the path.
     """
@@ -36,6 +53,7 @@ def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: s
     x = np.arange(len(structures))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.6 * len(structures) + 0.25 * len(entries)),
                                                 3.6 + 0.2 * ((len(entries) + 3) // 4)), dpi=120)
+    styles = _bar_styles(entries, plt)
     for i, e in enumerate(entries):
         means, lo, hi = [], [], []
         for s in structures:
@@ -45,14 +63,18 @@ def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: s
             means.append(m)
             lo.append(m - ci[0] if np.isfinite(ci[0]) else 0.0)
             hi.append(ci[1] - m if np.isfinite(ci[1]) else 0.0)
-        ax.bar(x + (i - (len(entries) - 1) / 2) * width, means, width, yerr=[lo, hi], capsize=3, label=e)
+        colour, hatch = styles[e]
+        ax.bar(x + (i - (len(entries) - 1) / 2) * width, means, width, yerr=[lo, hi], capsize=3, label=e,
+               color=colour, hatch=hatch, edgecolor="white" if hatch else None, linewidth=0)
     ax.set_xticks(x)
     ax.set_xticklabels(structures)
     unit = "" if HIGHER_IS_BETTER.get(metric, True) else " (mm)"
     arrow = "higher is better" if HIGHER_IS_BETTER.get(metric, True) else "lower is better"
     ax.set_ylabel(f"{metric}{unit}")
     ax.set_title(title or f"{metric} ({arrow}); error bars: 95% CI")
-    ax.legend(fontsize=7, ncol=min(4, len(entries)), frameon=False, loc="upper center",
+    hatched = any(h for _, h in styles.values())  # one legend column per colour (approach)
+    ncol = len({c for c, _ in styles.values()}) if hatched else min(4, len(entries))
+    ax.legend(fontsize=7, ncol=ncol, frameon=False, loc="upper center",
               bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     out_path = Path(out_path)
