@@ -5,7 +5,7 @@ Based on nnU-Net's ``nnUNetTrainerNoDA``: training transforms = validation trans
 ``inference_allowed_mirroring_axes = None`` is stored in the checkpoint, so ``nnUNetv2_predict``
 does no mirroring test-time augmentation either. Valid for ``2d`` and ``3d_fullres``.
 
-Names: ``nnUNetTrainer_SDDM_NoDA_250ep`` (the paper), ``..._{1,5,20,50}ep``, any ``..._<N>ep``
+Names: ``nnUNetTrainer_SDDM_NoDA_250ep`` (the paper), any ``..._<N>ep`` or ``..._<N>ep_<M>it``
 (built from the name, see :mod:`plugin_trainers.schedule`) and ``nnUNetTrainer_SDDM_NoDA_Quick``.
 """
 from __future__ import annotations
@@ -37,26 +37,6 @@ class nnUNetTrainer_SDDM_NoDA_250ep(ScheduleMixin, nnUNetTrainerNoDA):
 
 
 register_family("nnUNetTrainer_SDDM_NoDA", nnUNetTrainer_SDDM_NoDA_250ep)
-
-
-@register_variant
-class nnUNetTrainer_SDDM_NoDA_1ep(nnUNetTrainer_SDDM_NoDA_250ep):
-    sddm_num_epochs = 1
-
-
-@register_variant
-class nnUNetTrainer_SDDM_NoDA_5ep(nnUNetTrainer_SDDM_NoDA_250ep):
-    sddm_num_epochs = 5
-
-
-@register_variant
-class nnUNetTrainer_SDDM_NoDA_20ep(nnUNetTrainer_SDDM_NoDA_250ep):
-    sddm_num_epochs = 20
-
-
-@register_variant
-class nnUNetTrainer_SDDM_NoDA_50ep(nnUNetTrainer_SDDM_NoDA_250ep):
-    sddm_num_epochs = 50
 
 
 class nnUNetTrainer_SDDM_NoDA_Quick(nnUNetTrainer_SDDM_NoDA_250ep):

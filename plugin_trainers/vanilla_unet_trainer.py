@@ -1,7 +1,7 @@
 """nnU-Net trainers for the paper's vanilla 2D U-Net (Appendix A), without data augmentation.
 
-``nnUNetTrainer_SDDM_VanillaUNet`` (250 epochs, the paper), ``..._{1,5,20,50}ep``, any
-``..._<N>ep`` (built from the name) and ``nnUNetTrainer_SDDM_VanillaUNet_Quick``. The network
+``nnUNetTrainer_SDDM_VanillaUNet`` (250 epochs, the paper), any ``..._<N>ep`` or
+``..._<N>ep_<M>it`` (built from the name) and ``nnUNetTrainer_SDDM_VanillaUNet_Quick``. The network
 replaces nnU-Net's planned one; everything else (plans, preprocessing, patch sampling, Dice+CE
 loss, SGD + poly LR, sliding-window inference) is nnU-Net's. ``2d`` configurations only.
 """
@@ -27,7 +27,6 @@ from plugin_trainers.schedule import (  # noqa: E402
     ScheduleMixin,
     module_getattr,
     register_family,
-    register_variant,
 )
 from plugin_trainers.vanilla_unet import VanillaUNet2d  # noqa: E402
 
@@ -73,26 +72,6 @@ class nnUNetTrainer_SDDM_VanillaUNet(ScheduleMixin, nnUNetTrainerNoDA):
 
 
 register_family("nnUNetTrainer_SDDM_VanillaUNet", nnUNetTrainer_SDDM_VanillaUNet)
-
-
-@register_variant
-class nnUNetTrainer_SDDM_VanillaUNet_1ep(nnUNetTrainer_SDDM_VanillaUNet):
-    sddm_num_epochs = 1
-
-
-@register_variant
-class nnUNetTrainer_SDDM_VanillaUNet_5ep(nnUNetTrainer_SDDM_VanillaUNet):
-    sddm_num_epochs = 5
-
-
-@register_variant
-class nnUNetTrainer_SDDM_VanillaUNet_20ep(nnUNetTrainer_SDDM_VanillaUNet):
-    sddm_num_epochs = 20
-
-
-@register_variant
-class nnUNetTrainer_SDDM_VanillaUNet_50ep(nnUNetTrainer_SDDM_VanillaUNet):
-    sddm_num_epochs = 50
 
 
 class nnUNetTrainer_SDDM_VanillaUNet_Quick(nnUNetTrainer_SDDM_VanillaUNet):

@@ -6,10 +6,6 @@ folder is on ``sys.path`` and drops it afterwards. The classes themselves live i
 ``__getattr__`` resolves epoch variants by name (``nnUNetTrainer_SDDM_NoDA_100ep`` ...).
 """
 from plugin_trainers.nodata_aug import (  # noqa: F401
-    nnUNetTrainer_SDDM_NoDA_1ep,
-    nnUNetTrainer_SDDM_NoDA_5ep,
-    nnUNetTrainer_SDDM_NoDA_20ep,
-    nnUNetTrainer_SDDM_NoDA_50ep,
     nnUNetTrainer_SDDM_NoDA_250ep,
     nnUNetTrainer_SDDM_NoDA_Quick,
 )
@@ -20,9 +16,5 @@ from plugin_trainers.real_plus_synthetic import (  # noqa: F401
 from plugin_trainers.schedule import epoch_variant as __getattr__  # noqa: F401
 from plugin_trainers.vanilla_unet_trainer import (  # noqa: F401
     nnUNetTrainer_SDDM_VanillaUNet,
-    nnUNetTrainer_SDDM_VanillaUNet_1ep,
-    nnUNetTrainer_SDDM_VanillaUNet_5ep,
-    nnUNetTrainer_SDDM_VanillaUNet_20ep,
-    nnUNetTrainer_SDDM_VanillaUNet_50ep,
     nnUNetTrainer_SDDM_VanillaUNet_Quick,
 )
