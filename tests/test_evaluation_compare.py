@@ -117,13 +117,12 @@ def test_compare_bad_inputs(tmp_path):
 
 
 def test_bar_styles_distinguish_every_entry():
-    from nnunet_sddm.evaluation.figures import _bar_styles, _plt
+    from nnunet_sddm.evaluation.figures import _bar_styles
 
-    plt = _plt()
     table = [f"{a}/{m}" for a in ("Baseline", "DA", "DG", "Mixed", "DA+ens", "Mixed+ens")
              for m in ("2D nnU-Net", "3D nnU-Net", "2D U-Net")]
-    styles = _bar_styles(table, plt)
+    styles = _bar_styles(table)
     assert len(set(styles.values())) == len(table) == 18  # tab10 alone would repeat colours
     assert len({c for c, _ in styles.values()}) == 6 and len({h for _, h in styles.values()}) == 3
-    few = _bar_styles(["Baseline", "DA", "DG"], plt)
+    few = _bar_styles(["Baseline", "DA", "DG"])
     assert len({c for c, _ in few.values()}) == 3 and not any(h for _, h in few.values())

@@ -24,7 +24,8 @@ from nnunet_sddm.data.slices import IntensityWindow, volume_to_model_slices
 from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.files import atomic_path, write_json
+from nnunet_sddm.utilities.files import write_json
+from nnunet_sddm.utilities.plotting import figure, save_figure
 
 
 def sweep_grid(image: Union[str, os.PathLike], model, out_png: Union[str, os.PathLike],
@@ -77,18 +78,13 @@ def sweep_grid(image: Union[str, os.PathLike], model, out_png: Union[str, os.Pat
 
 def _draw(out_png: Path, reference: np.ndarray, panels, combos, Ds, window: IntensityWindow, spacing,
           title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n_cols = len(Ds) + 1
     n_rows = len(combos) // len(Ds)
     h, w = reference.shape
     aspect = float(spacing[1]) / float(spacing[2]) if len(spacing) == 3 else 1.0
     cell = 2.4
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, (cell * aspect * h / w + 0.35) * n_rows + 0.4),
-                             squeeze=False)
+    fig = figure(figsize=(cell * n_cols, (cell * aspect * h / w + 0.35) * n_rows + 0.4))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     kw = dict(cmap="gray", vmin=window.lo, vmax=window.hi, aspect=aspect, interpolation="nearest")
     for r in range(n_rows):
         axes[r, 0].imshow(reference, **kw)
@@ -102,6 +98,4 @@ def _draw(out_png: Path, reference: np.ndarray, panels, combos, Ds, window: Inte
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, out_png, dpi=110)

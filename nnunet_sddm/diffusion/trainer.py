@@ -37,6 +37,7 @@ from nnunet_sddm.diffusion.slice_dataset import SliceSet
 from nnunet_sddm.diffusion.timestep_sampler import create_named_schedule_sampler
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import write_text
+from nnunet_sddm.utilities.plotting import figure, save_figure
 
 LOG_FILE = "log.csv"
 LOG_FIELDS = ["step", "images_seen", "loss", "mse", "vb", "grad_norm", "lr", "images_per_s", "elapsed_s"]
@@ -121,13 +122,9 @@ def _is_oom(e: BaseException) -> bool:
 # ----------------------------------------------------------------------------- figures
 def plot_progress(rows: List[Dict[str, Any]], path: Path) -> None:
     """Loss curve (loss, mse, vb against step, log scale) to ``progress.png``, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     for key in ("loss", "mse", "vb"):
         vals = [float(r[key]) for r in rows]
         if any(v > 0 for v in vals):
@@ -138,26 +135,16 @@ def plot_progress(rows: List[Dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    from nnunet_sddm.utilities.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buf.getvalue())
+    save_figure(fig, path)
 
 
 def save_image_grid(images: torch.Tensor, path: Path, title: str = "") -> None:
     """``(N, 1, H, W)`` in [-1, 1] -> a grid PNG (grey, -1 black, 1 white), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = images.shape[0]
     cols = int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + 0.3), dpi=100, squeeze=False)
+    fig = figure(figsize=(1.6 * cols, 1.6 * rows + 0.3), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -165,13 +152,7 @@ def save_image_grid(images: torch.Tensor, path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    from nnunet_sddm.utilities.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(buf.getvalue())
+    save_figure(fig, path)
 
 
 def read_log(path: Path, max_step: int) -> List[Dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Figures (matplotlib, Agg backend: no display needed): Fig.-7-style bar charts of a metric
+"""Figures (matplotlib ``Figure`` objects, no display needed): Fig.-7-style bar charts of a metric
 per structure with 95% confidence intervals, and a 2D scatter (t-SNE) coloured by group."""
 from __future__ import annotations
 
@@ -10,31 +10,24 @@ import numpy as np
 
 from nnunet_sddm.evaluation.metrics import HIGHER_IS_BETTER
 from nnunet_sddm.evaluation.statistics import confidence_interval, finite
-from nnunet_sddm.utilities.files import atomic_path
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from nnunet_sddm.utilities.plotting import figure, save_figure
 
 
 _HATCHES = ("", "///", "...", "xxx", "\\\\\\", "ooo")
 
 
-def _bar_styles(entries: Sequence[str], plt) -> dict:
+def _bar_styles(entries: Sequence[str]) -> dict:
     """``{entry: (colour, hatch)}``: colour by the part before ``/`` and hatch by the part after
     it when that distinguishes every entry with at most 10 colours; else one colour per entry."""
+    from matplotlib import colormaps
+
     heads = list(dict.fromkeys(e.split("/", 1)[0] for e in entries))
     tails = list(dict.fromkeys(e.split("/", 1)[1] if "/" in e else "" for e in entries))
     if len(heads) <= 10 and len(tails) <= len(_HATCHES) and len(heads) * len(tails) >= len(entries) > 10:
-        tab10 = plt.get_cmap("tab10").colors
+        tab10 = colormaps["tab10"].colors
         return {e: (tab10[heads.index(e.split("/", 1)[0])],
                     _HATCHES[tails.index(e.split("/", 1)[1] if "/" in e else "")]) for e in entries}
-    cmap = plt.get_cmap("tab10" if len(entries) <= 10 else "tab20")
+    cmap = colormaps["tab10" if len(entries) <= 10 else "tab20"]
     return {e: (cmap(i % cmap.N), "") for i, e in enumerate(entries)}
 
 
@@ -46,14 +39,14 @@ def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: s
 
     samples: ``{entry: {structure: values}}``. Written atomically as PNG; returns the path.
     """
-    plt = _plt()
     entries = list(samples)
     structures = list(dict.fromkeys(s for e in entries for s in samples[e]))
     width = 0.8 / max(1, len(entries))
     x = np.arange(len(structures))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.6 * len(structures) + 0.25 * len(entries)),
-                                                3.6 + 0.2 * ((len(entries) + 3) // 4)), dpi=120)
-    styles = _bar_styles(entries, plt)
+    fig = figure(figsize=(max(4.0, 1.2 + 1.6 * len(structures) + 0.25 * len(entries)),
+                          3.6 + 0.2 * ((len(entries) + 3) // 4)), dpi=120)
+    ax = fig.subplots()
+    styles = _bar_styles(entries)
     for i, e in enumerate(entries):
         means, lo, hi = [], [], []
         for s in structures:
@@ -77,18 +70,14 @@ def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: s
     ax.legend(fontsize=7, ncol=ncol, frameon=False, loc="upper center",
               bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
-    out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def scatter_2d(points: np.ndarray, groups: Sequence[str], out_path: os.PathLike, title: str = "") -> Path:
     """Scatter of ``points`` (n, 2) coloured by ``groups`` (n labels); PNG written atomically."""
-    plt = _plt()
     points = np.asarray(points, dtype=float)
-    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=120)
+    fig = figure(figsize=(5, 4.5), dpi=120)
+    ax = fig.subplots()
     groups = np.asarray(groups)
     for g in dict.fromkeys(groups.tolist()):
         sel = groups == g
@@ -98,8 +87,4 @@ def scatter_2d(points: np.ndarray, groups: Sequence[str], out_path: os.PathLike,
     ax.set_title(title)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
-    out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
