@@ -19,7 +19,7 @@ def direct_resize_2d(img: np.ndarray, out_h: int, out_w: int, padding: str) -> n
     out = np.zeros((out_h, out_w))
     for i in range(out_h):
         for j in range(out_w):
-            total, norm_y, norm_x = 0.0, 0.0, 0.0
+            total = 0.0
             sy, sx = out_h / h, out_w / w
             cy, cx = (i + 0.5) / sy - 0.5, (j + 0.5) / sx - 0.5
             ky, kx = (1 / sy if sy < 1 else 1.0), (1 / sx if sx < 1 else 1.0)
