@@ -35,7 +35,8 @@ def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: s
                  out_path: os.PathLike, title: str = "") -> Path:
     """Grouped bars: x = structures, one bar per entry (e.g. ``"DA/2d"``), height = mean of the
     finite values, error bar = Student-t 95% CI of the mean. Entries named ``"approach/model"`` get
-    one colour per approach and one hatch per model, so that no two bars look alike.
+    one colour per approach and one hatch per model, so that no two bars look alike. A bar with
+    no finite value is marked "n/a".
 
     samples: ``{entry: {structure: values}}``. Written atomically as PNG; returns the path.
     """
@@ -57,8 +58,12 @@ def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: s
             lo.append(m - ci[0] if np.isfinite(ci[0]) else 0.0)
             hi.append(ci[1] - m if np.isfinite(ci[1]) else 0.0)
         colour, hatch = styles[e]
-        ax.bar(x + (i - (len(entries) - 1) / 2) * width, means, width, yerr=[lo, hi], capsize=3, label=e,
+        pos = x + (i - (len(entries) - 1) / 2) * width
+        ax.bar(pos, means, width, yerr=[lo, hi], capsize=3, label=e,
                color=colour, hatch=hatch, edgecolor="white" if hatch else None, linewidth=0)
+        for px, m in zip(pos, means):  # no finite value (e.g. only empty predictions): say so
+            if not np.isfinite(m):
+                ax.text(px, 0, "n/a", rotation=90, fontsize=6, ha="center", va="bottom", color=colour)
     ax.set_xticks(x)
     ax.set_xticklabels(structures)
     unit = "" if HIGHER_IS_BETTER.get(metric, True) else " (mm)"
