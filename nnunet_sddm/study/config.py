@@ -76,7 +76,7 @@ DEFAULTS: Dict[str, Any] = {
     "synthesis": {"id": 972, "copies": 1},
     "device": "auto",
     "nnunet": {"folders": "study", "num_processes": 2, "step_size": 0.5},
-    "evaluation": {"alpha": 0.01, "empty_policy": "nan", "num_processes": None},
+    "evaluation": {"alpha": 0.01, "empty_policy": "diagonal", "num_processes": None},
     "figures": {"sweep": {"D": [2, 4, 8], "N": [10, 25, 50], "tau": [0.0, 6.0, 20.0]}, "tsne": True},
     "seed": 0,
 }
