@@ -126,3 +126,15 @@ def test_bar_styles_distinguish_every_entry():
     assert len({c for c, _ in styles.values()}) == 6 and len({h for _, h in styles.values()}) == 3
     few = _bar_styles(["Baseline", "DA", "DG"])
     assert len({c for c, _ in few.values()}) == 3 and not any(h for _, h in few.values())
+
+
+def test_all_counts_each_case_once():
+    """'all' = one value per case (mean over its structures), so n = cases, not cases x structures."""
+    from nnunet_sddm.evaluation.evaluate import EvaluationResults
+
+    rows = [{"case": c, "structure": s, "HD": v} for c, vals in (("a", (1.0, 2.0, 3.0)), ("b", (4.0, math.nan, 8.0)),
+                                                                  ("c", (math.nan,) * 3))
+            for s, v in zip(("LV", "MYO", "RV"), vals)]
+    res = EvaluationResults(rows=rows, structures=["LV", "MYO", "RV"])
+    np.testing.assert_array_equal(res.values("all", "HD"), [2.0, 6.0, np.nan])
+    np.testing.assert_array_equal(res.values("MYO", "HD"), [2.0, np.nan, np.nan])

@@ -191,7 +191,8 @@ def compare_results(baseline: Union[Entries, Tuple[str, Source]], candidates: En
                 samples = {n: {s: _samples(results[n], s, m) for s in structures} for n in names}
                 bar_chart_ci(samples, m, tmp / f"fig_{m}.png")
             cfg = {"package_version": __version__, "alpha": alpha, "test": "Welch's t-test (two-sided, "
-                   "scipy.stats.ttest_ind equal_var=False) over per-case values, NaNs excluded",
+                   "scipy.stats.ttest_ind equal_var=False) over per-case values, NaNs excluded; "
+                   "'all': one value per case, the mean over its structures",
                    "baselines": {n: _describe_source(s) for n, s in bases},
                    "candidates": {n: _describe_source(s) for n, s in cands},
                    "rows": {n: {"approach": parsed[n][0], "model": parsed[n][1]} for n in names}}

@@ -55,9 +55,18 @@ class EvaluationResults:
     out_dir: Optional[Path] = None
 
     def values(self, structure: str, metric: str) -> np.ndarray:
-        """Per-case values of one metric for one structure (``"all"``: every row), NaNs kept."""
-        return np.array([r[metric] for r in self.rows if structure == "all" or r["structure"] == structure],
-                        dtype=np.float64)
+        """Per-case values of one metric for one structure, NaNs kept, in row order.
+
+        ``"all"``: one value per CASE, the mean over its structures' finite values (NaN if none),
+        so that tests over "all" count each case once (the structures of a case are not
+        independent samples)."""
+        if structure != "all":
+            return np.array([r[metric] for r in self.rows if r["structure"] == structure], dtype=np.float64)
+        per_case: Dict[str, List[float]] = {}
+        for r in self.rows:
+            per_case.setdefault(r["case"], []).append(float(r[metric]))
+        return np.array([np.mean(f) if (f := [v for v in vals if np.isfinite(v)]) else np.nan
+                         for vals in per_case.values()], dtype=np.float64)
 
 
 def default_num_processes() -> int:

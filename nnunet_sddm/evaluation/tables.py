@@ -41,7 +41,8 @@ def caption(structure: str, alpha: float, metrics: Sequence[str] = METRICS) -> s
     """Caption stating the structure, the direction of each metric and the marks."""
     up = [m for m in metrics if HIGHER_IS_BETTER[m]]
     down = [m for m in metrics if not HIGHER_IS_BETTER[m]]
-    what = "Mean over all cases and structures" if structure == "all" else f"{structure}: mean over cases"
+    what = ("Mean over cases of each case's mean over structures" if structure == "all"
+            else f"{structure}: mean over cases")
     return (f"{what}. Higher is better for {', '.join(up)}; lower is better for {', '.join(down)} (mm). "
             f"Bold: best in its column within the same model; † not significantly worse than the best "
             f"(Welch's t-test p > {alpha:g}); * significantly different from the baseline of the same "

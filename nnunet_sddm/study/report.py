@@ -56,12 +56,14 @@ def welch_rows(ctx) -> List[Dict[str, Any]]:
 
 
 def improvement_summary(ctx) -> List[str]:
-    """Markdown lines: per segmenter and candidate approach, which surface metrics (all structures
-    pooled) changed significantly against the baseline, and the Dice change."""
+    """Markdown lines: per segmenter and candidate approach, which surface metrics (per-case means
+    over the structures) changed significantly against the baseline, and the Dice change."""
     rows = [r for r in welch_rows(ctx) if r["structure"] == "all"]
     alpha = float(ctx.cfg["evaluation"]["alpha"])
-    lines = [f"Welch's t-test against the baseline of the same segmenter over per-case values, all structures "
-             f"pooled, significance p < {alpha:g}. Surface metrics: lower is better.", "",
+    lines = [f"Welch's t-test against the baseline of the same segmenter over per-case values (each case's "
+             f"mean over its structures; n = cases), significance p < {alpha:g}. Surface metrics: lower is "
+             f"better. Distances when exactly one of prediction and reference is empty: "
+             f"{ctx.cfg['evaluation']['empty_policy']}.", "",
              "| candidate | " + " | ".join(SURFACE) + " | DSC |", "|---" * (len(SURFACE) + 2) + "|"]
     by_cand: Dict[str, Dict[str, dict]] = {}
     for r in rows:
