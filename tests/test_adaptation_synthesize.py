@@ -112,10 +112,13 @@ def test_synthesize_resumes_from_its_staging_folder(nnunet_env, phantoms, model_
     assert partial.is_dir() and not (raw_root() / "Dataset044_PhantomASDDM").exists()
     first = {p.name: p.stat().st_mtime_ns for p in (partial / "imagesTr").iterdir()}
     assert len(first) == 2
+    (partial / "imagesTr" / ".PhA0002_ED_syn0_0000.x1y2z3_4.nii.gz").write_bytes(b"half")  # a killed write
+    (partial / "labelsTr" / ".PhA0002_ED_syn0.nii.gz.abcdefgh.sddm-tmp").mkdir()
     monkeypatch.setattr(folders, "write_like", real_write)
     out = synthesize_dataset(41, 44, str(model_dir), FAST, device="cpu", progress=False, batch_size=2)
     assert {n: (out / "imagesTr" / n).stat().st_mtime_ns for n in first} == first  # kept, not redone
     assert len(list((out / "imagesTr").iterdir())) == 6 and not partial.exists()
+    assert not [p for p in out.rglob(".*")], "stale temp files published into the dataset"
 
 
 def test_synthesize_bad_source(nnunet_env, phantoms, model_dir):

@@ -177,10 +177,15 @@ def test_resume_after_interruption_gives_identical_files(tmp_path, model_dir, mo
         adapt_folder(src, tmp_path / "resumed", str(model_dir), FAST, device="cpu", batch_size=2, progress=False)
     assert len([p for p in (tmp_path / "resumed").iterdir() if p.name.endswith(".nii.gz")]) == 1
     assert not any(p.name.startswith(".") for p in (tmp_path / "resumed").iterdir())
+    # what a SIGKILL during a write leaves (this version's temp folder and an earlier version's temp file)
+    (tmp_path / "resumed" / ".aniso_0000.nii.gz.k9x_a2b1.sddm-tmp").mkdir()
+    (tmp_path / "resumed" / ".aniso_0000.nii.gz.k9x_a2b1.sddm-tmp" / "aniso_0000.nii.gz").write_bytes(b"half")
+    (tmp_path / "resumed" / ".thin_0000.ab12cd_3.nii.gz").write_bytes(b"half")
     monkeypatch.setattr(folders, "write_like", real_write)
     again = adapt_folder(src, tmp_path / "resumed", str(model_dir), FAST, device="cpu", batch_size=2,
                          progress=False)
     assert len(again) == 2 and calls[0] not in again
+    assert not any(p.name.startswith(".") for p in (tmp_path / "resumed").iterdir()), "stale temp files kept"
     for p in src.iterdir():  # the whole NIfTI (header + voxels); the gzip wrapper stores a temp name/mtime
         full = gzip.decompress((tmp_path / "full" / p.name).read_bytes())
         assert full == gzip.decompress((tmp_path / "resumed" / p.name).read_bytes())

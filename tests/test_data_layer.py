@@ -17,7 +17,7 @@ from nnunet_sddm.data.slices import (IntensityWindow, SquareResize, model_slices
                                      volume_to_model_slices)
 from nnunet_sddm.data.volumes import read_volume, same_geometry, write_like
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.files import atomic_path, staging_dir
+from nnunet_sddm.utilities.files import atomic_path, remove_stale_temp, staging_dir
 from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset
 
 
@@ -181,6 +181,33 @@ def test_atomic_path_and_staging_dir_leave_nothing_on_error(tmp_path):
         (d / "y").write_text("2")
     assert sorted(p.name for p in final.iterdir()) == ["y"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset001_X"]
+
+
+def test_atomic_temp_files_never_look_like_nnunet_images(tmp_path):
+    """A write killed half-way leaves nothing that nnU-Net's listing takes for an image; the temp
+    file keeps the real name (writers that dispatch on the ending work); leftovers are removable."""
+    import tempfile
+
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.float32), np.eye(4)), str(tmp_path / "A_0000.nii.gz"))
+    killed = atomic_path(tmp_path / "B_0000.nii.gz")  # entered, never left: a SIGKILL mid-write
+    tmp = killed.__enter__()
+    assert tmp.name == "B_0000.nii.gz" and tmp.parent != tmp_path
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.float32), np.eye(4)), str(tmp))
+    assert create_lists_from_splitted_dataset_folder(str(tmp_path), ".nii.gz", num_processes=1) == \
+        [[str(tmp_path / "A_0000.nii.gz")]]
+    assert list(list_images(tmp_path)) == ["A"]
+    with atomic_path(tmp_path / "arr.npy") as t:  # np.save appends .npy to other endings
+        np.save(t, np.arange(3))
+    np.testing.assert_array_equal(np.load(tmp_path / "arr.npy"), np.arange(3))
+    fd, legacy = tempfile.mkstemp(prefix=".C_0000.", suffix=".nii.gz", dir=tmp_path)  # earlier versions' temp
+    os.close(fd)
+    (tmp_path / ".keep").write_text("mine")
+    (tmp_path / ".notes.v1.json").write_text("{}")
+    removed = remove_stale_temp(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([tmp.parent.name, os.path.basename(legacy)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", ".notes.v1.json", "A_0000.nii.gz", "arr.npy"]
 
 
 def test_find_raw_dataset(nnunet_env):

@@ -24,7 +24,7 @@ from nnunet_sddm.data.slices import IntensityWindow
 from nnunet_sddm.data.volumes import read_volume, write_like
 from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.files import write_json
+from nnunet_sddm.utilities.files import remove_stale_temp, write_json
 
 RECORD_FILE = "sddm_adapt.json"
 
@@ -165,6 +165,8 @@ def adapt_folder(in_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
         except SDDMError as e:
             ok, msg = False, str(e)
     dist_utils.all_ok(ok, msg, ranks)
+    if ranks.is_main:  # leftovers of a killed run (nnU-Net must never see half-written files)
+        remove_stale_temp(out_dir)
     # with --overwrite every rank must decide what to redo before rank 0 rewrites the record
     pairs = [(p, out_dir / p.name) for _, p in sorted(cases.items())]
     dist_utils.barrier(ranks)

@@ -37,7 +37,7 @@ from nnunet_sddm.data.raw_dataset import (list_images, list_labels, load_cases_j
                                           patient_level_splits)
 from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.files import atomic_path, read_json, write_json
+from nnunet_sddm.utilities.files import atomic_path, read_json, remove_stale_temp, write_json
 from nnunet_sddm.utilities.nnunet_paths import (dataset_folder_name, datasets_with_id, find_raw_dataset,
                                                 parse_dataset_folder_name, preprocessed_root, raw_root)
 
@@ -153,6 +153,9 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model,
         except SDDMError as e:
             ok, msg = False, str(e)
     dist_utils.all_ok(ok, msg, ranks)
+    if ranks.is_main:  # leftovers of a killed run would be published into the dataset
+        for sub in ("", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            remove_stale_temp(partial / sub)
     dist_utils.barrier(ranks)
 
     model_name = record["model"]

@@ -4,40 +4,71 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
 
 
+#: Ending of the hidden folders that hold files being written (``.CASE_0000.nii.gz.<random>.sddm-tmp``).
+TEMP_SUFFIX = ".sddm-tmp"
+
+#: Temporary files of earlier versions (``.CASE_0000.<8 random chars>.nii.gz``, from ``mkstemp``), which
+#: nnU-Net's folder listing mistakes for images when a killed run leaves them behind.
+_LEGACY_TEMP = re.compile(r"^\.[^.]+\.[a-z0-9_]{8}(\.[^.]+)+$")
+
+
 @contextlib.contextmanager
 def atomic_path(final: PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the same folder as ``final``; on success it is renamed to
-    ``final`` (atomic on POSIX), on error it is removed. Keeps the file's full suffix
-    (``.nii.gz``) so that writers that dispatch on the ending still work."""
+    """Yield a temporary path for ``final``; on success it is renamed to ``final`` (atomic on
+    POSIX), on error it is removed.
+
+    The temporary file has ``final``'s own name (so writers that dispatch on the ending, such as
+    SimpleITK or ``np.save``, write the right format) but lies in a hidden folder
+    ``.<name>.<random>.sddm-tmp`` next to ``final``: a run killed mid-write leaves no file that
+    nnU-Net's folder listing could take for an image (see ``remove_stale_temp``).
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name.split('.')[0]}.", suffix=suffix, dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name[:100]}.", suffix=TEMP_SUFFIX, dir=final.parent))
+    tmp_path = work / final.name
     try:
+        tmp_path.touch()
         yield tmp_path
-        if tmp_path.exists():  # mkstemp makes 0600 files: give the usual permissions
-            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def is_stale_temp(path: PathLike) -> bool:
+    """True for a leftover of ``atomic_path`` (a hidden ``*.sddm-tmp`` folder, or a hidden
+    ``.CASE.<random>.<ending>`` file of earlier versions)."""
+    path = Path(path)
+    if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and path.is_dir():
+        return True
+    return bool(_LEGACY_TEMP.match(path.name)) and path.is_file()
+
+
+def remove_stale_temp(folder: PathLike) -> List[Path]:
+    """Delete the leftovers of interrupted atomic writes directly in ``folder`` (only entries of
+    our own temporary naming, see ``is_stale_temp``); returns what was removed. Call it only
+    while no other process writes into ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if is_stale_temp(entry):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed
 
 
 def read_json(path: PathLike) -> Any:
