@@ -138,3 +138,17 @@ def test_all_counts_each_case_once():
     res = EvaluationResults(rows=rows, structures=["LV", "MYO", "RV"])
     np.testing.assert_array_equal(res.values("all", "HD"), [2.0, 6.0, np.nan])
     np.testing.assert_array_equal(res.values("MYO", "HD"), [2.0, np.nan, np.nan])
+
+
+def test_tables_show_how_many_cases_a_mean_rests_on():
+    from nnunet_sddm.evaluation.evaluate import EvaluationResults
+
+    def res(values):
+        return EvaluationResults(rows=[{"case": f"c{i}", "structure": "LV", **{m: v for m in
+                                        ("DSC", "IoU", "ASD", "ASSD", "HD", "HD95")}}
+                                       for i, v in enumerate(values)], structures=["LV"])
+
+    out = compare_results(("Baseline/2d", res([30.0, 31, 29, 30])), {"DA/2d": res([10.0, math.nan, math.nan, 11])})
+    md = out["markdown"]
+    assert md.count("(n=2/4)") == 6 and md.count("(n=4/4)") == 0  # every DA cell; none for the baseline
+    assert "only k of the N cases had a finite value" in md

@@ -148,10 +148,12 @@ def compare_results(baseline: Union[Entries, Tuple[str, Source]], candidates: En
             a, mdl = parsed[n]
             row = TableRow(approach=a, model=mdl, name=n)
             for m in METRICS:
-                v = finite(_samples(results[n], s, m))
+                raw = _samples(results[n], s, m)
+                v = finite(raw)
                 p = p_vs_base.get((n, s, m), math.nan)
                 row.cells[m] = Cell(mean=float(v.mean()) if v.size else math.nan, p_vs_baseline=p,
-                                    sig_vs_baseline=bool(math.isfinite(p) and p < alpha))
+                                    sig_vs_baseline=bool(math.isfinite(p) and p < alpha),
+                                    n=int(v.size), n_total=int(len(raw)))
             rows.append(row)
         for model in dict.fromkeys(parsed[n][1] for n in names):
             members = [r for r in rows if r.model == model]

@@ -5,7 +5,7 @@ A table is a list of ``TableRow``; each cell carries its mean and a mark:
 ``"best"`` (bold: the best mean of its column within its model group), ``"ns"`` (not
 significantly worse than the best: Welch's p > alpha against the best row; Markdown/LaTeX
 show a dagger) or ``""``; and ``sig_vs_baseline`` (an asterisk: Welch's p < alpha against
-the baseline of the same model).
+the baseline of the same model); ``n`` of ``n_total`` cases had a finite value (shown when fewer).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ class Cell:
     p_vs_best: float = math.nan
     p_vs_baseline: float = math.nan
     sig_vs_baseline: bool = False
+    n: int = -1                 # cases with a finite value (-1: unknown)
+    n_total: int = -1           # cases in the row
 
 
 @dataclass
@@ -46,11 +48,16 @@ def caption(structure: str, alpha: float, metrics: Sequence[str] = METRICS) -> s
     return (f"{what}. Higher is better for {', '.join(up)}; lower is better for {', '.join(down)} (mm). "
             f"Bold: best in its column within the same model; † not significantly worse than the best "
             f"(Welch's t-test p > {alpha:g}); * significantly different from the baseline of the same "
-            f"model (p < {alpha:g}).")
+            f"model (p < {alpha:g}); (n=k/N): only k of the N cases had a finite value.")
 
 
 def _value(m: str, c: Cell) -> str:
     return "n/a" if not math.isfinite(c.mean) else f"{c.mean:.{_DECIMALS[m]}f}"
+
+
+def _count(c: Cell) -> str:
+    """`` (n=8/10)`` when some cases had no finite value (the mean and tests use fewer cases)."""
+    return f" (n={c.n}/{c.n_total})" if 0 <= c.n < c.n_total else ""
 
 
 def to_markdown(rows: Sequence[TableRow], structure: str, alpha: float) -> str:
@@ -67,7 +74,7 @@ def to_markdown(rows: Sequence[TableRow], structure: str, alpha: float) -> str:
                 v += "†"
             if c.sig_vs_baseline:
                 v += "*"
-            cells.append(v)
+            cells.append(v + _count(c))
         lines.append(f"| {r.approach} | {r.model or '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -93,7 +100,7 @@ def to_latex(rows: Sequence[TableRow], structure: str, alpha: float) -> str:
                 v += r"$^\dagger$"
             if c.sig_vs_baseline:
                 v += "*"
-            cells.append(v)
+            cells.append(v + _count(c))
         lines.append(f"{esc(r.approach)} & {esc(r.model or '-')} & " + " & ".join(cells) + r" \\")
     lines += [r"\hline", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -104,11 +111,11 @@ def to_csv(rows: Sequence[TableRow]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["name", "approach", "model"]
-               + [f"{m}{suffix}" for m in METRICS for suffix in ("", "_mark", "_p_vs_best", "_p_vs_baseline")])
+               + [f"{m}{suffix}" for m in METRICS for suffix in ("", "_mark", "_p_vs_best", "_p_vs_baseline", "_n")])
     for r in rows:
         vals = []
         for m in METRICS:
             c = r.cells[m]
-            vals += [repr(c.mean), c.mark, repr(c.p_vs_best), repr(c.p_vs_baseline)]
+            vals += [repr(c.mean), c.mark, repr(c.p_vs_best), repr(c.p_vs_baseline), c.n]
         w.writerow([r.name, r.approach, r.model] + vals)
     return buf.getvalue()
