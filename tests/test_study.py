@@ -282,3 +282,66 @@ def test_given_diffusion_model_is_used_not_trained(tmp_path, nnunet_env):
     assert res["trained_by_study"] is False and res["preset"] == "tiny"
     with pytest.raises(SDDMError, match="does not exist|no trained model"):
         make_context(build_config({"diffusion": {"model": str(tmp_path / "nope")}}), progress=False)
+
+
+# ----------------------------------------------------------------------------- user data (environment mode)
+def _env_folders(tmp_path, monkeypatch):
+    folders = {}
+    for key, var in (("raw", "nnUNet_raw"), ("pre", "nnUNet_preprocessed"), ("res", "nnUNet_results")):
+        folders[key] = tmp_path / key
+        folders[key].mkdir()
+        monkeypatch.setenv(var, str(folders[key]))
+    return folders
+
+
+def _env_context(tmp_path, cfg, **kw):
+    import os
+
+    from nnunet_sddm.study.pipeline import StudyContext
+
+    return StudyContext(cfg=cfg, out=tmp_path / "study", device="cpu", user_env=dict(os.environ), **kw)
+
+
+def test_environment_mode_never_deletes_the_users_models_or_plans(tmp_path, monkeypatch):
+    """The review's scenario: a phantom study in the user's nnU-Net folders, then ``--source 114``
+    with the same study folder (which has a ``train`` record): the user's own model and plans of
+    dataset 114 are refused by name, never deleted; the study's own phantom models are replaced."""
+    from nnunet_sddm.study import pipeline as P
+
+    f = _env_folders(tmp_path, monkeypatch)
+    env = {"nnunet": {"folders": "environment"}, "segmenters": ["2d"], "device": "cpu"}
+    # run 1 (phantom source): the stages claim their outputs, then "train" writes a model
+    ctx = _env_context(tmp_path, build_config(env))
+    P._train_clean(ctx)
+    ours = ctx.segmenter_models()[0][2]
+    (ours / "fold_all").mkdir(parents=True)
+    (ours / "fold_all" / "checkpoint_final.pth").write_text("study model")
+    ctx.runner = type("Runner", (), {"record": lambda self, s: {"status": "done"}})()
+    # run 2 (user's dataset 114): its model and plans are the user's
+    user = f["raw"] / "Dataset114_User"
+    user.mkdir()
+    (user / "dataset.json").write_text("{}")
+    model = f["res"] / "Dataset114_User" / "nnUNetTrainer_SDDM_NoDA_250ep__nnUNetPlans__2d" / "fold_all"
+    model.mkdir(parents=True)
+    (model / "checkpoint_final.pth").write_text("user's own 250-epoch model")
+    plans = f["pre"] / "Dataset114_User" / "nnUNetPlans.json"
+    plans.parent.mkdir()
+    plans.write_text("{}")
+    ctx2 = _env_context(tmp_path, build_config(env, {"source": {"dataset": "114"}}), user_datasets={"source": user})
+    ctx2.runner = ctx.runner
+    with pytest.raises(SDDMError, match=r"stage train: .*Dataset114_User/nnUNetTrainer_SDDM_NoDA_250ep__nnUNetPlans"
+                                        r"__2d exist\(s\) in your nnU-Net folders and were not made by this study"):
+        P._train_clean(ctx2)
+    with pytest.raises(SDDMError, match=r"stage preprocess: .*Dataset114_User/nnUNetPlans\.json exist"):
+        P._preprocess_clean(ctx2)
+    assert (model / "checkpoint_final.pth").read_text() == "user's own 250-epoch model" and plans.is_file()
+    # the user's dataset (here a link into their nnUNet_raw) is never unlinked by the data stage
+    link = f["raw"] / "Dataset115_Linked"
+    link.symlink_to(user, target_is_directory=True)
+    P._data_clean(_env_context(tmp_path, build_config(env, {"source": {"dataset": "115"}}),
+                               user_datasets={"source": link}))
+    assert link.is_symlink()
+    # the study's own model (recorded in study_created.json) is replaced
+    P._train_clean(ctx)
+    assert not ours.exists()
+    assert str(ours) in json.loads((tmp_path / "study" / "study_created.json").read_text())["created"]["train"]

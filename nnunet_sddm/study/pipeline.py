@@ -7,6 +7,8 @@ Study folder layout (``OUT``)::
 
     study.json                 the complete configuration + software versions
     study_state.json           stage fingerprints, outputs digests, wall times (stages.py)
+    study_created.json         nnunet.folders = environment: the paths the study created in your
+                               nnU-Net folders (the only ones it ever deletes there)
     nnUNet_raw/ nnUNet_preprocessed/ nnUNet_results/    (nnunet.folders = "study")
     diffusion_model/           the source diffusion model (config.json, ema.safetensors, samples.png ...)
     adapted/target/            the DA-adapted target test images (nnU-Net names, original geometry)
@@ -32,7 +34,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from nnunet_sddm.study import nnunet_steps
 from nnunet_sddm.study.config import APPROACHES, SEGMENTERS, configurations, diffusion_overrides, \
@@ -152,19 +154,70 @@ def nnunet_environment(ctx: StudyContext) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def guard_user_outputs(ctx: StudyContext, stage: str, paths: List[Path]) -> None:
-    """With ``nnunet.folders = "environment"``, refuse to replace nnU-Net datasets, plans or models
-    that this study did not create (no record of ``stage`` in its state): ``SDDMError`` naming them."""
+#: The paths the study created in the user's nnU-Net folders (``nnunet.folders = "environment"``),
+#: per stage; clean-up deletes nothing else there.
+CREATED_FILE = "study_created.json"
+
+
+def _path_key(path: Path) -> str:
+    return os.path.abspath(os.fspath(path))
+
+
+def _load_created(ctx: StudyContext) -> Dict[str, List[str]]:
+    """The record of created paths (``{stage: [absolute path, ...]}``; empty if none yet)."""
+    f = ctx.out / CREATED_FILE
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+        created = data["created"]
+        if not isinstance(created, dict) or not all(isinstance(v, list) for v in created.values()):
+            raise ValueError("'created' must map stage names to lists of paths")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SDDMError(f"{f}: unreadable record of the paths this study created ({e}); the study deletes "
+                        f"nothing in your nnU-Net folders without it. Restore it, or remove the study's "
+                        f"datasets/models by hand and delete {f}") from None
+    return created
+
+
+def created_by_study(ctx: StudyContext, path: Path) -> bool:
+    """True if ``path`` is the study's own: under its own nnU-Net folders (``nnunet.folders =
+    "study"``), or recorded in ``CREATED_FILE`` (itself or a parent folder) in environment mode."""
+    key = Path(_path_key(path))
+    if ctx.cfg["nnunet"]["folders"] == "study":
+        return key.is_relative_to(_path_key(ctx.out))
+    recorded = {Path(p) for paths in _load_created(ctx).values() for p in paths}
+    return any(k in recorded for k in (key, *key.parents))
+
+
+def guard_user_outputs(ctx: StudyContext, stage: str, paths: Sequence[Path]) -> None:
+    """Before ``stage`` writes ``paths`` into the user's nnU-Net folders (environment mode): refuse
+    (``SDDMError`` naming them) if any exists and was not created by this study; otherwise record
+    them as created by ``stage`` (atomically, before they are written, so an interrupted stage's
+    partial outputs are the study's too). Nothing happens with ``nnunet.folders = "study"``."""
     if ctx.cfg["nnunet"]["folders"] != "environment":
         return
-    runner = getattr(ctx, "runner", None)
-    if runner is not None and runner.record(stage) is not None:
-        return
-    existing = [str(p) for p in paths if Path(p).exists() or Path(p).is_symlink()]
-    if existing:
-        raise SDDMError(f"stage {stage}: {', '.join(existing[:3])} exist(s) in your nnU-Net folders and "
-                        f"were not made by this study; the study never replaces them. Remove them, choose "
-                        f"other dataset ids, or use nnunet.folders = 'study'")
+    foreign = [str(p) for p in paths if (Path(p).exists() or Path(p).is_symlink()) and not created_by_study(ctx, p)]
+    if foreign:
+        raise SDDMError(f"stage {stage}: {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} exist(s) in "
+                        f"your nnU-Net folders and were not made by this study (not in "
+                        f"{ctx.out / CREATED_FILE}); the study never replaces or deletes them. Remove them, "
+                        f"choose other dataset ids, or use nnunet.folders = 'study'")
+    created = _load_created(ctx)
+    old = [p for p in created.get(stage, []) if Path(p).exists() or Path(p).is_symlink()]
+    created[stage] = sorted(set(old) | {_path_key(p) for p in paths})
+    write_json({"version": 1, "created": created}, ctx.out / CREATED_FILE)
+
+
+def clean_study_outputs(ctx: StudyContext, stage: str, paths: Sequence[Path]) -> None:
+    """Delete the old ``paths`` of ``stage`` before it runs afresh; only paths this study created
+    are ever deleted (anything else in the way is refused by ``guard_user_outputs``)."""
+    guard_user_outputs(ctx, stage, paths)
+    existing = [Path(p) for p in paths if Path(p).exists() or Path(p).is_symlink()]
+    if any(not created_by_study(ctx, p) for p in existing):  # study mode: a path outside the study folder
+        raise SDDMError(f"stage {stage}: refusing to delete {', '.join(str(p) for p in existing)}: not in the "
+                        f"study folder {ctx.out}")
+    remove_paths(existing)
 
 
 # ----------------------------------------------------------------------------- stage: data
@@ -197,14 +250,19 @@ def _data_inputs(ctx: StudyContext) -> Any:
 
 
 def _data_clean(ctx: StudyContext) -> None:
-    guard_user_outputs(ctx, "data", [ctx.raw(s) for s in ("source", "target") if ctx.cfg[s].get("phantom")])
+    """Remove the generated phantom datasets (and their old splits) and, in study mode, the links
+    to the user's datasets; only paths the study created (``clean_study_outputs``)."""
+    paths: List[Path] = []
     for side in ("source", "target"):
         p = ctx.raw(side)
-        if p.is_symlink():
-            p.unlink()
-        elif ctx.cfg[side].get("phantom") and p.is_dir() and _is_study_phantom(p):
-            shutil.rmtree(p)
-            remove_paths([ctx.folders["preprocessed"] / p.name / "splits_final.json"])
+        if ctx.cfg[side].get("phantom"):
+            if p.is_dir() and not p.is_symlink() and not _is_study_phantom(p):
+                raise SDDMError(f"stage data: {p} is not a phantom dataset generated by this study; the study "
+                                f"never replaces it. Remove it or choose another {side}.id")
+            paths += [p, ctx.folders["preprocessed"] / p.name / "splits_final.json"]
+        elif ctx.cfg["nnunet"]["folders"] == "study":
+            paths.append(p)  # the link to the user's dataset in the study's nnUNet_raw (unlinked, never followed)
+    clean_study_outputs(ctx, "data", paths)
 
 
 def _check_labelled(images: Path, labels: Path, what: str) -> int:
@@ -329,8 +387,7 @@ def run_synthesis(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
 def _synthesis_clean(ctx: StudyContext) -> None:
     name = ctx.dataset_name("synthetic")
     paths = [ctx.folders["raw"] / name, ctx.folders["raw"] / f".{name}.partial", ctx.folders["preprocessed"] / name]
-    guard_user_outputs(ctx, "synthesis", paths)
-    remove_paths(paths)
+    clean_study_outputs(ctx, "synthesis", paths)
 
 
 def run_adaptation(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
@@ -366,14 +423,17 @@ def _train_outputs(ctx: StudyContext) -> List[Path]:
 
 
 def _train_clean(ctx: StudyContext) -> None:
-    paths = [m for _, _, m in ctx.segmenter_models()]
-    guard_user_outputs(ctx, "train", paths)
-    remove_paths(paths)
+    """Remove the study's old models; with a fold number, also claim the splits file nnU-Net
+    writes when a dataset has none (an existing one is the user's: used, never deleted)."""
+    clean_study_outputs(ctx, "train", [m for _, _, m in ctx.segmenter_models()])
+    if ctx.cfg["fold"] != "all":
+        splits = [ctx.folders["preprocessed"] / ctx.dataset_name(side) / "splits_final.json"
+                  for side in ("source", "synthetic")]
+        guard_user_outputs(ctx, "train_splits", [p for p in splits if not p.exists()])
 
 
 def _preprocess_clean(ctx: StudyContext) -> None:
-    guard_user_outputs(ctx, "preprocess", _preprocess_outputs(ctx))
-    remove_paths(_preprocess_outputs(ctx))
+    clean_study_outputs(ctx, "preprocess", _preprocess_outputs(ctx))
 
 
 def run_train(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
