@@ -213,6 +213,32 @@ def test_ranks_split_cases_and_reproduce_single_process(tmp_path, model_dir):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("device, expected", [(None, "cuda:3"), ("cuda", "cuda:3"), ("auto", "cuda:3"),
+                                              ("cuda:1", "cuda:1"), ("cpu", None)])
+def test_torchrun_sets_the_rank_device_before_nccl(monkeypatch, device, expected):
+    """Under torchrun with CUDA, rank LOCAL_RANK's GPU is made current before the NCCL group starts
+    (faked CUDA and process group: no GPU needed)."""
+    import torch.distributed as dist
+
+    from nnunet_sddm.adaptation.distributed import init_from_env
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(torch.device(d)))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    ranks = init_from_env(device)
+    assert (ranks.rank, ranks.world_size, ranks.local_rank) == (3, 4, 3)
+    if expected is None:
+        assert calls == [("init", "gloo")]
+    else:
+        assert calls == [("set_device", expected), ("init", "nccl")]
+
+
 def test_adapt_cli(tmp_path, model_dir, capsys):
     from nnunet_sddm.cli.adaptation import adapt_main
 

@@ -37,15 +37,22 @@ class Ranks:
 
 def init_from_env(device: Optional[str] = None) -> Ranks:
     """Join the ``torchrun`` process group if the environment describes one (gloo on the CPU,
-    nccl on CUDA); a single process otherwise. Safe to call more than once."""
+    nccl on CUDA); a single process otherwise. Safe to call more than once.
+
+    With CUDA the rank's device (``cuda:LOCAL_RANK`` unless ``device`` names one) is made the
+    current device before NCCL starts: NCCL's collectives (``all_gather_object``, ``barrier``) run
+    on ``torch.cuda.current_device()``, which would otherwise be ``cuda:0`` on every rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    ranks = Ranks(rank=rank, world_size=world, local_rank=local)
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith(("cuda", "auto")))
+        if use_cuda:
+            torch.cuda.set_device(resolve_device(device, ranks))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Ranks(rank=rank, world_size=world, local_rank=local)
+    return ranks
 
 
 def shard(items: Sequence[T], ranks: Ranks) -> List[T]:
