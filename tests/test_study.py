@@ -345,3 +345,30 @@ def test_environment_mode_never_deletes_the_users_models_or_plans(tmp_path, monk
     P._train_clean(ctx)
     assert not ours.exists()
     assert str(ours) in json.loads((tmp_path / "study" / "study_created.json").read_text())["created"]["train"]
+
+
+def test_data_stage_refuses_different_label_maps(tmp_path, monkeypatch):
+    """A source labelled 1 = RV and a target labelled 1 = LV would be compared structure for structure."""
+    from nnunet_sddm.study import pipeline as P
+
+    f = _env_folders(tmp_path, monkeypatch)
+    maps = {"Dataset114_Src": {"background": 0, "RV": 1, "MYO": 2, "LV": 3},
+            "Dataset115_Tgt": {"background": 0, "LV": 1, "MYO": 2, "RV": 3}}
+    for name, labels in maps.items():
+        for sub, case in (("imagesTr", "c_0000.nii.gz"), ("labelsTr", "c.nii.gz")):
+            (f["raw"] / name / sub).mkdir(parents=True)
+            (f["raw"] / name / sub / case).write_bytes(b"")
+        (f["raw"] / name / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz",
+                                                                 "channel_names": {"0": "MRI"}, "numTraining": 1}))
+    cfg = build_config({"source": {"dataset": "114"}, "target": {"dataset": "115"}, "device": "cpu"})
+    ctx = _env_context(tmp_path, cfg, user_datasets={"source": f["raw"] / "Dataset114_Src",
+                                                     "target": f["raw"] / "Dataset115_Tgt"})
+    (ctx.out / "nnUNet_raw").mkdir(parents=True)
+    with pytest.raises(SDDMError, match=r"Dataset114_Src/dataset\.json and .*Dataset115_Tgt/dataset\.json: the source "
+                                        r"and the target datasets have different labels \(RV: 1 \(source\) vs 3 "
+                                        r"\(target\); LV: 3 \(source\) vs 1 \(target\)\)"):
+        P.run_data(ctx, resume=False)
+    (f["raw"] / "Dataset115_Tgt" / "dataset.json").write_text(json.dumps({"labels": maps["Dataset114_Src"],
+                                                                         "file_ending": ".nii.gz"}))
+    res = P.run_data(ctx, resume=False)
+    assert res["source_training_cases"] == 1 and res["target_test_cases"] == 1

@@ -280,6 +280,24 @@ def _check_labelled(images: Path, labels: Path, what: str) -> int:
     return len(imgs)
 
 
+def _check_same_labels(source: Path, target: Path) -> None:
+    """``SDDMError`` naming both ``dataset.json`` files and the differing labels unless the source
+    and the target datasets have the same ``labels`` (predictions carry the source's label values
+    and are scored with the target's)."""
+    from nnunet_sddm.data.raw_dataset import load_dataset_json
+
+    a, b = load_dataset_json(source).get("labels"), load_dataset_json(target).get("labels")
+    if a == b:
+        return
+    a, b = a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}
+    diff = [f"{k}: {a[k]!r} (source) vs {b[k]!r} (target)" for k in a if k in b and a[k] != b[k]]
+    diff += [f"{k}: only in the source ({a[k]!r})" for k in a if k not in b]
+    diff += [f"{k}: only in the target ({b[k]!r})" for k in b if k not in a]
+    raise SDDMError(f"{source / 'dataset.json'} and {target / 'dataset.json'}: the source and the target "
+                    f"datasets have different labels ({'; '.join(diff) or 'not a labels object'}); the study "
+                    f"compares structures by label value, so both must use the same label map")
+
+
 def run_data(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     """Generate the phantom datasets, or link existing datasets into the study's nnUNet_raw."""
     from dataset_converters.phantoms import generate_phantom_dataset
@@ -306,6 +324,7 @@ def run_data(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(splits, dst)
         result[side] = final.name
+    _check_same_labels(ctx.raw("source"), ctx.raw("target"))
     n_src = _check_labelled(ctx.raw("source") / "imagesTr", ctx.raw("source") / "labelsTr", "source dataset")
     n_tgt = _check_labelled(ctx.target_images, ctx.target_labels, "target test set")
     syn = ctx.folders["raw"] / ctx.dataset_name("synthetic")
