@@ -203,6 +203,32 @@ def test_space_timesteps_guided_rule():
         space_timesteps(10, 20)
 
 
+def _guided_diffusion_space_timesteps(num_timesteps, section_counts):
+    """guided-diffusion's ``space_timesteps`` (respace.py), restated: the float stride is added up."""
+    size_per, extra = num_timesteps // len(section_counts), num_timesteps % len(section_counts)
+    start_idx, all_steps = 0, []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        for _ in range(section_count):
+            all_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        start_idx += size
+    return set(all_steps)
+
+
+def test_space_timesteps_equals_guided_diffusion_where_rounding_k_times_stride_differs():
+    # the paper's schedules: round(12 * 1999 / 24) = round(999.5) = 1000, the accumulated sum gives 999
+    assert space_timesteps(2000, 25)[12] == 999 and space_timesteps(3000, 25)[12] == 1499
+    differing = [K for K in range(2, 1001) if [round(k * (999 / (K - 1))) for k in range(K)]
+                 != sorted(_guided_diffusion_space_timesteps(1000, [K]))]  # the rule round(k * stride)
+    assert len(differing) > 100 and differing[:3] == [21, 23, 31]
+    for T, counts in [(2000, [25]), (3000, [25]), (1000, [21]), (1000, [59]), (1000, [1]), (1000, [10, 21, 7]),
+                      (4000, [25, 100])] + [(1000, [K]) for K in differing]:
+        assert space_timesteps(T, counts) == sorted(_guided_diffusion_space_timesteps(T, counts)), (T, counts)
+
+
 def test_spaced_abar_equals_original_and_original_indices():
     betas = get_named_beta_schedule("linear", 1000)
     base = GaussianDiffusion(betas)

@@ -21,8 +21,9 @@ def space_timesteps(num_timesteps: int, section_counts: Union[int, str, Sequence
 
     ``section_counts``: an int K, a comma string ``"10,15,20"`` or a list: the T steps are cut
     into equal sections and each section keeps its count of evenly strided steps (first and
-    last of the section included, rounded with Python's ``round``). T = 1000, K = 100 ->
-    ``0, 10, 20, ..., 999``.
+    last of the section included): exactly guided-diffusion's rule, the float stride added up
+    step by step and each sum rounded with Python's ``round``. T = 1000, K = 100 ->
+    ``0, 10, 20, ..., 999``; T = 2000, K = 25 keeps 999 (not ``round(12 * 1999 / 24) = 1000``).
     """
     if isinstance(section_counts, str):
         section_counts = [int(x) for x in section_counts.split(",") if x.strip()]
@@ -38,7 +39,10 @@ def space_timesteps(num_timesteps: int, section_counts: Union[int, str, Sequence
         if size < count:
             raise ValueError(f"cannot take {count} steps from a section of {size} of {num_timesteps} steps")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(k * stride) for k in range(count)]
+        cur = 0.0  # guided-diffusion adds the stride up in floats; round(k * stride) differs at times
+        for _ in range(count):
+            steps.append(start + round(cur))
+            cur += stride
         start += size
     return sorted(set(steps))
 
