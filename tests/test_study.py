@@ -56,6 +56,20 @@ def test_defaults_and_quick_are_valid():
     ({"device": "tpu"}, r"device must be auto, cpu, cuda or mps"),
     ({"evaluation": {"alpha": 1.5}}, r"evaluation.alpha must be in \(0, 1\)"),
     ({"figures": {"sweep": {"D": [2], "N": [500], "tau": [6]}}}, r"figures.sweep.N value 500"),
+    ({"figures": {"sweep": {"D": [2], "N": [2], "tau": ["x"]}}}, r"figures.sweep.tau value 'x' is not a number"),
+    ({"evaluation": {"empty_policy": "diagonall"}}, r"evaluation.empty_policy 'diagonall': empty policy: one_empty "
+                                                    r"must be 'nan', 'diagonal' or a number of mm"),
+    ({"evaluation": {"empty_policy": -3}}, r"evaluation.empty_policy -3: empty policy: penalty must be >= 0 mm"),
+    ({"evaluation": {"empty_policy": True}}, r"evaluation.empty_policy must be 'diagonal', 'nan' or a penalty"),
+    ({"evaluation": {"alpha": "0.05"}}, r"evaluation.alpha must be in \(0, 1\), got '0.05'"),
+    ({"sampler": {"tau": "x"}}, r"sampler.tau must be a number, got 'x'"),
+    ({"sampler": {"reference_behaviour": "no"}}, r"sampler.reference_behaviour must be true or false"),
+    ({"nnunet": {"step_size": "abc"}}, r"nnunet.step_size must be a number in \(0, 1\], got 'abc'"),
+    ({"nnunet": {"step_size": 1.5}}, r"nnunet.step_size must be a number in \(0, 1\], got 1.5"),
+    ({"figures": {"tsne": "no"}}, r"figures.tsne must be true or false \(a JSON boolean\), got 'no'"),
+    ({"fold": 7}, r"fold must be 'all' \(train on every case, as the paper\) or one of nnU-Net's five "
+                  r"cross-validation folds 0..4, got 7"),
+    ({"fold": "x"}, r"fold must be 'all' .* got 'x'"),
 ])
 def test_bad_configurations_name_the_problem(layer, message):
     with pytest.raises(SDDMError, match=r"STUDY\.json: .*" + message):

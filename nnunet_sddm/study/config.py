@@ -171,6 +171,19 @@ def _int(cfg: Mapping[str, Any], key: str, where: str, origin: str, lo: int = 0,
         raise SDDMError(f"{origin}: {where}.{key} must be an integer >= {lo}, got {v!r}")
 
 
+def _number(cfg: Mapping[str, Any], key: str, where: str, origin: str) -> float:
+    """The finite JSON number ``cfg[key]`` (``SDDMError`` naming ``where.key`` otherwise)."""
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        raise SDDMError(f"{origin}: {where}.{key} must be a number, got {v!r}")
+    return float(v)
+
+
+def _bool(cfg: Mapping[str, Any], key: str, where: str, origin: str) -> None:
+    if not isinstance(cfg.get(key), bool):
+        raise SDDMError(f"{origin}: {where}.{key} must be true or false (a JSON boolean), got {cfg.get(key)!r}")
+
+
 def validate(cfg: Dict[str, Any], origin: str = "study configuration") -> None:
     """Check every setting; ``SDDMError`` naming ``origin`` and the offending key."""
     from nnunet_sddm.diffusion.presets import PRESETS
@@ -237,9 +250,11 @@ def validate(cfg: Dict[str, Any], origin: str = "study configuration") -> None:
             raise SDDMError(f"{origin}: trainers: unknown segmenter {s!r}")
         if not isinstance(tr, str) or not tr.startswith("nnUNetTrainer"):
             raise SDDMError(f"{origin}: trainers.{s} must be an nnU-Net trainer class name, got {tr!r}")
-    if str(cfg["fold"]) != "all" and not str(cfg["fold"]).isdigit():
-        raise SDDMError(f"{origin}: fold must be 'all' or a fold number, got {cfg['fold']!r}")
-    cfg["fold"] = "all" if str(cfg["fold"]) == "all" else int(cfg["fold"])
+    fold = cfg["fold"]
+    if isinstance(fold, bool) or str(fold) not in ("all", "0", "1", "2", "3", "4"):
+        raise SDDMError(f"{origin}: fold must be 'all' (train on every case, as the paper) or one of nnU-Net's "
+                        f"five cross-validation folds 0..4, got {fold!r}")
+    cfg["fold"] = "all" if str(fold) == "all" else int(fold)
 
     dif = cfg["diffusion"]
     if dif["model"] is None:
@@ -263,6 +278,8 @@ def validate(cfg: Dict[str, Any], origin: str = "study configuration") -> None:
     for k in ("D", "N", "steps", "seed"):
         _int(smp, k, "sampler", origin)
     _int(smp, "batch_size", "sampler", origin, lo=1, allow_none=True)
+    _number(smp, "tau", "sampler", origin)
+    _bool(smp, "reference_behaviour", "sampler", origin)
     if smp["amp"] not in (None, "bf16", "fp16"):
         raise SDDMError(f"{origin}: sampler.amp must be null, 'bf16' or 'fp16', got {smp['amp']!r}")
     try:
@@ -278,21 +295,35 @@ def validate(cfg: Dict[str, Any], origin: str = "study configuration") -> None:
             if not isinstance(vals, list) or not vals:
                 raise SDDMError(f"{origin}: figures.sweep.{k} must be a non-empty list")
             for v in vals:
+                if k == "tau" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise SDDMError(f"{origin}: figures.sweep.tau value {v!r} is not a number")
                 try:
                     sampler_settings(cfg).replace(**{k: v})
                 except (SDDMError, TypeError) as e:
                     raise SDDMError(f"{origin}: figures.sweep.{k} value {v!r}: {e}") from None
+    _bool(cfg["figures"], "tsne", "figures", origin)
     if cfg["device"] not in ("auto", "cpu", "cuda", "mps"):
         raise SDDMError(f"{origin}: device must be auto, cpu, cuda or mps, got {cfg['device']!r}")
     if cfg["nnunet"]["folders"] not in ("study", "environment"):
         raise SDDMError(f"{origin}: nnunet.folders must be 'study' or 'environment'")
     _int(cfg["nnunet"], "num_processes", "nnunet", origin, lo=1)
-    if not 0 < float(cfg["nnunet"]["step_size"]) <= 1:
-        raise SDDMError(f"{origin}: nnunet.step_size must be in (0, 1]")
+    step = cfg["nnunet"]["step_size"]
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
+        raise SDDMError(f"{origin}: nnunet.step_size must be a number in (0, 1], got {step!r}")
     alpha = cfg["evaluation"]["alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise SDDMError(f"{origin}: evaluation.alpha must be in (0, 1), got {alpha!r}")
     _int(cfg["evaluation"], "num_processes", "evaluation", origin, lo=1, allow_none=True)
+    policy = cfg["evaluation"]["empty_policy"]
+    if isinstance(policy, bool) or not isinstance(policy, (str, int, float)):
+        raise SDDMError(f"{origin}: evaluation.empty_policy must be 'diagonal', 'nan' or a penalty in mm, "
+                        f"got {policy!r}")
+    from nnunet_sddm.evaluation.metrics import EmptyPolicy
+
+    try:
+        EmptyPolicy(policy)
+    except SDDMError as e:
+        raise SDDMError(f"{origin}: evaluation.empty_policy {policy!r}: {e}") from None
     _int(cfg, "seed", "study", origin)
     if not isinstance(cfg["output"], str) or not cfg["output"]:
         raise SDDMError(f"{origin}: output must be a folder path")
