@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,40 @@ def test_stage_runner_resumes_an_interrupted_stage(tmp_path):
     ctx.settings["c"] = 5
     res = _runner(ctx, log).run(ctx)
     assert ctx.resumed == [] and res["c"] == {"kept_partial_work": False}
+
+
+def test_stage_runner_sees_changes_of_an_upstream_stage_without_outputs(tmp_path):
+    """A given diffusion model (no output files of the study's own) replaced in place, or another
+    model given: the stages downstream of it re-run, not only the stage itself."""
+    ctx, log = _Ctx(tmp_path), []
+    model = tmp_path / "given_model"
+    model.mkdir()
+    (model / "ema.safetensors").write_text("v1")
+    ctx.model = model
+
+    def run_given(c, resume):
+        c.ran.append("given")
+        return {}
+
+    from nnunet_sddm.study.stages import file_listing
+
+    stages = lambda: [Stage("given", "a given model", run_given,  # noqa: E731
+                            lambda c: {"model": str(c.model), "files": file_listing(c.model)}, lambda c: []),
+                      _stage("a", ("given",)), _stage("b", ("a",))]
+    StageRunner(stages(), tmp_path, log=log.append).run(ctx)
+    assert ctx.ran == ["given", "a", "b"]
+    ctx.ran.clear()
+    StageRunner(stages(), tmp_path, log=log.append).run(ctx)
+    assert ctx.ran == []
+    (model / "ema.safetensors").write_text("v2-retrained")  # replaced in place
+    StageRunner(stages(), tmp_path, log=log.append).run(ctx)
+    assert ctx.ran == ["given", "a", "b"]
+    ctx.ran.clear()
+    other = tmp_path / "other_model"  # another model given (-m)
+    shutil.copytree(model, other)
+    ctx.model = other
+    StageRunner(stages(), tmp_path, log=log.append).run(ctx)
+    assert ctx.ran == ["given", "a", "b"]
 
 
 def test_stage_runner_refuses_a_broken_state_file(tmp_path):

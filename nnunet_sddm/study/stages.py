@@ -5,16 +5,18 @@ settings and input files it reads) and ``after`` (the upstream stages whose outp
 and ``outputs(ctx)``, the files and folders it produces. The runner keeps one state file
 (``study_state.json`` in the study folder) with, per stage::
 
-    {"status": "running" | "done", "fingerprint": sha256(inputs, upstream output digests),
+    {"status": "running" | "done", "fingerprint": sha256(inputs, upstream fingerprints and output digests),
      "outputs_digest": sha256(relative path, size, mtime of every output file),
      "seconds": wall time, "cpu_seconds": CPU time of the study process and its finished
      subprocesses (comparable on a busy machine), "started": ..., "finished": ..., "result": {...}}
 
 A stage is skipped when it is ``done``, its fingerprint is unchanged and its outputs are still
 exactly what it wrote; otherwise it runs. Because the fingerprint contains the upstream stages'
-output digests, a stage that re-ran invalidates everything downstream of it. A stage found
-``running`` with an unchanged fingerprint was interrupted: it is run again with ``resume=True``
-(stages keep their finished parts, e.g. trained models, adapted images); in every other case its
+fingerprints and output digests, a stage that re-ran invalidates everything downstream of it, also
+when it has no output files of its own (a given model or a user's dataset: a change of those is in
+its inputs, so in its fingerprint). A stage found ``running`` with an unchanged fingerprint was
+interrupted: it is run again with ``resume=True`` (stages keep their finished parts, e.g. trained
+models, adapted images); in every other case its
 old outputs are removed first (``clean``). ``from_stage`` forces a fresh run of that stage and all
 later ones. The state file is written atomically after every change, so a killed study loses at
 most the stage it was in.
@@ -167,7 +169,10 @@ class StageRunner:
         return self.state["stages"].get(name)
 
     def stage_fingerprint(self, stage: Stage, ctx: Any) -> str:
-        upstream = {u: (self.record(u) or {}).get("outputs_digest") for u in stage.after}
+        """sha256 of the stage's inputs and of each upstream stage's (fingerprint, outputs digest):
+        the digest alone is a constant for an upstream stage without output files."""
+        upstream = {u: [(self.record(u) or {}).get(k) for k in ("fingerprint", "outputs_digest")]
+                    for u in stage.after}
         return fingerprint({"stage": stage.name, "inputs": stage.inputs(ctx), "upstream": upstream})
 
     def is_current(self, stage: Stage, ctx: Any) -> bool:
