@@ -97,6 +97,16 @@ def test_arrays_keep_shape_units_and_batching_does_not_matter(loaded):
         assert not np.allclose(one[k], v)
 
 
+def test_reference_mode_never_pads_the_last_batch(loaded):
+    """DDA's exact mode takes ONE norm over the whole batch: 3 slices with batch size 4 must be the
+    3 slices sampled as one batch of 3 (no padding copies in the norm)."""
+    ref = FAST.replace(reference_behaviour=True)
+    vols = {"a": volume((3, 40, 30), seed=7)}
+    padded = adapt_arrays(vols, loaded, ref, batch_size=4, progress=False)["a"]
+    exact = adapt_arrays(vols, loaded, ref, batch_size=3, progress=False)["a"]
+    np.testing.assert_allclose(padded, exact, rtol=0, atol=1e-6 * float(np.abs(exact).max()))
+
+
 @pytest.mark.parametrize("bad,match", [
     (np.full((2, 8, 8), 3.0, np.float32), "constant"),
     (np.where(np.eye(8)[None] > 0, np.nan, 1.0).astype(np.float32), "NaN"),

@@ -82,7 +82,8 @@ def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: Sa
     differently for different batch SHAPES but give a slice the same bits whatever its batch
     neighbours; padding therefore makes results bit-identical for a given batch size however the
     slices are grouped: resumed runs, other case subsets, other rank counts. Costs at most one
-    batch per call.
+    batch per call. Never done with ``settings.reference_behaviour``: DDA's single batch-wide norm
+    would include the copies (the last batch is sampled as it is, as DDA does).
     """
     check_model_for_data(loaded, settings)
     device = next(loaded.model.parameters()).device
@@ -123,7 +124,7 @@ def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: Sa
             batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
             y0 = torch.cat([state[c].slices[z:z + 1] for c, z in batch])
             keys = [f"{c}/{z}" for c, z in batch]
-            n_pad = batch_size - len(batch) if pad_batches else 0
+            n_pad = batch_size - len(batch) if pad_batches and not settings.reference_behaviour else 0
             if n_pad:
                 y0 = torch.cat([y0, y0[:1].expand(n_pad, -1, -1, -1)])
                 keys += [f"\x00padding/{j}" for j in range(n_pad)]
@@ -153,7 +154,8 @@ def adapt_arrays(volumes: Mapping[str, np.ndarray], loaded, settings: SamplerSet
         device: where to run (default: where the model is).
         amp: None, ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the network.
         pad_batches: pad the last batch to ``batch_size`` (bit-identical results for a given
-            batch size however the slices are grouped; see ``iter_adapted``).
+            batch size however the slices are grouped; see ``iter_adapted``). Ignored with
+            ``settings.reference_behaviour`` (padding copies would enter DDA's batch-wide norm).
 
     Returns:
         ``{case: (z, y, x) float32}`` in the input's intensity units and shape, in input order.
