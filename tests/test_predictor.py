@@ -207,3 +207,49 @@ def test_bad_inputs_write_nothing(world, monkeypatch, capsys, extra, message):
     assert not out.exists()
     if "-o" in extra:
         assert sorted(p.name for p in target.iterdir()) == ["PhB0000_ED_0000.nii.gz"]
+
+
+def test_reorienting_reader_is_refused(tmp_path):
+    """nnU-Net's NibabelIOWithReorient gives RAS-ordered arrays; the adapted images are written into
+    the original header, so the adaptation path refuses such readers (clear SDDMError)."""
+    import nibabel as nib
+    import torch
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIOWithReorient
+
+    from nnunet_sddm.adaptation.predictor import SDDMPredictor
+    from nnunet_sddm.utilities.errors import SDDMError
+
+    image = tmp_path / "C_0000.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 2)).astype(np.float32),
+                             np.diag([-1.0, -1.0, 5.0, 1.0])), str(image))
+    predictor = SDDMPredictor(adapt_fn=lambda v: dict(v), device=torch.device("cpu"))
+    predictor.plans_manager = type("Plans", (), {"image_reader_writer_class": NibabelIOWithReorient})()
+    predictor.dataset_json = {"file_ending": ".nii.gz"}
+    with pytest.raises(SDDMError, match="NibabelIOWithReorient reorients"):
+        next(predictor.read_and_adapt([[str(image)]]))
+    predictor.adapt_fn = None  # N = 0 without --save-adapted: the stock path, nothing is written
+    data, _ = next(predictor.read_and_adapt([[str(image)]]))
+    assert data.shape == (1, 2, 8, 8)
+    predictor.save_adapted_dir = tmp_path / "saved"
+    with pytest.raises(SDDMError, match="reorients"):
+        next(predictor.read_and_adapt([[str(image)]]))
+    assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.timeout(120)
+def test_reorienting_reader_refused_before_anything_is_written(world, monkeypatch, capsys):
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIOWithReorient
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_sddm.cli.prediction import predict_main
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, world["env"][var])
+    monkeypatch.setattr(PlansManager, "image_reader_writer_class", property(lambda self: NibabelIOWithReorient))
+    out = world["root"] / "reorient_out"
+    with pytest.raises(SystemExit) as exc:
+        predict_main(["-i", str(world["target"]), "-o", str(out), *NNUNET, "-m", str(world["model"]), *SAMPLER])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "plans.json" in err and "NibabelIOWithReorient" in err, err
+    assert not out.exists()

@@ -71,6 +71,23 @@ def case_key(channel_files: Sequence[PathLike], file_ending: str) -> str:
     return Path(channel_files[0]).name[: -(len(file_ending) + 5)]
 
 
+def check_reader_for_adaptation(reader, source: str) -> None:
+    """``SDDMError`` for an image reader that reorients the image (nnU-Net's ``NibabelIOWithReorient``).
+
+    The adaptation slices the array the reader returns and the adapted images are written into the
+    ORIGINAL file's header (``--save-adapted``, ``nnUNetv2_sddm_adapt``): a reoriented array would be
+    saved flipped against its labels, adapted along another axis than ``nnUNetv2_sddm_adapt`` does,
+    possibly not the through-plane one. ``reader``: the class or an instance; ``source``: where it is set.
+    """
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIOWithReorient
+
+    cls = reader if isinstance(reader, type) else type(reader)
+    if issubclass(cls, NibabelIOWithReorient) or "reorient" in cls.__name__.lower():
+        raise SDDMError(f"{source}: the image reader {cls.__name__} reorients the images, which SD-DM adaptation "
+                        f"does not support (adapted images keep the stored orientation and the original header); "
+                        f"use a model planned with NibabelIO or SimpleITKIO")
+
+
 class SDDMPredictor(nnUNetPredictor):
     """``nnUNetPredictor`` that adapts each raw input image with ``adapt_fn`` before preprocessing.
 
@@ -101,6 +118,8 @@ class SDDMPredictor(nnUNetPredictor):
         the image as nnU-Net's reader gives it, adapted. Cases are adapted in groups
         of ``cases_per_adaptation``; adapted copies are written when ``save_adapted_dir`` is set."""
         rw = self.plans_manager.image_reader_writer_class()
+        if self.adapt_fn is not None or self.save_adapted_dir is not None:
+            check_reader_for_adaptation(rw, "the nnU-Net model's plans (image_reader_writer)")
         ending = self.dataset_json["file_ending"]
         for start in range(0, len(list_of_lists), self.cases_per_adaptation):
             group = list_of_lists[start:start + self.cases_per_adaptation]
@@ -453,8 +472,11 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
     loaded = load_for_adaptation(model, torch_device)
     check_model_for_data(loaded, settings, name=f"diffusion model {loaded.model_dir}")
     adapting = settings.N > 0
+    reader_class = PlansManager(load_json(str(model_folder / "plans.json"))).image_reader_writer_class
+    if adapting or save_adapted is not None:
+        check_reader_for_adaptation(reader_class, f"{model_folder / 'plans.json'}")
     if adapting and todo:
-        check_input_images(todo, PlansManager(load_json(str(model_folder / "plans.json"))).image_reader_writer_class())
+        check_input_images(todo, reader_class())
 
     def adapt_fn(volumes: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         return adapt_arrays(volumes, loaded, settings, batch_size=batch_size, amp=amp,
