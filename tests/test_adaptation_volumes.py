@@ -205,6 +205,65 @@ def test_resume_after_interruption_gives_identical_files(tmp_path, model_dir, mo
     assert adapt_folder(src, tmp_path / "resumed", str(model_dir), FAST, device="cpu", progress=False) == []
 
 
+def test_resume_refuses_other_input_and_other_weights(tmp_path, model_dir):
+    import shutil
+
+    from nnunet_sddm.diffusion.model_folder import EMA_FILE, load_weights, save_weights
+
+    in1 = make_input_folder(tmp_path / "in1")
+    in2 = tmp_path / "in2"
+    shutil.copytree(in1, in2)
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    out = tmp_path / "out"
+    adapt_folder(in1, out, str(model), FAST, device="cpu", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SDDMError, match="different input"):  # same case names, another folder
+        adapt_folder(in2, out, str(model), FAST, device="cpu", progress=False)
+    (in1 / "extra_0000.nii.gz").write_bytes((in1 / "thin_0000.nii.gz").read_bytes())
+    with pytest.raises(SDDMError, match="different cases"):
+        adapt_folder(in1, out, str(model), FAST, device="cpu", progress=False)
+    (in1 / "extra_0000.nii.gz").unlink()
+    state = load_weights(model / EMA_FILE)  # the same model folder, retrained weights
+    state = {k: v + 0.01 if k.startswith("out.") else v for k, v in state.items()}
+    save_weights(state, model / EMA_FILE)
+    with pytest.raises(SDDMError, match="different weights"):
+        adapt_folder(in1, out, str(model), FAST, device="cpu", progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a refused run must change nothing"
+    rec = json.loads((out / RECORD_FILE).read_text())
+    assert rec["input"] == str(in1.resolve()) and set(rec["weights"]) == {"ema.safetensors", "model.safetensors"}
+
+
+def test_interrupted_overwrite_never_keeps_old_outputs_under_the_new_record(tmp_path, model_dir, monkeypatch):
+    """seed 0 run; seed 1 with --overwrite killed after one file; seed 1 resumed without --overwrite:
+    every file is the seed-1 result (the review's scenario left two seed-0 files)."""
+    import nnunet_sddm.adaptation.folders as folders
+
+    src = make_input_folder(tmp_path / "in")
+    seed1 = FAST.replace(seed=1)
+    adapt_folder(src, tmp_path / "fresh", str(model_dir), seed1, device="cpu", batch_size=2, progress=False)
+    out = tmp_path / "out"
+    adapt_folder(src, out, str(model_dir), FAST, device="cpu", batch_size=2, progress=False)
+    real_write, calls = folders.write_like, []
+
+    def interrupted(data, template, path):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(path)
+        return real_write(data, template, path)
+
+    monkeypatch.setattr(folders, "write_like", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        adapt_folder(src, out, str(model_dir), seed1, device="cpu", batch_size=2, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([calls[0].name, RECORD_FILE])
+    monkeypatch.setattr(folders, "write_like", real_write)
+    again = adapt_folder(src, out, str(model_dir), seed1, device="cpu", batch_size=2, progress=False)
+    assert len(again) == 2
+    for p in src.iterdir():
+        np.testing.assert_array_equal(nib.load(str(out / p.name)).get_fdata(),
+                                      nib.load(str(tmp_path / "fresh" / p.name)).get_fdata())
+
+
 def test_ranks_split_cases_and_reproduce_single_process(tmp_path, model_dir):
     """torchrun simulated in-process: each rank, given its place, adapts only its share; the union
     is bit-identical to the single-process result (same batch size)."""

@@ -4,7 +4,9 @@
 ``OUT/CASE_0000<ending>`` (same shape, spacing, origin, direction/affine; float32 voxels) and
 records the run in ``OUT/sddm_adapt.json``. Each output is written atomically; outputs that
 exist already are skipped, so an interrupted run is resumed by running the same command again
-(with the same model and settings, checked against the record). Every input is checked (3D,
+(same input folder and cases, model folder and weights, settings; checked against the record).
+``overwrite`` deletes the outputs it will rewrite and the old record before it writes the new
+record, so no output of an earlier run is ever kept under a new record. Every input is checked (3D,
 finite, not constant) before any sampling starts. Under ``torchrun`` the cases are split over
 the ranks; the result equals the single-process one.
 """
@@ -29,15 +31,42 @@ from nnunet_sddm.utilities.files import remove_stale_temp, write_json
 RECORD_FILE = "sddm_adapt.json"
 
 #: Record fields that must match for a resumed run to continue an earlier one.
-_RESUME_KEYS = ("model", "settings", "amp")
+_RESUME_KEYS = ("model", "weights", "settings", "amp", "input", "cases")
+
+
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(loaded) -> Optional[Dict[str, str]]:
+    """``{file name: sha256}`` of the weight files in the model folder the ``LoadedModel`` came from
+    (``ema.safetensors``, which adaptation loads, and ``model.safetensors``, its fallback); ``None``
+    if the model has no folder or the folder holds no weight file (a model built in memory)."""
+    from nnunet_sddm.diffusion.model_folder import EMA_FILE, RAW_FILE
+
+    model_dir = getattr(loaded, "model_dir", None)
+    if model_dir is None:
+        return None
+    files = [Path(model_dir) / name for name in (EMA_FILE, RAW_FILE)]
+    digest = {f.name: _sha256(f) for f in files if f.is_file()}
+    return digest or None
 
 
 def run_record(loaded, settings: SamplerSettings, amp: Optional[str], batch_size: Optional[int],
                **extra) -> Dict[str, Any]:
-    """The JSON-able description of an adaptation run (package version, model, settings)."""
+    """The JSON-able description of an adaptation run (package version, model folder and the
+    digest of its weight files, settings)."""
     rec = {
         "package_version": nnunet_sddm.__version__,
         "model": str(Path(getattr(loaded, "model_dir", "")).resolve()) if getattr(loaded, "model_dir", None) else None,
+        "weights": weights_digest(loaded),
         "model_config": getattr(loaded, "config", None),
         "settings": settings.to_dict(),
         "amp": amp,
@@ -49,7 +78,8 @@ def run_record(loaded, settings: SamplerSettings, amp: Optional[str], batch_size
 
 
 def check_resumable(record_path: Path, record: Dict[str, Any], overwrite: bool) -> None:
-    """Refuse to continue into a folder written with another model or other settings."""
+    """Refuse to continue into a folder written with another model (folder or weights), other
+    settings, another input folder or other cases."""
     if overwrite or not record_path.is_file():
         return
     import json
@@ -165,14 +195,18 @@ def adapt_folder(in_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
         except SDDMError as e:
             ok, msg = False, str(e)
     dist_utils.all_ok(ok, msg, ranks)
-    if ranks.is_main:  # leftovers of a killed run (nnU-Net must never see half-written files)
-        remove_stale_temp(out_dir)
-    # with --overwrite every rank must decide what to redo before rank 0 rewrites the record
     pairs = [(p, out_dir / p.name) for _, p in sorted(cases.items())]
-    dist_utils.barrier(ranks)
     if ranks.is_main:
+        remove_stale_temp(out_dir)  # leftovers of a killed run (nnU-Net must never see half-written files)
+        if overwrite:  # old outputs first, then the old record: an interrupted --overwrite can never
+            for _, o in pairs:  # leave outputs of the old run under the new record
+                if o.is_file():
+                    o.unlink()
+            if record_path.is_file():
+                record_path.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(record, record_path)
+    dist_utils.barrier(ranks)  # the other ranks list their work only after rank 0 cleared the folder
     written = adapt_files(pairs, loaded, settings, batch_size=batch_size, amp=amp, overwrite=overwrite,
                           progress=progress, seed_keys=[c for c, _ in sorted(cases.items())], ranks=ranks)
     dist_utils.barrier(ranks)
