@@ -147,3 +147,19 @@ def test_sweep_grid(nnunet_env, phantoms, model_dir, tmp_path, capsys):
         sweep_main(["-i", str(image), "-m", str(model_dir), "-o", str(tmp_path / "x.png"), "--slice", "99",
                     "--steps", "10", "-N", "1", "--device", "cpu", "--quiet"])
     assert e.value.code == 2 and "--slice 99" in capsys.readouterr().err
+
+
+def test_unfinished_synthesis_of_other_weights_is_not_continued(tmp_path):
+    """A staging folder left by a run with other weights (same model folder) starts afresh."""
+    from nnunet_sddm.adaptation.synthesize import RECORD_FILE, _prepare_partial
+
+    partial = tmp_path / "partial"
+    rec = {"model": "/m", "weights": {"ema.safetensors": "aaa"}, "settings": {"N": 2}, "amp": None,
+           "source": "/s", "copies": 1, "include_test": False}
+    _prepare_partial(partial, rec)
+    (partial / "imagesTr" / "X_0000.nii.gz").write_bytes(b"old")
+    _prepare_partial(partial, rec)  # same run: kept
+    assert (partial / "imagesTr" / "X_0000.nii.gz").exists()
+    _prepare_partial(partial, {**rec, "weights": {"ema.safetensors": "bbb"}})
+    assert not (partial / "imagesTr" / "X_0000.nii.gz").exists()
+    assert json.loads((partial / RECORD_FILE).read_text())["weights"] == {"ema.safetensors": "bbb"}

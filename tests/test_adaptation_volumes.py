@@ -83,6 +83,18 @@ def test_n0_returns_input_clipped_to_its_window(loaded):
         assert out[k].dtype == np.float32
 
 
+def test_window_uses_the_models_training_percentiles(loaded):
+    """A model trained with data.percentiles [5, 95] adapts with that window, not 0.5 / 99.5."""
+    import copy
+
+    other = copy.copy(loaded)
+    other.config = {**loaded.config, "data": {**loaded.config.get("data", {}), "percentiles": [5.0, 95.0]}}
+    v = volume((2, 24, 24))
+    out = adapt_arrays({"a": v}, other, FAST.replace(N=0), progress=False)["a"]
+    lo, hi = np.percentile(v, (5.0, 95.0))
+    np.testing.assert_array_equal(out, np.clip(v, np.float32(lo), np.float32(hi)))
+
+
 def test_arrays_keep_shape_units_and_batching_does_not_matter(loaded):
     vols = {"a": volume((3, 40, 30)), "thin": volume((1, 20, 33), seed=1, scale=5.0),
             "aniso": volume((2, 64, 12), seed=2, scale=1e4)}

@@ -20,7 +20,7 @@ import numpy as np
 
 import nnunet_sddm
 from nnunet_sddm.adaptation import distributed as dist_utils
-from nnunet_sddm.adaptation.volumes import iter_adapted, load_for_adaptation
+from nnunet_sddm.adaptation.volumes import iter_adapted, load_for_adaptation, model_percentiles
 from nnunet_sddm.data.raw_dataset import list_images
 from nnunet_sddm.data.slices import IntensityWindow
 from nnunet_sddm.data.volumes import read_volume, write_like
@@ -95,12 +95,12 @@ def check_resumable(record_path: Path, record: Dict[str, Any], overwrite: bool) 
                         f"(see {record_path}); use --overwrite or another output folder")
 
 
-def _validate_inputs(paths: Sequence[Path]) -> List[int]:
+def _validate_inputs(paths: Sequence[Path], percentiles: Tuple[float, float]) -> List[int]:
     """Read every input once (3D, finite, not constant); returns their slice counts."""
     counts = []
     for p in paths:
         vol = read_volume(p)
-        IntensityWindow.fit(vol.data, name=str(p))
+        IntensityWindow.fit(vol.data, percentiles, name=str(p))
         counts.append(vol.num_slices)
     return counts
 
@@ -127,7 +127,7 @@ def adapt_files(pairs: Sequence[Tuple[Union[str, os.PathLike], Union[str, os.Pat
     todo = [(i, o, k) for (i, o), k in zip(pairs, seed_keys) if overwrite or not o.exists()]
     if not todo:
         return []
-    counts = _validate_inputs([i for i, _, _ in todo])
+    counts = _validate_inputs([i for i, _, _ in todo], model_percentiles(loaded))
     dist_utils.barrier(ranks)  # every rank has listed its work before anyone writes
     mine = dist_utils.shard(list(zip(todo, counts)), ranks)
     by_key = {k: (i, o) for (i, o, k), _ in mine}

@@ -390,7 +390,8 @@ def check_checkpoints(model_folder: Path, folds: Sequence[Union[int, str]], chec
                             f"the checkpoint with -chk)")
 
 
-def check_input_images(cases: Sequence[Case], reader_writer) -> None:
+def check_input_images(cases: Sequence[Case], reader_writer,
+                       percentiles: Tuple[float, float] = (0.5, 99.5)) -> None:
     """Read every image as the adaptation will (nnU-Net's reader) and refuse, before anything is
     written, images that are not 3D, contain NaN/inf or are constant."""
     from nnunet_sddm.data.slices import IntensityWindow
@@ -398,7 +399,7 @@ def check_input_images(cases: Sequence[Case], reader_writer) -> None:
 
     for c in cases:
         for f in c.files:
-            IntensityWindow.fit(read_volume(f, reader_writer).data, name=str(f))
+            IntensityWindow.fit(read_volume(f, reader_writer).data, percentiles, name=str(f))
 
 
 def _same(a: Optional[PathLike], b: Optional[PathLike]) -> bool:
@@ -432,7 +433,8 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
 
     from nnunet_sddm import __version__
     from nnunet_sddm.adaptation.distributed import resolve_device
-    from nnunet_sddm.adaptation.volumes import adapt_arrays, check_model_for_data, load_for_adaptation
+    from nnunet_sddm.adaptation.volumes import (adapt_arrays, check_model_for_data, load_for_adaptation,
+                                                model_percentiles)
     from nnunet_sddm.utilities.files import write_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -476,7 +478,7 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
     if adapting or save_adapted is not None:
         check_reader_for_adaptation(reader_class, f"{model_folder / 'plans.json'}")
     if adapting and todo:
-        check_input_images(todo, reader_class())
+        check_input_images(todo, reader_class(), model_percentiles(loaded))
 
     def adapt_fn(volumes: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         return adapt_arrays(volumes, loaded, settings, batch_size=batch_size, amp=amp,

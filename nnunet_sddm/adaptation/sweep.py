@@ -19,7 +19,7 @@ import numpy as np
 import nnunet_sddm
 from nnunet_sddm.adaptation.distributed import resolve_device
 from nnunet_sddm.adaptation.folders import case_of
-from nnunet_sddm.adaptation.volumes import check_model_for_data, load_for_adaptation
+from nnunet_sddm.adaptation.volumes import check_model_for_data, load_for_adaptation, model_percentiles
 from nnunet_sddm.data.slices import IntensityWindow, volume_to_model_slices
 from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
@@ -56,7 +56,7 @@ def sweep_grid(image: Union[str, os.PathLike], model, out_png: Union[str, os.Pat
     loaded = load_for_adaptation(model, resolve_device(device))
     for s in combos:
         check_model_for_data(loaded, s, name=f"model {getattr(loaded, 'model_dir', model)}")
-    window = IntensityWindow.fit(vol.data, name=str(image))
+    window = IntensityWindow.fit(vol.data, model_percentiles(loaded), name=str(image))
     y0, window, resize = volume_to_model_slices(vol.data[z:z + 1], loaded.image_size, window=window,
                                                 name=str(image))
     dev = next(loaded.model.parameters()).device

@@ -210,8 +210,8 @@ def _prepare_partial(partial: Path, record: dict) -> None:
         except (OSError, json.JSONDecodeError):
             old = None
         same = old is not None and all(old.get(k) == record.get(k) for k in
-                                       ("model", "settings", "amp", "source", "copies", "include_test",
-                                        "batch_size"))
+                                       ("model", "weights", "settings", "amp", "source", "copies",
+                                        "include_test", "batch_size"))
         if same:
             return
         shutil.rmtree(partial)  # a different (or unreadable) unfinished run: start afresh

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_sddm.data.slices import IntensityWindow, SquareResize, model_slices_to_volume, volume_to_model_slices
+from nnunet_sddm.data.slices import (PERCENTILES, IntensityWindow, SquareResize, model_slices_to_volume,
+                                     volume_to_model_slices)
 from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
 from nnunet_sddm.utilities.errors import SDDMError
 
@@ -53,6 +54,14 @@ def check_model_for_data(loaded, settings: SamplerSettings, name: str = "model")
         raise SDDMError(f"{name} expects {in_channels} input channels but the images are single-channel "
                         f"(cine MR): use a model trained on 1-channel slices")
     settings.check_model(int(loaded.image_size), int(loaded.diffusion.num_timesteps), name=name)
+
+
+def model_percentiles(loaded) -> Tuple[float, float]:
+    """The intensity percentiles ``(lo, hi)`` the model's training slices were normalised with
+    (``data.percentiles`` of its config; default 0.5 / 99.5): adaptation must use the same."""
+    pct = dict(getattr(loaded, "data_config", None) or {}).get("percentiles", PERCENTILES)
+    lo, hi = (float(x) for x in pct)
+    return lo, hi
 
 
 def window_only(volume: np.ndarray, window: IntensityWindow) -> np.ndarray:
@@ -91,6 +100,7 @@ def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: Sa
     if batch_size < 1:
         raise SDDMError(f"--batch-size must be >= 1, got {batch_size}")
     size = int(loaded.image_size)
+    percentiles = model_percentiles(loaded)
     source = iter(volumes)
     queue: deque = deque()
     state: Dict[str, _InFlight] = {}
@@ -111,7 +121,7 @@ def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: Sa
                 volume = np.asarray(volume)
                 if volume.ndim != 3:
                     raise SDDMError(f"{case}: expected a 3D volume (z, y, x), got shape {volume.shape}")
-                window = IntensityWindow.fit(volume, name=case)
+                window = IntensityWindow.fit(volume, percentiles, name=case)
                 if settings.N == 0:
                     bar.update(volume.shape[0])
                     yield case, window_only(volume, window)
