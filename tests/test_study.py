@@ -101,7 +101,7 @@ def test_cli_flags_map_to_configuration_keys(tmp_path, capsys):
     assert cfg["target"]["phantom"] == "C" and cfg["segmenters"] == ["2d", "vanilla"]
     assert cfg["epochs"] == 5 and cfg["sampler"]["N"] == 10 and cfg["sampler"]["tau"] == 3.0
     assert trainer_of(cfg, "2d") == "nnUNetTrainer_SDDM_NoDA_50ep" and cfg["fold"] == 0
-    assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_5ep_100it"  # --quick: 100 per epoch
+    assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_5ep_150it"  # --quick: 150 per epoch
     with pytest.raises(SystemExit) as e:
         study_main(["--quick", "-D", "6", "--print-config"])
     assert e.value.code == 2

@@ -89,7 +89,7 @@ QUICK: Dict[str, Any] = {
     "source": {"phantom": "A", "subjects": 8, "matrix": 64, "seed": 0},
     "target": {"phantom": "B", "subjects": 5, "matrix": 64, "seed": 1, "split": "Tr"},
     "epochs": 1,
-    "iterations_per_epoch": 100,
+    "iterations_per_epoch": 150,
     "diffusion": {"preset": "tiny", "iterations": 800},
     "sampler": {"D": 2, "N": 12, "tau": 6.0, "steps": 50},
     "device": "cpu",
