@@ -54,6 +54,8 @@ def test_defaults_and_quick_are_valid():
     ({"diffusion": {"preset": "huge"}}, r"diffusion.preset 'huge' does not exist"),
     ({"diffusion": {"set": {"model.image_size": 60}}}, r"not divisible"),
     ({"trainers": {"2d": "MyTrainer"}}, r"trainers.2d must be an nnU-Net trainer class name"),
+    ({"trainers": {"vanilla": "nnUNetTrainer_SDDM_NoDA_250ep"}},
+     r"segmenters '2d' and 'vanilla' are both nnUNetTrainer_SDDM_NoDA_250ep on 2d"),
     ({"device": "tpu"}, r"device must be auto, cpu, cuda or mps"),
     ({"evaluation": {"alpha": 1.5}}, r"evaluation.alpha must be in \(0, 1\)"),
     ({"figures": {"sweep": {"D": [2], "N": [500], "tau": [6]}}}, r"figures.sweep.N value 500"),

@@ -250,6 +250,13 @@ def validate(cfg: Dict[str, Any], origin: str = "study configuration") -> None:
             raise SDDMError(f"{origin}: trainers: unknown segmenter {s!r}")
         if not isinstance(tr, str) or not tr.startswith("nnUNetTrainer"):
             raise SDDMError(f"{origin}: trainers.{s} must be an nnU-Net trainer class name, got {tr!r}")
+    models: Dict[tuple, str] = {}
+    for s in segs:  # one results folder per (configuration, trainer): two segmenters would share it
+        key = (SEGMENTERS[s][0], trainer_of(cfg, s))
+        if key in models:
+            raise SDDMError(f"{origin}: segmenters {models[key]!r} and {s!r} are both {key[1]} on {key[0]}; "
+                            f"they would be one model (give one of them another trainer)")
+        models[key] = s
     fold = cfg["fold"]
     if isinstance(fold, bool) or str(fold) not in ("all", "0", "1", "2", "3", "4"):
         raise SDDMError(f"{origin}: fold must be 'all' (train on every case, as the paper) or one of nnU-Net's "
