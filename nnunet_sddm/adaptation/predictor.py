@@ -50,6 +50,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
+from nnunet_sddm.data.slices import PERCENTILES, IntensityWindow
 from nnunet_sddm.data.volumes import write_like
 from nnunet_sddm.utilities.errors import SDDMError
 
@@ -391,10 +392,9 @@ def check_checkpoints(model_folder: Path, folds: Sequence[Union[int, str]], chec
 
 
 def check_input_images(cases: Sequence[Case], reader_writer,
-                       percentiles: Tuple[float, float] = (0.5, 99.5)) -> None:
+                       percentiles: Tuple[float, float] = PERCENTILES) -> None:
     """Read every image as the adaptation will (nnU-Net's reader) and refuse, before anything is
     written, images that are not 3D, contain NaN/inf or are constant."""
-    from nnunet_sddm.data.slices import IntensityWindow
     from nnunet_sddm.data.volumes import read_volume
 
     for c in cases:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_sddm.data.slices import (PERCENTILES, IntensityWindow, SquareResize, model_slices_to_volume,
+from nnunet_sddm.data.slices import (IntensityWindow, SquareResize, configured_percentiles, model_slices_to_volume,
                                      volume_to_model_slices)
 from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
 from nnunet_sddm.utilities.errors import SDDMError
@@ -59,9 +59,7 @@ def check_model_for_data(loaded, settings: SamplerSettings, name: str = "model")
 def model_percentiles(loaded) -> Tuple[float, float]:
     """The intensity percentiles ``(lo, hi)`` the model's training slices were normalised with
     (``data.percentiles`` of its config; default 0.5 / 99.5): adaptation must use the same."""
-    pct = dict(getattr(loaded, "data_config", None) or {}).get("percentiles", PERCENTILES)
-    lo, hi = (float(x) for x in pct)
-    return lo, hi
+    return configured_percentiles(getattr(loaded, "data_config", None))
 
 
 def window_only(volume: np.ndarray, window: IntensityWindow) -> np.ndarray:

@@ -12,7 +12,7 @@ Pipeline (SDDM_METHOD.md section 5), for a volume ``(z, y, x)``:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +22,13 @@ from nnunet_sddm.utilities.errors import SDDMError
 
 #: Default percentiles of the per-volume intensity window.
 PERCENTILES: Tuple[float, float] = (0.5, 99.5)
+
+
+def configured_percentiles(data_cfg: Optional[Mapping[str, Any]]) -> Tuple[float, float]:
+    """``(lo, hi)`` percentiles of a model's ``data`` config section (``PERCENTILES`` if unset):
+    training slices and adapted images must be windowed alike."""
+    lo, hi = (float(x) for x in (data_cfg or {}).get("percentiles", PERCENTILES))
+    return lo, hi
 
 
 @dataclass(frozen=True)

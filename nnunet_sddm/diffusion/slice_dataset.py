@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nnunet_sddm.data.raw_dataset import list_images, load_cases_json, load_dataset_json
-from nnunet_sddm.data.slices import IntensityWindow, volume_to_model_slices
+from nnunet_sddm.data.slices import IntensityWindow, configured_percentiles, volume_to_model_slices
 from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import atomic_path, write_json
@@ -133,7 +133,7 @@ def load_slices(dataset_folder: Union[str, os.PathLike], size: int, data_cfg: Ma
     Raises ``SDDMError`` for a dataset without images, unreadable / non-3D / NaN images and
     constant volumes (naming the file)."""
     images = select_images(dataset_folder, data_cfg)
-    percentiles = tuple(float(x) for x in data_cfg.get("percentiles", (0.5, 99.5)))
+    percentiles = configured_percentiles(data_cfg)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(dataset_folder)
     key = _cache_key(images, size, percentiles)
     if cache_dir is not None:
