@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from _micro_model import one_torch_thread
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SDDM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -29,3 +31,10 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "ACDC").is_dir() or not (SHARED_DATA / "MnMs1-sample").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread during the test (small models; see ``_micro_model.one_torch_thread``)."""
+    with one_torch_thread():
+        yield

@@ -7,25 +7,21 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+
+from _interrupt import interrupt_after_writes
+from _micro_model import micro_model_folder, one_torch_thread
 
 from nnunet_sddm.adaptation.synthesize import synthesize_dataset
 from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.utilities.errors import SDDMError
 
 FAST = SamplerSettings(N=1, steps=10, seed=0)
-MICRO = {"model.image_size": 32, "model.channel_mult": [1, 1], "model.attention_resolutions": [],
-         "model.num_head_channels": -1, "diffusion.steps": 50}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from nnunet_sddm.diffusion.model_folder import create_model_folder
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield create_model_folder(tmp_path_factory.mktemp("micro"), "tiny", overrides=MICRO, seed=0)
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield micro_model_folder(tmp_path_factory.mktemp("micro"))
 
 
 @pytest.fixture
@@ -95,17 +91,10 @@ def test_synthesize_dataset(nnunet_env, phantoms, model_dir):
 @pytest.mark.timeout(120)
 def test_synthesize_resumes_from_its_staging_folder(nnunet_env, phantoms, model_dir, monkeypatch):
     import nnunet_sddm.adaptation.folders as folders
+    from nnunet_sddm.data.volumes import write_like
     from nnunet_sddm.utilities.nnunet_paths import raw_root
 
-    real_write, calls = folders.write_like, []
-
-    def interrupted(data, template, out):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(out)
-        return real_write(data, template, out)
-
-    monkeypatch.setattr(folders, "write_like", interrupted)
+    interrupt_after_writes(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         synthesize_dataset(41, 44, str(model_dir), FAST, device="cpu", progress=False, batch_size=2)
     partial = raw_root() / ".Dataset044_PhantomASDDM.partial"
@@ -114,7 +103,7 @@ def test_synthesize_resumes_from_its_staging_folder(nnunet_env, phantoms, model_
     assert len(first) == 2
     (partial / "imagesTr" / ".PhA0002_ED_syn0_0000.x1y2z3_4.nii.gz").write_bytes(b"half")  # a killed write
     (partial / "labelsTr" / ".PhA0002_ED_syn0.nii.gz.abcdefgh.sddm-tmp").mkdir()
-    monkeypatch.setattr(folders, "write_like", real_write)
+    monkeypatch.setattr(folders, "write_like", write_like)
     out = synthesize_dataset(41, 44, str(model_dir), FAST, device="cpu", progress=False, batch_size=2)
     assert {n: (out / "imagesTr" / n).stat().st_mtime_ns for n in first} == first  # kept, not redone
     assert len(list((out / "imagesTr").iterdir())) == 6 and not partial.exists()

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from _interrupt import interrupt_after_writes
+from _micro_model import MICRO, micro_model_folder, one_torch_thread
+
 from nnunet_sddm.adaptation.distributed import Ranks
 from nnunet_sddm.adaptation.folders import RECORD_FILE, adapt_folder
 from nnunet_sddm.adaptation.volumes import adapt_arrays
@@ -19,26 +22,13 @@ from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.utilities.errors import SDDMError
 
 FAST = SamplerSettings(N=2, steps=10, seed=0)
-MICRO = {"model.image_size": 32, "model.channel_mult": [1, 1], "model.attention_resolutions": [],
-         "model.num_head_channels": -1, "diffusion.steps": 50}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A micro model folder whose output layer is randomised (saved, so CLIs load the same)."""
-    from nnunet_sddm.diffusion.model_folder import EMA_FILE, create_model_folder, load_weights, save_weights
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    folder = create_model_folder(tmp_path_factory.mktemp("micro"), "tiny", overrides=MICRO, seed=0)
-    state = load_weights(folder / EMA_FILE)
-    g = torch.Generator().manual_seed(1)
-    for k in state:
-        if k.startswith("out."):
-            state[k] = torch.randn(state[k].shape, generator=g) * 0.05
-    save_weights(state, folder / EMA_FILE)
-    yield folder
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield micro_model_folder(tmp_path_factory.mktemp("micro"), randomise_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -183,18 +173,11 @@ def test_folder_bad_inputs_write_nothing(tmp_path, model_dir):
 
 def test_resume_after_interruption_gives_identical_files(tmp_path, model_dir, monkeypatch):
     import nnunet_sddm.adaptation.folders as folders
+    from nnunet_sddm.data.volumes import write_like
 
     src = make_input_folder(tmp_path / "in")
     adapt_folder(src, tmp_path / "full", str(model_dir), FAST, device="cpu", batch_size=2, progress=False)
-    real_write, calls = folders.write_like, []
-
-    def interrupted(data, template, out):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(out)
-        return real_write(data, template, out)
-
-    monkeypatch.setattr(folders, "write_like", interrupted)
+    calls = interrupt_after_writes(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         adapt_folder(src, tmp_path / "resumed", str(model_dir), FAST, device="cpu", batch_size=2, progress=False)
     assert len([p for p in (tmp_path / "resumed").iterdir() if p.name.endswith(".nii.gz")]) == 1
@@ -203,7 +186,7 @@ def test_resume_after_interruption_gives_identical_files(tmp_path, model_dir, mo
     (tmp_path / "resumed" / ".aniso_0000.nii.gz.k9x_a2b1.sddm-tmp").mkdir()
     (tmp_path / "resumed" / ".aniso_0000.nii.gz.k9x_a2b1.sddm-tmp" / "aniso_0000.nii.gz").write_bytes(b"half")
     (tmp_path / "resumed" / ".thin_0000.ab12cd_3.nii.gz").write_bytes(b"half")
-    monkeypatch.setattr(folders, "write_like", real_write)
+    monkeypatch.setattr(folders, "write_like", write_like)
     again = adapt_folder(src, tmp_path / "resumed", str(model_dir), FAST, device="cpu", batch_size=2,
                          progress=False)
     assert len(again) == 2 and calls[0] not in again
@@ -250,25 +233,18 @@ def test_interrupted_overwrite_never_keeps_old_outputs_under_the_new_record(tmp_
     """seed 0 run; seed 1 with --overwrite killed after one file; seed 1 resumed without --overwrite:
     every file is the seed-1 result (the review's scenario left two seed-0 files)."""
     import nnunet_sddm.adaptation.folders as folders
+    from nnunet_sddm.data.volumes import write_like
 
     src = make_input_folder(tmp_path / "in")
     seed1 = FAST.replace(seed=1)
     adapt_folder(src, tmp_path / "fresh", str(model_dir), seed1, device="cpu", batch_size=2, progress=False)
     out = tmp_path / "out"
     adapt_folder(src, out, str(model_dir), FAST, device="cpu", batch_size=2, progress=False)
-    real_write, calls = folders.write_like, []
-
-    def interrupted(data, template, path):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(path)
-        return real_write(data, template, path)
-
-    monkeypatch.setattr(folders, "write_like", interrupted)
+    calls = interrupt_after_writes(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         adapt_folder(src, out, str(model_dir), seed1, device="cpu", batch_size=2, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted([calls[0].name, RECORD_FILE])
-    monkeypatch.setattr(folders, "write_like", real_write)
+    monkeypatch.setattr(folders, "write_like", write_like)
     again = adapt_folder(src, out, str(model_dir), seed1, device="cpu", batch_size=2, progress=False)
     assert len(again) == 2
     for p in src.iterdir():

@@ -12,13 +12,7 @@ from nnunet_sddm.diffusion.respace import SpacedDiffusion
 from nnunet_sddm.utilities.errors import SDDMError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: thread synchronisation costs more than it gains on 2 (busy) cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is faster
 
 
 SMALL = {"model.image_size": 16, "model.channel_mult": [1, 2], "model.attention_resolutions": [8],

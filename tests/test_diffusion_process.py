@@ -13,13 +13,7 @@ from nnunet_sddm.diffusion.respace import SpacedDiffusion, space_timesteps
 from nnunet_sddm.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: thread synchronisation costs more than it gains on 2 (busy) cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is faster
 
 
 

@@ -25,14 +25,7 @@ FAST = {"model.image_size": 32, "model.channel_mult": [1, 2], "model.attention_r
         "training.save_interval": 1000, "training.sample_interval": 1000}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: thread synchronisation costs more than it gains (and is erratic on a busy
-    2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is faster
 
 
 @pytest.fixture

@@ -9,13 +9,7 @@ from nnunet_sddm.diffusion.presets import PRESETS, apply_overrides, validate_con
 from nnunet_sddm.utilities.errors import SDDMError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: thread synchronisation costs more than it gains on 2 (busy) cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is faster
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _micro_model import MICRO, one_torch_thread
 
 from nnunet_sddm.sampling.guided import SamplerSettings, SliceNoise, guided_sample, slice_seed
 from nnunet_sddm.sampling.lowpass import LowPass
 from nnunet_sddm.utilities.errors import SDDMError
-
-MICRO = {"model.image_size": 32, "model.channel_mult": [1, 1], "model.attention_resolutions": [],
-         "model.num_head_channels": -1, "diffusion.steps": 50}
 
 
 def micro_model(folder):
@@ -30,10 +28,8 @@ def micro_model(folder):
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is faster and immune to oversubscription
-    yield micro_model(tmp_path_factory.mktemp("micro"))
-    torch.set_num_threads(threads)
+    with one_torch_thread():  # tiny tensors: one thread is faster and immune to oversubscription
+        yield micro_model(tmp_path_factory.mktemp("micro"))
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +70,26 @@ def test_n0_is_identity(loaded, refs):
     assert torch.equal(out, refs)
 
 
+def unguided_chain(loaded, diffusion, y0, noise: SliceNoise, noise_level: int, first_step: int) -> torch.Tensor:
+    """Plain SDEdit: ``y0`` noised to ``noise_level``, then the diffusion's own p_sample from
+    ``first_step`` down to 0, with the per-slice noise streams in the sampler's order."""
+    b = y0.shape[0]
+    x = diffusion.q_sample(y0, torch.full((b,), noise_level), noise=noise.draw())
+    with torch.no_grad():
+        for i in range(first_step, -1, -1):
+            x = diffusion.p_sample(loaded.model, x, torch.full((b,), i),
+                                   noise=noise.draw() if i > 0 else None)["sample"]
+    return x
+
+
 def test_tau0_is_sdedit(loaded, refs):
     """tau = 0: noise to level N-1, then N plain reverse steps of the diffusion's own p_sample,
     with the same per-slice noise streams."""
     s = SamplerSettings(N=3, steps=10, tau=0.0, seed=5)
     got = guided_sample(loaded, refs[:4], s, KEYS[:4])
     diffusion = loaded.spaced_diffusion(10)
-    noise = SliceNoise(5, KEYS[:4], (1, 32, 32), torch.device("cpu"))
-    x = diffusion.q_sample(refs[:4], torch.full((4,), 2), noise=noise.draw())
-    with torch.no_grad():
-        for i in (2, 1, 0):
-            x = diffusion.p_sample(loaded.model, x, torch.full((4,), i),
-                                   noise=noise.draw() if i > 0 else None)["sample"]
+    x = unguided_chain(loaded, diffusion, refs[:4], SliceNoise(5, KEYS[:4], (1, 32, 32), torch.device("cpu")),
+                       noise_level=2, first_step=2)
     torch.testing.assert_close(got, x, atol=1e-5, rtol=0)
     guided = guided_sample(loaded, refs[:4], s.replace(tau=6.0), KEYS[:4])
     assert (guided - got).abs().max() > 1e-3
@@ -111,12 +115,8 @@ def test_reference_behaviour_couples_the_batch_and_offsets_n(loaded, refs):
     # reference noising: level N, first network call at N-1
     s0 = s.replace(tau=0.0)
     diffusion = loaded.spaced_diffusion(10)
-    noise = SliceNoise(1, KEYS[:2], (1, 32, 32), torch.device("cpu"))
-    x = diffusion.q_sample(refs[:2], torch.full((2,), 3), noise=noise.draw())
-    with torch.no_grad():
-        for i in (2, 1, 0):
-            x = diffusion.p_sample(loaded.model, x, torch.full((2,), i),
-                                   noise=noise.draw() if i > 0 else None)["sample"]
+    x = unguided_chain(loaded, diffusion, refs[:2], SliceNoise(1, KEYS[:2], (1, 32, 32), torch.device("cpu")),
+                       noise_level=3, first_step=2)
     torch.testing.assert_close(guided_sample(loaded, refs[:2], s0, KEYS[:2]), x, atol=1e-5, rtol=0)
 
 
