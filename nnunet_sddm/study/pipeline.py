@@ -180,13 +180,20 @@ def _load_created(ctx: StudyContext) -> Dict[str, List[str]]:
     return created
 
 
-def created_by_study(ctx: StudyContext, path: Path) -> bool:
+def _present(path: Path) -> bool:
+    """Exists, or is a (possibly dangling) link."""
+    return Path(path).exists() or Path(path).is_symlink()
+
+
+def created_by_study(ctx: StudyContext, path: Path, created: Optional[Dict[str, List[str]]] = None) -> bool:
     """True if ``path`` is the study's own: under its own nnU-Net folders (``nnunet.folders =
-    "study"``), or recorded in ``CREATED_FILE`` (itself or a parent folder) in environment mode."""
+    "study"``), or recorded in ``CREATED_FILE`` (itself or a parent folder) in environment mode.
+    ``created``: that record if already read (else it is read here)."""
     key = Path(_path_key(path))
     if ctx.cfg["nnunet"]["folders"] == "study":
         return key.is_relative_to(_path_key(ctx.out))
-    recorded = {Path(p) for paths in _load_created(ctx).values() for p in paths}
+    created = _load_created(ctx) if created is None else created
+    recorded = {Path(p) for paths in created.values() for p in paths}
     return any(k in recorded for k in (key, *key.parents))
 
 
@@ -197,14 +204,14 @@ def guard_user_outputs(ctx: StudyContext, stage: str, paths: Sequence[Path]) -> 
     partial outputs are the study's too). Nothing happens with ``nnunet.folders = "study"``."""
     if ctx.cfg["nnunet"]["folders"] != "environment":
         return
-    foreign = [str(p) for p in paths if (Path(p).exists() or Path(p).is_symlink()) and not created_by_study(ctx, p)]
+    created = _load_created(ctx)
+    foreign = [str(p) for p in paths if _present(p) and not created_by_study(ctx, p, created)]
     if foreign:
         raise SDDMError(f"stage {stage}: {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} exist(s) in "
                         f"your nnU-Net folders and were not made by this study (not in "
                         f"{ctx.out / CREATED_FILE}); the study never replaces or deletes them. Remove them, "
                         f"choose other dataset ids, or use nnunet.folders = 'study'")
-    created = _load_created(ctx)
-    old = [p for p in created.get(stage, []) if Path(p).exists() or Path(p).is_symlink()]
+    old = [p for p in created.get(stage, []) if _present(Path(p))]
     created[stage] = sorted(set(old) | {_path_key(p) for p in paths})
     write_json({"version": 1, "created": created}, ctx.out / CREATED_FILE)
 
@@ -213,8 +220,9 @@ def clean_study_outputs(ctx: StudyContext, stage: str, paths: Sequence[Path]) ->
     """Delete the old ``paths`` of ``stage`` before it runs afresh; only paths this study created
     are ever deleted (anything else in the way is refused by ``guard_user_outputs``)."""
     guard_user_outputs(ctx, stage, paths)
-    existing = [Path(p) for p in paths if Path(p).exists() or Path(p).is_symlink()]
-    if any(not created_by_study(ctx, p) for p in existing):  # study mode: a path outside the study folder
+    existing = [Path(p) for p in paths if _present(p)]
+    created = _load_created(ctx) if ctx.cfg["nnunet"]["folders"] == "environment" else None
+    if any(not created_by_study(ctx, p, created) for p in existing):  # study mode: outside the study folder
         raise SDDMError(f"stage {stage}: refusing to delete {', '.join(str(p) for p in existing)}: not in the "
                         f"study folder {ctx.out}")
     remove_paths(existing)
