@@ -21,12 +21,12 @@ def _bar_styles(entries: Sequence[str]) -> dict:
     it when that distinguishes every entry with at most 10 colours; else one colour per entry."""
     from matplotlib import colormaps
 
-    heads = list(dict.fromkeys(e.split("/", 1)[0] for e in entries))
-    tails = list(dict.fromkeys(e.split("/", 1)[1] if "/" in e else "" for e in entries))
-    if len(heads) <= 10 and len(tails) <= len(_HATCHES) and len(heads) * len(tails) >= len(entries) > 10:
+    parts = {e: e.partition("/")[::2] for e in entries}  # (approach, model); model "" without "/"
+    heads = list(dict.fromkeys(h for h, _ in parts.values()))
+    tails = list(dict.fromkeys(t for _, t in parts.values()))
+    if len(entries) > 10 and len(heads) <= 10 and len(tails) <= len(_HATCHES):
         tab10 = colormaps["tab10"].colors
-        return {e: (tab10[heads.index(e.split("/", 1)[0])],
-                    _HATCHES[tails.index(e.split("/", 1)[1] if "/" in e else "")]) for e in entries}
+        return {e: (tab10[heads.index(h)], _HATCHES[tails.index(t)]) for e, (h, t) in parts.items()}
     cmap = colormaps["tab10" if len(entries) <= 10 else "tab20"]
     return {e: (cmap(i % cmap.N), "") for i, e in enumerate(entries)}
 
