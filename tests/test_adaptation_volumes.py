@@ -14,7 +14,7 @@ import torch
 from _interrupt import interrupt_after_writes
 from _micro_model import MICRO, micro_model_folder, one_torch_thread
 
-from nnunet_sddm.adaptation.distributed import Ranks
+from nnunet_sddm.utilities.distributed import Ranks
 from nnunet_sddm.adaptation.folders import RECORD_FILE, adapt_folder
 from nnunet_sddm.adaptation.volumes import adapt_arrays
 from nnunet_sddm.data.volumes import read_geometry, same_geometry
@@ -277,7 +277,7 @@ def test_torchrun_sets_the_rank_device_before_nccl(monkeypatch, device, expected
     (faked CUDA and process group: no GPU needed)."""
     import torch.distributed as dist
 
-    from nnunet_sddm.adaptation.distributed import init_from_env
+    from nnunet_sddm.utilities.distributed import init_from_env
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "4")

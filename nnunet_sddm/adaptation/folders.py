@@ -19,7 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 import nnunet_sddm
-from nnunet_sddm.adaptation import distributed as dist_utils
+from nnunet_sddm.utilities import distributed as dist_utils
+from nnunet_sddm.utilities.devices import resolve_device
 from nnunet_sddm.adaptation.volumes import iter_adapted, load_for_adaptation, model_percentiles
 from nnunet_sddm.data.raw_dataset import list_images
 from nnunet_sddm.data.slices import IntensityWindow
@@ -180,7 +181,7 @@ def adapt_folder(in_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
     if not cases:
         raise SDDMError(f"{in_dir}: no nnU-Net images (CASE_0000.nii.gz, ...) found")
     ranks = ranks or dist_utils.init_from_env(device)
-    dev = dist_utils.resolve_device(device, ranks)
+    dev = resolve_device(device, ranks.local_rank)
     loaded = load_for_adaptation(model, dev)
     from nnunet_sddm.adaptation.volumes import check_model_for_data
 

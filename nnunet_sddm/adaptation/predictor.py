@@ -432,7 +432,7 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
     import time
 
     from nnunet_sddm import __version__
-    from nnunet_sddm.adaptation.distributed import resolve_device
+    from nnunet_sddm.utilities.devices import resolve_device
     from nnunet_sddm.adaptation.volumes import (adapt_arrays, check_model_for_data, load_for_adaptation,
                                                 model_percentiles)
     from nnunet_sddm.utilities.files import write_json

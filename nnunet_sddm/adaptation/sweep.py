@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 import nnunet_sddm
-from nnunet_sddm.adaptation.distributed import resolve_device
+from nnunet_sddm.utilities.devices import resolve_device
 from nnunet_sddm.adaptation.folders import case_of
 from nnunet_sddm.adaptation.volumes import check_model_for_data, load_for_adaptation, model_percentiles
 from nnunet_sddm.data.slices import IntensityWindow, volume_to_model_slices

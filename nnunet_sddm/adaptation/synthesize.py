@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import nnunet_sddm
-from nnunet_sddm.adaptation import distributed as dist_utils
+from nnunet_sddm.utilities import distributed as dist_utils
+from nnunet_sddm.utilities.devices import resolve_device
 from nnunet_sddm.adaptation.folders import adapt_files, run_record
 from nnunet_sddm.adaptation.volumes import check_model_for_data, load_for_adaptation
 from nnunet_sddm.data.raw_dataset import (list_images, list_labels, load_cases_json, load_dataset_json,
@@ -131,7 +132,7 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model,
     records = {r["case"]: r for r in load_cases_json(src)}
 
     ranks = ranks or dist_utils.init_from_env(device)
-    loaded = load_for_adaptation(model, dist_utils.resolve_device(device, ranks))
+    loaded = load_for_adaptation(model, resolve_device(device, ranks.local_rank))
     check_model_for_data(loaded, settings, name=f"model {getattr(loaded, 'model_dir', model)}")
 
     subjects = {case: str(records.get(case, {}).get("subject", case)) for _, case, _, _ in listing}

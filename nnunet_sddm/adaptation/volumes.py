@@ -169,7 +169,7 @@ def adapt_arrays(volumes: Mapping[str, np.ndarray], loaded, settings: SamplerSet
         ``{case: (z, y, x) float32}`` in the input's intensity units and shape, in input order.
     """
     if device is not None:
-        from nnunet_sddm.adaptation.distributed import resolve_device
+        from nnunet_sddm.utilities.devices import resolve_device
 
         loaded = load_for_adaptation(loaded, resolve_device(str(device)))
     elif not hasattr(loaded, "model"):

@@ -45,6 +45,14 @@ def split_ending(filename: str, endings: Sequence[str] = IMAGE_ENDINGS) -> tuple
     return filename, ""
 
 
+def case_of(path: os.PathLike) -> str:
+    """The nnU-Net case id of an image or label file: ``CASE_0000.nii.gz`` -> ``CASE`` (the file
+    name without its ending and without a 4-digit channel suffix), ``CASE.nii.gz`` -> ``CASE``."""
+    stem, _ = split_ending(Path(path).name)
+    m = _CHANNEL_RE.match(stem)
+    return m.group("case") if m else stem
+
+
 def scan_folder(folder: os.PathLike, file_ending: Optional[str] = None) -> List[Tuple[str, str, Path]]:
     """``(stem, ending, path)`` of every visible file directly in ``folder`` whose name ends in
     ``file_ending`` (default: any of ``IMAGE_ENDINGS``), sorted by name; other files are ignored."""
