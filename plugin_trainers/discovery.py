@@ -13,13 +13,11 @@ This module imports nothing heavy (no torch, no nnunetv2).
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
-from typing import List, MutableMapping, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from nnunet_sddm.utilities.errors import SDDMError, cli_entry
-
-ENV_VAR = "nnUNet_extTrainer"
+from nnunet_sddm.utilities.nnunet_paths import TRAINER_ENV_VAR as ENV_VAR  # noqa: F401
+from nnunet_sddm.utilities.nnunet_paths import ensure_trainer_path_in_env, trainer_folder
 
 #: Every trainer name this plugin defines statically (epoch variants ``<family>_<N>ep`` also resolve).
 TRAINER_NAMES: tuple = (
@@ -42,31 +40,7 @@ TRAINER_NAMES: tuple = (
 
 def trainer_path() -> str:
     """Absolute path of the folder to put in ``nnUNet_extTrainer`` (raises if it is missing)."""
-    folder = Path(__file__).resolve().parent / "nnunet_ext"
-    if not (folder / "sddm_trainers.py").is_file():
-        raise SDDMError(f"{folder}/sddm_trainers.py is missing: the nnunet-sddm installation is "
-                        f"incomplete (reinstall the package)")
-    return str(folder)
-
-
-def _split(value: str) -> List[str]:
-    return [p for p in value.split(os.pathsep) if p.strip()]
-
-
-def ensure_trainer_path_in_env(env: Optional[MutableMapping[str, str]] = None) -> MutableMapping[str, str]:
-    """Append :func:`trainer_path` to ``env[nnUNet_extTrainer]`` unless already there.
-
-    ``env`` defaults to ``os.environ`` (nnU-Net reads the variable at lookup time, so this also
-    works in-process); pass a copy of the environment for a subprocess. Folders the user listed
-    keep their order and precedence. Returns ``env``.
-    """
-    env = os.environ if env is None else env
-    ours = trainer_path()
-    parts = _split(env.get(ENV_VAR, ""))
-    if not any(os.path.realpath(p) == os.path.realpath(ours) for p in parts):
-        parts.append(ours)
-    env[ENV_VAR] = os.pathsep.join(parts)
-    return env
+    return str(trainer_folder())
 
 
 def check_lookup(names: Sequence[str] = TRAINER_NAMES) -> List[str]:

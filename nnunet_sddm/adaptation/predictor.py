@@ -486,7 +486,7 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
 
     # ---- nnU-Net's predictor (the trainer class is looked up by name: make ours findable)
     try:
-        from plugin_trainers.discovery import ensure_trainer_path_in_env
+        from nnunet_sddm.utilities.nnunet_paths import ensure_trainer_path_in_env
 
         ensure_trainer_path_in_env()
     except ImportError:  # pragma: no cover - partial installation

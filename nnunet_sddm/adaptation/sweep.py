@@ -20,7 +20,7 @@ import nnunet_sddm
 from nnunet_sddm.utilities.devices import resolve_device
 from nnunet_sddm.adaptation.folders import case_of
 from nnunet_sddm.adaptation.volumes import check_model_for_data, load_for_adaptation, model_percentiles
-from nnunet_sddm.data.slices import IntensityWindow, volume_to_model_slices
+from nnunet_sddm.data.slices import IntensityWindow, model_slices_to_volume, volume_to_model_slices
 from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
 from nnunet_sddm.utilities.errors import SDDMError
@@ -66,7 +66,7 @@ def sweep_grid(image: Union[str, os.PathLike], model, out_png: Union[str, os.Pat
     panels = []
     for s in tqdm(combos, desc="sweep", unit="setting", disable=not progress):
         x = guided_sample(loaded, y0.to(dev), s, [key], amp=amp).cpu()
-        panels.append(window.denormalize(resize.inverse(x).numpy())[0])
+        panels.append(model_slices_to_volume(x, window, resize)[0])
     reference = np.clip(vol.data[z], window.lo, window.hi)
     _draw(out_png, reference, panels, combos, Ds, window, vol.spacing, title=f"{Path(image).name}  slice {z}")
     write_json({"package_version": nnunet_sddm.__version__, "image": str(Path(image).resolve()), "slice": z,

@@ -114,5 +114,11 @@ def volume_to_model_slices(volume: np.ndarray, size: int, window: IntensityWindo
 
 def model_slices_to_volume(x: torch.Tensor, window: IntensityWindow, resize: SquareResize) -> np.ndarray:
     """Inverse of ``volume_to_model_slices``: ``(z, 1, size, size)`` -> ``(z, y, x)`` float32 in
-    the volume's original intensity units."""
-    return window.denormalize(resize.inverse(x.detach().cpu().float()).numpy())
+    the volume's original intensity units, clipped to the volume's window ``[lo, hi]``.
+
+    The last reverse step adds noise and is not clamped, so a sample can leave ``[-1, 1]`` (and the
+    bicubic inverse resize can overshoot); the clip keeps adapted images in the intensity range of
+    the input's window, as DDA clips its saved samples to ``[-1, 1]`` and as ``N = 0`` clips the input.
+    """
+    out = window.denormalize(resize.inverse(x.detach().cpu().float()).numpy())
+    return np.clip(out, np.float32(window.lo), np.float32(window.hi))

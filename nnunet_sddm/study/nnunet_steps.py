@@ -33,7 +33,7 @@ def nnunet_env(folders: Mapping[str, Path], device: str, training: bool = False,
     """Environment of an nnU-Net subprocess (see the module docstring). ``num_processes`` sets
     ``nnUNet_def_n_proc`` (nnU-Net's default worker count, 8, e.g. for the final validation's
     export workers, each a process start-up)."""
-    from plugin_trainers.discovery import ensure_trainer_path_in_env
+    from nnunet_sddm.utilities.nnunet_paths import ensure_trainer_path_in_env
 
     env = dict(os.environ if base is None else base)
     if num_processes is not None:
@@ -108,7 +108,7 @@ def load_predictor(model_dir: Path, fold: Union[int, str], device: str, step_siz
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from plugin_trainers.discovery import ensure_trainer_path_in_env
+    from nnunet_sddm.utilities.nnunet_paths import ensure_trainer_path_in_env
 
     ensure_trainer_path_in_env()
     if device == "cpu":

@@ -2,17 +2,55 @@
 
 ``nnunetv2.paths`` reads the variables once at import (and, in 2.8.1, not as plain strings);
 reading them here at call time lets tests and long-lived processes change them.
+
+Trainer lookup: nnU-Net finds third-party trainers only through ``nnUNet_extTrainer`` (folders
+separated by ``os.pathsep``), in ``nnUNetv2_train`` and ``nnUNetv2_predict`` alike. The folder of
+this plugin, ``plugin_trainers/nnunet_ext``, is located here without importing the trainers (the
+library never imports ``plugin_trainers``; the trainers import the library).
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import List, Optional, Union
+import importlib.util
+from typing import List, MutableMapping, Optional, Union
 
 from nnunet_sddm.utilities.errors import SDDMError
 
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
+
+#: nnU-Net's variable for third-party trainer folders.
+TRAINER_ENV_VAR = "nnUNet_extTrainer"
+
+
+def trainer_folder() -> Path:
+    """The folder to put in ``nnUNet_extTrainer`` (``plugin_trainers/nnunet_ext`` of the installed
+    package); ``SDDMError`` if the installation lacks it."""
+    spec = importlib.util.find_spec("plugin_trainers")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        folder = Path(loc).resolve() / "nnunet_ext"
+        if (folder / "sddm_trainers.py").is_file():
+            return folder
+    raise SDDMError("plugin_trainers/nnunet_ext/sddm_trainers.py is missing: the nnunet-sddm installation is "
+                    "incomplete (reinstall the package: pip install -e .)")
+
+
+def ensure_trainer_path_in_env(env: Optional[MutableMapping[str, str]] = None) -> MutableMapping[str, str]:
+    """Append :func:`trainer_folder` to ``env[nnUNet_extTrainer]`` unless already there.
+
+    ``env`` defaults to ``os.environ`` (nnU-Net reads the variable at lookup time, so this also
+    works in-process); pass a copy of the environment for a subprocess. Folders the user listed
+    keep their order and precedence. Returns ``env``.
+    """
+    env = os.environ if env is None else env
+    ours = str(trainer_folder())
+    parts = [p for p in env.get(TRAINER_ENV_VAR, "").split(os.pathsep) if p.strip()]
+    if not any(os.path.realpath(p) == os.path.realpath(ours) for p in parts):
+        parts.append(ours)
+    env[TRAINER_ENV_VAR] = os.pathsep.join(parts)
+    return env
 
 
 def _env_folder(var: str) -> Path:
