@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
-    from dataset_converters.phantoms import generate_phantom_dataset
+    from nnunet_sddm.data.phantoms import generate_phantom_dataset
     from nnunet_sddm.evaluation.evaluate import evaluate_folders
     from plugin_trainers.discovery import ensure_trainer_path_in_env
 

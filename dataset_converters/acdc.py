@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from dataset_converters.common import (DatasetBuilder, Source, check_same_grid, frame, image_dtype,
-                                       label_array, load_source, log, write_with_header)
-from nnunet_sddm.data.raw_dataset import CARDIAC_LABELS
+from dataset_converters.common import (Source, check_same_grid, frame, image_dtype, label_array,
+                                       load_source, write_with_header)
+from nnunet_sddm.data.raw_dataset import CARDIAC_LABELS, RawDatasetBuilder, log
 from nnunet_sddm.utilities.errors import SDDMError, cli_entry
 
 #: ACDC label value -> M&Ms-convention value (1 RV -> 3, 2 MYO -> 2, 3 LV -> 1).
@@ -112,7 +112,7 @@ def convert_acdc(root: Path, dataset_id: int, name: str = "ACDC", labels: str = 
 
     desc = (f"ACDC cine MRI (University Hospital of Dijon), ED/ES frames; labels "
             f"{'harmonised to 1 LV, 2 MYO, 3 RV' if labels == 'mnms' else 'native ACDC: 1 RV, 2 MYO, 3 LV'}")
-    with DatasetBuilder(dataset_id, name, overwrite=overwrite, labels=label_names, description=desc,
+    with RawDatasetBuilder(dataset_id, name, overwrite=overwrite, labels=label_names, description=desc,
                         extra_json={"source_dataset": "ACDC", "label_convention": labels,
                                     "licence": "ACDC: research use, cite Bernard et al. IEEE TMI 2018"}) as b:
         for split, pdir in tqdm(patients, desc="ACDC", unit="patient", disable=None):

@@ -26,8 +26,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from dataset_converters.common import (DatasetBuilder, check_same_grid, frame, image_dtype,
-                                       label_array, load_source, log, write_with_header)
+from dataset_converters.common import (check_same_grid, frame, image_dtype, label_array, load_source,
+                                       write_with_header)
+from nnunet_sddm.data.raw_dataset import RawDatasetBuilder, log
 from nnunet_sddm.utilities.errors import SDDMError, cli_entry
 
 MNMS_LABELS = {0: 0, 1: 1, 2: 2, 3: 3}
@@ -233,7 +234,7 @@ def convert_mnms(root: Path, dataset_id: int, info_csv: Optional[Path] = None,
     from tqdm import tqdm
 
     repairs = 0
-    with DatasetBuilder(dataset_id, name, overwrite=overwrite,
+    with RawDatasetBuilder(dataset_id, name, overwrite=overwrite,
                         description="M&Ms cardiac cine MRI, ED/ES frames; labels 1 LV, 2 MYO, 3 RV",
                         extra_json={"source_dataset": "M&Ms", "vendors": sorted(vsel) if vsel else None,
                                     "centres": sorted(map(str, csel)) if csel else None,

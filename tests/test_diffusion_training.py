@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread i
 
 @pytest.fixture
 def phantoms(nnunet_env):
-    from dataset_converters.phantoms import generate_phantom_dataset
+    from nnunet_sddm.data.phantoms import generate_phantom_dataset
 
     return generate_phantom_dataset(11, "A", 2, matrix=64)
 

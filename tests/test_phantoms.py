@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from dataset_converters import phantoms
-from dataset_converters.phantoms import VENDORS, generate_phantom_dataset, generate_subject
+from nnunet_sddm.data.phantoms import VENDORS, generate_phantom_dataset, generate_subject
 from nnunet_sddm.utilities.errors import SDDMError
 
 MATRIX = 48
@@ -154,6 +154,39 @@ def test_cli_refuses_existing_id_and_keeps_splits(nnunet_env, capsys):
     # replacing with another name removes the old folder of that id
     phantoms.main(["-d", "12", "--vendor", "B", "--cases", "5", "--matrix", "32", "--overwrite"])
     assert sorted(p.name for p in nnunet_env["raw"].iterdir()) == ["Dataset012_PhantomB"]
+
+
+@pytest.mark.timeout(120)
+def test_failed_run_leaves_nothing_that_blocks_the_identical_retry(nnunet_env, monkeypatch, capsys):
+    # issue 11: nnUNet_raw set, nnUNet_preprocessed unset -> the dataset was left in nnUNet_raw and
+    # the identical retry was refused ("id exists already")
+    args = ["-d", "14", "--vendor", "A", "--cases", "5", "--matrix", "32"]
+    monkeypatch.delenv("nnUNet_preprocessed")
+    with pytest.raises(SystemExit) as e:
+        phantoms.main(args)
+    assert e.value.code == 2
+    assert "nnUNet_preprocessed" in capsys.readouterr().err
+    assert list(nnunet_env["raw"].iterdir()) == []  # nothing published, no staging left behind
+    # the splits could not be written (nnUNet_preprocessed, or the dataset's folder in it, is a file)
+    blocker = nnunet_env["preprocessed"].parent / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("nnUNet_preprocessed", str(blocker))
+    with pytest.raises(SystemExit) as e:
+        phantoms.main(args)
+    assert e.value.code == 2
+    assert f"nnUNet_preprocessed={blocker} is not a folder" in capsys.readouterr().err
+    assert list(nnunet_env["raw"].iterdir()) == []
+    monkeypatch.setenv("nnUNet_preprocessed", str(nnunet_env["preprocessed"]))
+    (nnunet_env["preprocessed"] / "Dataset014_PhantomA").write_text("")
+    with pytest.raises(SystemExit) as e:
+        phantoms.main(args)
+    assert e.value.code == 2
+    assert "Dataset014_PhantomA: exists and is not a folder" in capsys.readouterr().err
+    assert list(nnunet_env["raw"].iterdir()) == []
+    (nnunet_env["preprocessed"] / "Dataset014_PhantomA").unlink()
+    phantoms.main(args)  # the identical retry succeeds
+    assert sorted(p.name for p in nnunet_env["raw"].iterdir()) == ["Dataset014_PhantomA"]
+    assert (nnunet_env["preprocessed"] / "Dataset014_PhantomA" / "splits_final.json").is_file()
 
 
 @pytest.mark.timeout(180)
