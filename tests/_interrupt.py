@@ -5,11 +5,11 @@ from typing import List
 
 
 def interrupt_after_writes(monkeypatch, n: int = 1) -> List:
-    """Make the adaptation's writer (``folders.write_like``) raise KeyboardInterrupt once ``n``
+    """Make the adaptation's writer (``pipeline.write_like``) raise KeyboardInterrupt once ``n``
     outputs are written; returns the list of the outputs written so far."""
-    import nnunet_sddm.adaptation.folders as folders
+    import nnunet_sddm.adaptation.pipeline as pipeline
 
-    real_write, calls = folders.write_like, []
+    real_write, calls = pipeline.write_like, []
 
     def interrupted(data, template, path):
         if len(calls) == n:
@@ -17,5 +17,5 @@ def interrupt_after_writes(monkeypatch, n: int = 1) -> List:
         calls.append(path)
         return real_write(data, template, path)
 
-    monkeypatch.setattr(folders, "write_like", interrupted)
+    monkeypatch.setattr(pipeline, "write_like", interrupted)
     return calls

@@ -90,7 +90,7 @@ def test_synthesize_dataset(nnunet_env, phantoms, model_dir):
 
 @pytest.mark.timeout(120)
 def test_synthesize_resumes_from_its_staging_folder(nnunet_env, phantoms, model_dir, monkeypatch):
-    import nnunet_sddm.adaptation.folders as folders
+    import nnunet_sddm.adaptation.pipeline as pipeline
     from nnunet_sddm.data.volumes import write_like
     from nnunet_sddm.utilities.nnunet_paths import raw_root
 
@@ -103,7 +103,7 @@ def test_synthesize_resumes_from_its_staging_folder(nnunet_env, phantoms, model_
     assert len(first) == 2
     (partial / "imagesTr" / ".PhA0002_ED_syn0_0000.x1y2z3_4.nii.gz").write_bytes(b"half")  # a killed write
     (partial / "labelsTr" / ".PhA0002_ED_syn0.nii.gz.abcdefgh.sddm-tmp").mkdir()
-    monkeypatch.setattr(folders, "write_like", write_like)
+    monkeypatch.setattr(pipeline, "write_like", write_like)
     out = synthesize_dataset(41, 44, str(model_dir), FAST, device="cpu", progress=False, batch_size=2)
     assert {n: (out / "imagesTr" / n).stat().st_mtime_ns for n in first} == first  # kept, not redone
     assert len(list((out / "imagesTr").iterdir())) == 6 and not partial.exists()

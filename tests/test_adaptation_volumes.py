@@ -16,7 +16,7 @@ from _micro_model import MICRO, micro_model_folder, one_torch_thread
 
 from nnunet_sddm.utilities.distributed import Ranks
 from nnunet_sddm.adaptation.folders import RECORD_FILE, adapt_folder
-from nnunet_sddm.adaptation.volumes import adapt_arrays
+from nnunet_sddm.adaptation.pipeline import adapt_arrays
 from nnunet_sddm.data.volumes import read_geometry, same_geometry
 from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.utilities.errors import SDDMError
@@ -172,7 +172,7 @@ def test_folder_bad_inputs_write_nothing(tmp_path, model_dir):
 
 
 def test_resume_after_interruption_gives_identical_files(tmp_path, model_dir, monkeypatch):
-    import nnunet_sddm.adaptation.folders as folders
+    import nnunet_sddm.adaptation.pipeline as pipeline
     from nnunet_sddm.data.volumes import write_like
 
     src = make_input_folder(tmp_path / "in")
@@ -186,7 +186,7 @@ def test_resume_after_interruption_gives_identical_files(tmp_path, model_dir, mo
     (tmp_path / "resumed" / ".aniso_0000.nii.gz.k9x_a2b1.sddm-tmp").mkdir()
     (tmp_path / "resumed" / ".aniso_0000.nii.gz.k9x_a2b1.sddm-tmp" / "aniso_0000.nii.gz").write_bytes(b"half")
     (tmp_path / "resumed" / ".thin_0000.ab12cd_3.nii.gz").write_bytes(b"half")
-    monkeypatch.setattr(folders, "write_like", write_like)
+    monkeypatch.setattr(pipeline, "write_like", write_like)
     again = adapt_folder(src, tmp_path / "resumed", str(model_dir), FAST, device="cpu", batch_size=2,
                          progress=False)
     assert len(again) == 2 and calls[0] not in again
@@ -232,7 +232,7 @@ def test_resume_refuses_other_input_and_other_weights(tmp_path, model_dir):
 def test_interrupted_overwrite_never_keeps_old_outputs_under_the_new_record(tmp_path, model_dir, monkeypatch):
     """seed 0 run; seed 1 with --overwrite killed after one file; seed 1 resumed without --overwrite:
     every file is the seed-1 result (the review's scenario left two seed-0 files)."""
-    import nnunet_sddm.adaptation.folders as folders
+    import nnunet_sddm.adaptation.pipeline as pipeline
     from nnunet_sddm.data.volumes import write_like
 
     src = make_input_folder(tmp_path / "in")
@@ -244,7 +244,7 @@ def test_interrupted_overwrite_never_keeps_old_outputs_under_the_new_record(tmp_
     with pytest.raises(KeyboardInterrupt):
         adapt_folder(src, out, str(model_dir), seed1, device="cpu", batch_size=2, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted([calls[0].name, RECORD_FILE])
-    monkeypatch.setattr(folders, "write_like", write_like)
+    monkeypatch.setattr(pipeline, "write_like", write_like)
     again = adapt_folder(src, out, str(model_dir), seed1, device="cpu", batch_size=2, progress=False)
     assert len(again) == 2
     for p in src.iterdir():

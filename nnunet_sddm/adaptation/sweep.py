@@ -17,18 +17,19 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 import nnunet_sddm
-from nnunet_sddm.utilities.devices import resolve_device
-from nnunet_sddm.adaptation.folders import case_of
-from nnunet_sddm.adaptation.volumes import check_model_for_data, load_for_adaptation, model_percentiles
+from nnunet_sddm.adaptation.pipeline import Adapter, ModelSpec
+from nnunet_sddm.data.raw_dataset import case_of
 from nnunet_sddm.data.slices import IntensityWindow, model_slices_to_volume, volume_to_model_slices
 from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
+from nnunet_sddm.utilities import distributed as dist_utils
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import write_json
 from nnunet_sddm.utilities.plotting import figure, save_figure
+from nnunet_sddm.utilities.progress import progress_bar
 
 
-def sweep_grid(image: Union[str, os.PathLike], model, out_png: Union[str, os.PathLike],
+def sweep_grid(image: Union[str, os.PathLike], model: ModelSpec, out_png: Union[str, os.PathLike],
                Ds: Sequence[int] = (2, 4, 8), Ns: Sequence[int] = (25,), taus: Sequence[float] = (6.0,),
                slice_index: Optional[int] = None, base: Optional[SamplerSettings] = None,
                device: Optional[str] = None, amp: Optional[str] = None, progress: bool = True) -> Path:
@@ -53,24 +54,21 @@ def sweep_grid(image: Union[str, os.PathLike], model, out_png: Union[str, os.Pat
     z = vol.num_slices // 2 if slice_index is None else int(slice_index)
     if not 0 <= z < vol.num_slices:
         raise SDDMError(f"{image}: --slice {z} is outside 0..{vol.num_slices - 1}")
-    loaded = load_for_adaptation(model, resolve_device(device))
-    for s in combos:
-        check_model_for_data(loaded, s, name=f"model {getattr(loaded, 'model_dir', model)}")
-    window = IntensityWindow.fit(vol.data, model_percentiles(loaded), name=str(image))
-    y0, window, resize = volume_to_model_slices(vol.data[z:z + 1], loaded.image_size, window=window,
+    adapter = Adapter.open(model, combos[0], device=device, amp=amp, progress=progress,
+                           ranks=dist_utils.Ranks())
+    adapters = [adapter.with_settings(s) for s in combos]  # every combination checked before sampling
+    window = IntensityWindow.fit(vol.data, adapter.percentiles, name=str(image))
+    y0, window, resize = volume_to_model_slices(vol.data[z:z + 1], adapter.loaded.image_size, window=window,
                                                 name=str(image))
-    dev = next(loaded.model.parameters()).device
     key = f"{case_of(Path(image))}/{z}"
-    from tqdm import tqdm
-
     panels = []
-    for s in tqdm(combos, desc="sweep", unit="setting", disable=not progress):
-        x = guided_sample(loaded, y0.to(dev), s, [key], amp=amp).cpu()
+    for a in progress_bar(adapters, desc="sweep", unit="setting", disable=not progress):
+        x = guided_sample(a.loaded, y0.to(a.device), a.settings, [key], amp=amp).cpu()
         panels.append(model_slices_to_volume(x, window, resize)[0])
     reference = np.clip(vol.data[z], window.lo, window.hi)
     _draw(out_png, reference, panels, combos, Ds, window, vol.spacing, title=f"{Path(image).name}  slice {z}")
     write_json({"package_version": nnunet_sddm.__version__, "image": str(Path(image).resolve()), "slice": z,
-                "model": str(getattr(loaded, "model_dir", model)), "D": list(map(int, Ds)),
+                "model": str(adapter.loaded.model_dir), "D": list(map(int, Ds)),
                 "N": list(map(int, Ns)), "tau": list(map(float, taus)), "base_settings": base.to_dict(),
                 "amp": amp}, out_png.with_suffix(".json"))
     return out_png

@@ -18,8 +18,9 @@ mistaken for (or collide with) a real one. Copy 0 with seed ``s`` equals ``nnUNe
 --seed s`` of the same image (the random streams are keyed by the source case).
 
 The dataset is built in ``$nnUNet_raw/.DatasetNEW_<name>.partial`` and renamed into place at the
-end; an interrupted run resumes there (same command again; adapted images already present are
-kept). An existing dataset with the new id is replaced only with ``overwrite``.
+end; an interrupted run resumes there (same command again): the adapted images that the staging
+folder's run record lists as finished (name and digest) are kept, everything else is redone. An
+existing dataset with the new id is replaced only with ``overwrite``.
 """
 from __future__ import annotations
 
@@ -30,10 +31,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import nnunet_sddm
+from nnunet_sddm.adaptation.pipeline import Adapter, ModelSpec
+from nnunet_sddm.adaptation.record import RunRecord
 from nnunet_sddm.utilities import distributed as dist_utils
-from nnunet_sddm.utilities.devices import resolve_device
-from nnunet_sddm.adaptation.folders import adapt_files, run_record
-from nnunet_sddm.adaptation.volumes import check_model_for_data, load_for_adaptation
 from nnunet_sddm.data.raw_dataset import (list_images, list_labels, load_cases_json, load_dataset_json,
                                           patient_level_splits)
 from nnunet_sddm.sampling.guided import SamplerSettings
@@ -43,6 +43,9 @@ from nnunet_sddm.utilities.nnunet_paths import (dataset_folder_name, datasets_wi
                                                 parse_dataset_folder_name, preprocessed_root, raw_root)
 
 RECORD_FILE = "sddm_synthesize.json"
+
+#: Record fields that must match for an unfinished staging folder to be continued.
+RESUME_KEYS = ("model", "weights", "settings", "amp", "source", "copies", "include_test")
 
 
 def synthetic_case(case: str, copy: int) -> str:
@@ -95,7 +98,7 @@ def _mapped_splits(src: Path, new_cases: Dict[str, List[str]], subjects: Dict[st
     return patient_level_splits(case_to_subject, n_folds=min(5, n_subjects))
 
 
-def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model, settings: SamplerSettings,
+def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model: ModelSpec, settings: SamplerSettings,
                        name: Optional[str] = None, copies: int = 1, include_test: bool = False,
                        overwrite: bool = False, batch_size: Optional[int] = None, device: Optional[str] = None,
                        amp: Optional[str] = None, progress: bool = True,
@@ -131,9 +134,9 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model,
     listing = _source_listing(src, ending, include_test)
     records = {r["case"]: r for r in load_cases_json(src)}
 
-    ranks = ranks or dist_utils.init_from_env(device)
-    loaded = load_for_adaptation(model, resolve_device(device, ranks.local_rank))
-    check_model_for_data(loaded, settings, name=f"model {getattr(loaded, 'model_dir', model)}")
+    adapter = Adapter.open(model, settings, device=device, batch_size=batch_size, amp=amp, progress=progress,
+                           ranks=ranks)
+    ranks = adapter.ranks
 
     subjects = {case: str(records.get(case, {}).get("subject", case)) for _, case, _, _ in listing}
     new_cases = {case: [synthetic_case(case, k) for k in range(copies)] for split, case, _, _ in listing
@@ -145,30 +148,34 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model,
                         f"--overwrite to replace it")
 
     partial = _partial_folder(folder_name)
-    record = run_record(loaded, settings, amp, batch_size, source=str(src.resolve()), dataset=folder_name,
-                        copies=copies, include_test=bool(include_test))
+    identity = adapter.identity(source=str(src.resolve()), dataset=folder_name, copies=copies,
+                                include_test=bool(include_test))
+    jobs = [[(split, case, img, lab) for split, case, img, lab in listing if split == "Tr" or k == 0]
+            for k in range(copies)]
+    pairs = [[(img, partial / f"images{split}" / f"{synthetic_case(case, k)}_0000{ending}")
+              for split, case, img, _ in jobs[k]] for k in range(copies)]
+    record = RunRecord(partial / RECORD_FILE, identity, RESUME_KEYS, ranks)
     ok, msg = True, ""
     if ranks.is_main:
         try:
-            _prepare_partial(partial, record)
+            adapter.check_images([img for _, _, img, _ in listing])  # before anything is written
+            _prepare_partial(partial, identity)
+            for sub in ("", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):  # leftovers of a killed run
+                remove_stale_temp(partial / sub)  # would be published into the dataset
+            record.open([o for copy in pairs for _, o in copy])
         except SDDMError as e:
             ok, msg = False, str(e)
     dist_utils.all_ok(ok, msg, ranks)
-    if ranks.is_main:  # leftovers of a killed run would be published into the dataset
-        for sub in ("", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-            remove_stale_temp(partial / sub)
-    dist_utils.barrier(ranks)
+    if not ranks.is_main:
+        record.load()
 
-    model_name = record["model"]
+    model_name = identity["model"]
     new_records: List[dict] = []
     for k in range(copies):
-        jobs = [(split, case, img, lab) for split, case, img, lab in listing if split == "Tr" or k == 0]
-        pairs = [(img, partial / f"images{split}" / f"{synthetic_case(case, k)}_0000{ending}")
-                 for split, case, img, _ in jobs]
         copy_settings = settings.replace(seed=settings.seed + k)
-        adapt_files(pairs, loaded, copy_settings, batch_size=batch_size, amp=amp, overwrite=False,
-                    progress=progress, seed_keys=[case for _, case, _, _ in jobs], ranks=ranks)
-        for split, case, img, lab in jobs:
+        adapter.with_settings(copy_settings).adapt_files(pairs[k], record,
+                                                         seed_keys=[case for _, case, _, _ in jobs[k]])
+        for split, case, img, lab in jobs[k]:
             new = synthetic_case(case, k)
             base = {key: v for key, v in records.get(case, {}).items() if key not in ("case", "split", "dataset")}
             subject = subjects[case]
@@ -183,6 +190,8 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model,
                         shutil.copyfile(lab, tmp)
     dist_utils.barrier(ranks)
     if ranks.is_main:
+        if ranks.distributed:
+            record.merge_ranks()
         n_train = sum(1 for r in new_records if r["split"] == "Tr")
         new_dj = dict(dj)
         new_dj.update({
@@ -210,9 +219,7 @@ def _prepare_partial(partial: Path, record: dict) -> None:
             old = json.loads(rec_path.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        same = old is not None and all(old.get(k) == record.get(k) for k in
-                                       ("model", "weights", "settings", "amp", "source", "copies",
-                                        "include_test", "batch_size"))
+        same = old is not None and all(old.get(k) == record.get(k) for k in RESUME_KEYS + ("batch_size",))
         if same:
             return
         shutil.rmtree(partial)  # a different (or unreadable) unfinished run: start afresh

@@ -1,32 +1,32 @@
 """Adaptation of whole 3D volumes (arrays): slices of many volumes batched through the sampler.
 
-Per volume ``(z, y, x)`` (SDDM_METHOD.md section 5):
+Per volume ``(z, y, x)`` (docs/explanation/algorithm.md, "The data path"):
 
 1. intensity window: the volume's 0.5 / 99.5 percentiles ``[lo, hi]``, clip, map to [-1, 1];
 2. every slice ``volume[k]`` padded to a centred square (value -1) and resized to the model side;
 3. guided sampling (``sampling.guided``), the slices of several volumes sharing one batch, each
    with its own random stream keyed ``"<case>/<k>"``;
 4. the resize and padding inverted, the slices restacked in order and mapped back to
-   ``[lo, hi]`` (original intensity units, float32, the input's shape).
+   ``[lo, hi]`` (original intensity units, float32, the input's shape, clipped to the window).
 
 With ``N = 0`` the sampler is the identity and the output is the input clipped to its window,
 without the (lossy) resize round trip.
 """
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from nnunet_sddm.data.slices import (IntensityWindow, SquareResize, configured_percentiles, model_slices_to_volume,
-                                     volume_to_model_slices)
+from nnunet_sddm.data.slices import PERCENTILES, IntensityWindow, SquareResize, model_slices_to_volume, \
+    volume_to_model_slices
+from nnunet_sddm.diffusion.model_folder import LoadedModel
 from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
 from nnunet_sddm.utilities.errors import SDDMError
+from nnunet_sddm.utilities.progress import progress_bar
 
 #: Default slices per sampler batch on each device type.
 DEFAULT_BATCH = {"cpu": 16, "cuda": 64, "mps": 16}
@@ -34,32 +34,6 @@ DEFAULT_BATCH = {"cpu": 16, "cuda": 64, "mps": 16}
 
 def default_batch_size(device: torch.device) -> int:
     return DEFAULT_BATCH.get(torch.device(device).type, 16)
-
-
-def load_for_adaptation(model: Union[str, os.PathLike, object], device: torch.device):
-    """A ``LoadedModel`` from a model folder or ``DATASET[:PRESET]`` spec (EMA weights), or the
-    given ``LoadedModel`` itself (moved to ``device``)."""
-    if hasattr(model, "model") and hasattr(model, "diffusion"):
-        model.model.to(device)
-        return model
-    from nnunet_sddm.diffusion.model_folder import load_model, resolve_model_dir
-
-    return load_model(resolve_model_dir(str(model)), device, use_ema=True)
-
-
-def check_model_for_data(loaded, settings: SamplerSettings, name: str = "model") -> None:
-    """``SDDMError`` if the model cannot adapt single-channel data with these settings."""
-    in_channels = int(getattr(loaded, "in_channels", 1))
-    if in_channels != 1:
-        raise SDDMError(f"{name} expects {in_channels} input channels but the images are single-channel "
-                        f"(cine MR): use a model trained on 1-channel slices")
-    settings.check_model(int(loaded.image_size), int(loaded.diffusion.num_timesteps), name=name)
-
-
-def model_percentiles(loaded) -> Tuple[float, float]:
-    """The intensity percentiles ``(lo, hi)`` the model's training slices were normalised with
-    (``data.percentiles`` of its config; default 0.5 / 99.5): adaptation must use the same."""
-    return configured_percentiles(getattr(loaded, "data_config", None))
 
 
 def window_only(volume: np.ndarray, window: IntensityWindow) -> np.ndarray:
@@ -76,13 +50,16 @@ class _InFlight:
     remaining: int = field(default=0)
 
 
-def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: SamplerSettings,
+def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded: LoadedModel, settings: SamplerSettings,
+                 percentiles: Tuple[float, float] = PERCENTILES,
                  batch_size: Optional[int] = None, amp: Optional[str] = None, progress: bool = True,
                  total_slices: Optional[int] = None, desc: str = "adapting",
                  pad_batches: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
     """Adapt ``(case, volume (z, y, x))`` pairs, yielding ``(case, adapted (z, y, x) float32)`` as soon
     as each volume's last slice is done. Volumes are pulled lazily, only when the batch needs more
     slices, so memory stays bounded for any number of volumes. Case names must be unique.
+    ``loaded`` and ``settings`` must have been checked together (``pipeline.Adapter`` does);
+    ``percentiles``: the intensity window the model was trained with.
 
     ``pad_batches``: fill the last, partial batch up to ``batch_size`` with throw-away copies, so
     that every sampler call has the same shape. Batched kernels (oneDNN, cuDNN) may round
@@ -92,18 +69,16 @@ def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: Sa
     batch per call. Never done with ``settings.reference_behaviour``: DDA's single batch-wide norm
     would include the copies (the last batch is sampled as it is, as DDA does).
     """
-    check_model_for_data(loaded, settings)
     device = next(loaded.model.parameters()).device
     batch_size = int(batch_size or default_batch_size(device))
     if batch_size < 1:
         raise SDDMError(f"--batch-size must be >= 1, got {batch_size}")
     size = int(loaded.image_size)
-    percentiles = model_percentiles(loaded)
     source = iter(volumes)
     queue: deque = deque()
     state: Dict[str, _InFlight] = {}
     seen = set()
-    bar = tqdm(total=total_slices, desc=desc, unit="slice", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total_slices, desc=desc, unit="slice", disable=not progress)
     exhausted = False
     try:
         while True:
@@ -147,34 +122,3 @@ def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded, settings: Sa
             bar.update(len(batch))
     finally:
         bar.close()
-
-
-def adapt_arrays(volumes: Mapping[str, np.ndarray], loaded, settings: SamplerSettings,
-                 batch_size: Optional[int] = None, device: Optional[Union[str, torch.device]] = None,
-                 amp: Optional[str] = None, progress: bool = True, pad_batches: bool = True) -> Dict[str, np.ndarray]:
-    """Adapt many volumes ``{case: (z, y, x)}`` with slices batched across volumes.
-
-    Args:
-        volumes: arrays in any intensity units (finite, not constant), nnU-Net axis order.
-        loaded: a ``LoadedModel`` (or a model folder / ``DATASET[:PRESET]`` spec).
-        settings: sampler settings (checked against the model).
-        batch_size: slices per sampler call (default 16 on CPU, 64 on CUDA).
-        device: where to run (default: where the model is).
-        amp: None, ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the network.
-        pad_batches: pad the last batch to ``batch_size`` (bit-identical results for a given
-            batch size however the slices are grouped; see ``iter_adapted``). Ignored with
-            ``settings.reference_behaviour`` (padding copies would enter DDA's batch-wide norm).
-
-    Returns:
-        ``{case: (z, y, x) float32}`` in the input's intensity units and shape, in input order.
-    """
-    if device is not None:
-        from nnunet_sddm.utilities.devices import resolve_device
-
-        loaded = load_for_adaptation(loaded, resolve_device(str(device)))
-    elif not hasattr(loaded, "model"):
-        loaded = load_for_adaptation(loaded, torch.device("cpu"))
-    total = sum(int(np.shape(v)[0]) for v in volumes.values() if np.ndim(v) == 3)
-    done = dict(iter_adapted(volumes.items(), loaded, settings, batch_size=batch_size, amp=amp,
-                             progress=progress, total_slices=total, pad_batches=pad_batches))
-    return {case: done[case] for case in volumes}

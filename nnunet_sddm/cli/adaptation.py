@@ -14,7 +14,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser, sweep: bool = False, devic
     sweep: -D/-N/--tau take several values and there is no --batch-size; device: add --device
     (``nnUNetv2_sddm_predict`` has nnU-Net's own ``-device``).
     """
-    g = p.add_argument_group("sampler (SDDM_METHOD.md section 4)")
+    g = p.add_argument_group("sampler (see docs/explanation/algorithm.md)")
     many = dict(nargs="+") if sweep else {}
     g.add_argument("-D", type=int, default=[2, 4, 8] if sweep else 2, **many,
                    help="low-pass factor(s), a power of 2 smaller than the model size (default "
@@ -30,8 +30,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser, sweep: bool = False, devic
                         "first step at N-1, zero-padded filter (results depend on the batch size)")
     if device:
         g.add_argument("--device", default=None,
-                       help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu; under torchrun "
-                            "each rank takes cuda:LOCAL_RANK)")
+                       help="auto, cpu, cuda, cuda:1, mps (default auto: CUDA if available, else MPS, else the "
+                            "CPU; under torchrun each rank takes cuda:LOCAL_RANK)")
     g.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16"), default=None,
                    help="mixed precision of the diffusion network (--amp = bf16; fp16 only on CUDA; "
                         "default fp32)")
@@ -52,8 +52,10 @@ def adapt_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnUNetv2_sddm_adapt", allow_abbrev=False,
         description="Adapt every nnU-Net-named image of a folder (CASE_0000.nii.gz, ...) to the source domain "
-                    "of a diffusion model; outputs keep file names, shape and geometry. Resumable: existing "
-                    "outputs are skipped. Records the run in OUT/sddm_adapt.json.")
+                    "of a diffusion model; outputs keep file names, shape and geometry (float32, clipped to each "
+                    "input's intensity window). Records the run and every finished output (with its digest) "
+                    "in OUT/sddm_adapt.json; the same command resumes an interrupted run and redoes only "
+                    "what the record does not list as finished.")
     p.add_argument("-i", "--input", required=True, help="input folder of nnU-Net-named images")
     p.add_argument("-o", "--output", required=True, help="output folder (must differ from the input)")
     p.add_argument("-m", "--model", required=True, help="diffusion model folder or DATASET[:PRESET]")
