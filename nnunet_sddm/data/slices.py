@@ -1,6 +1,6 @@
 """Model space: per-volume intensity window and square, fixed-size 2D slices.
 
-Pipeline (SDDM_METHOD.md section 5), for a volume ``(z, y, x)``:
+Pipeline (docs/explanation/algorithm.md, "The data path"), for a volume ``(z, y, x)``:
 
 1. ``IntensityWindow.fit``: the volume's 0.5th and 99.5th percentiles ``(lo, hi)``;
    ``normalize`` clips to ``[lo, hi]`` and maps linearly to ``[-1, 1]``; ``denormalize`` inverts

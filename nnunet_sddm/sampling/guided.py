@@ -1,4 +1,4 @@
-"""Reference-guided iterative refinement: Algorithm 1 of the paper (SDDM_METHOD.md section 4).
+"""Reference-guided iterative refinement: Algorithm 1 of the paper (docs/explanation/algorithm.md).
 
 Notation: ``y0`` the reference batch in [-1, 1], ``(B, 1, H, W)``; the sampler runs on the
 respaced chain of ``K`` steps (indices ``0 .. K-1``, ``K = settings.steps``); ``N`` is the diffusion
@@ -44,9 +44,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
+
+from nnunet_sddm.diffusion.gaussian_diffusion import GaussianDiffusion
 
 from nnunet_sddm.sampling.lowpass import PADDINGS, LowPass
 from nnunet_sddm.utilities.errors import SDDMError
@@ -146,9 +148,23 @@ class SliceNoise:
         return self._buffer.to(self.device, copy=True)  # synchronous: the buffer is reused
 
 
-def _model_and_diffusion(loaded_or_pair: Any, steps: int):
-    """A ``LoadedModel`` (respaced to ``steps``) or a ``(model, diffusion)`` pair whose diffusion
-    is already the K-step chain."""
+class SamplingModel(Protocol):
+    """What the sampler needs of a trained model (``diffusion.model_folder.LoadedModel`` is one):
+    the denoiser, its full T-step diffusion, and the chain respaced to K steps."""
+
+    model: torch.nn.Module
+    diffusion: GaussianDiffusion
+
+    def spaced_diffusion(self, num_steps: Optional[int] = None) -> GaussianDiffusion: ...
+
+
+#: A ``SamplingModel``, or a ``(network, diffusion)`` pair whose diffusion is already the K-step chain.
+ModelAndChain = Union[SamplingModel, Tuple[torch.nn.Module, GaussianDiffusion]]
+
+
+def _model_and_diffusion(loaded_or_pair: ModelAndChain, steps: int) -> Tuple[torch.nn.Module, GaussianDiffusion]:
+    """The network and the K-step chain: a ``SamplingModel`` respaced to ``steps``, or a
+    ``(model, diffusion)`` pair whose diffusion is already the K-step chain."""
     if isinstance(loaded_or_pair, (tuple, list)):
         model, diffusion = loaded_or_pair
         if diffusion.num_timesteps != steps:
@@ -165,7 +181,7 @@ def _model_and_diffusion(loaded_or_pair: Any, steps: int):
 
 #: Respaced chains built so far, keyed by (id of the full diffusion, K); the full diffusion is
 #: kept in the value so that its id cannot be reused while the entry exists.
-_SPACED: Dict[Tuple[int, int], Tuple[Any, Any]] = {}
+_SPACED: Dict[Tuple[int, int], Tuple[GaussianDiffusion, GaussianDiffusion]] = {}
 
 
 @contextlib.contextmanager
@@ -193,12 +209,12 @@ def _autocast(device: torch.device, amp: Optional[str]):
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
-def guided_sample(loaded_or_model_diffusion: Any, y0: torch.Tensor, settings: SamplerSettings,
+def guided_sample(loaded_or_model_diffusion: ModelAndChain, y0: torch.Tensor, settings: SamplerSettings,
                   keys: Sequence[str], amp: Optional[str] = None, channels_last: bool = True) -> torch.Tensor:
     """Algorithm 1 on a batch of reference slices.
 
     Args:
-        loaded_or_model_diffusion: a ``LoadedModel`` or a ``(model, diffusion)`` pair whose
+        loaded_or_model_diffusion: a ``SamplingModel`` (e.g. a ``LoadedModel``) or a ``(model, diffusion)`` pair whose
             diffusion already has ``settings.steps`` steps.
         y0: ``(B, 1, H, W)`` reference slices in [-1, 1] (any device; the model's is used).
         settings: validated sampler settings.
