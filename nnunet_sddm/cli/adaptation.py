@@ -25,6 +25,10 @@ def add_sampler_arguments(p: argparse.ArgumentParser, sweep: bool = False, devic
                    help="guidance step(s) >= 0 (default 6; 0 = unguided SDEdit)")
     g.add_argument("--steps", type=int, default=100, help="respaced chain length K (default 100)")
     g.add_argument("--seed", type=int, default=0, help="seed of the per-slice random streams (default 0)")
+    g.add_argument("--guidance", choices=("gradient", "projection"), default="gradient",
+                   help="gradient: DDA's guidance step through the network (the paper's; default); "
+                        "projection: ILVR's low-pass replacement after each step, no backward pass "
+                        "(faster; --tau is unused)")
     g.add_argument("--reference-behaviour", action="store_true",
                    help="DDA's exact sampler: one guidance norm over the whole batch, noise at N but "
                         "first step at N-1, zero-padded filter (results depend on the batch size)")
@@ -45,7 +49,7 @@ def sampler_settings(a: argparse.Namespace):
     from nnunet_sddm.sampling.guided import SamplerSettings
 
     return SamplerSettings(D=a.D, N=a.N, tau=a.tau, steps=a.steps, seed=a.seed,
-                           reference_behaviour=a.reference_behaviour)
+                           reference_behaviour=a.reference_behaviour, guidance=a.guidance)
 
 
 def adapt_parser() -> argparse.ArgumentParser:
@@ -133,7 +137,7 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
     from nnunet_sddm.sampling.guided import SamplerSettings
 
     base = SamplerSettings(D=a.D[0], N=a.N[0], tau=a.tau[0], steps=a.steps, seed=a.seed,
-                           reference_behaviour=a.reference_behaviour)
+                           reference_behaviour=a.reference_behaviour, guidance=a.guidance)
     out = sweep_grid(a.image, a.model, a.output, Ds=a.D, Ns=a.N, taus=a.tau, slice_index=a.slice, base=base,
                      device=a.device, amp=a.amp, progress=not a.quiet)
     print(f"nnUNetv2_sddm_sweep: wrote {out}")

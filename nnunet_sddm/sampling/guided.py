@@ -38,13 +38,24 @@ or number of processes (up to floating-point differences of batched kernels).
 Cost: one forward and one backward pass of the network per step; the network's parameters are
 frozen during sampling (only the input gradient is computed); with tau = 0 (SDEdit) there is no
 backward pass at all.
+
+Projection guidance (``guidance="projection"``, ILVR, Choi et al. 2021): no gradient; after each
+reverse step the sample's low-frequency content is replaced by the reference's, noised to the
+level the step reached:
+
+    y' = mean + [i > 0] exp(log_var / 2) z_i                      # the ordinary proposal
+    y  = y' - phi_D(y') + phi_D(q_sample(y0, i - 1))   for i > 0  # fresh noise from the slice's stream
+    y  = y' - phi_D(y') + phi_D(y0)                    for i = 0  # the clean reference at the end
+
+It needs one forward pass per step under ``torch.no_grad()`` and ignores ``tau``. With D = 1
+(phi_D the identity) every step returns the noised reference exactly, and the output is ``y0``.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
@@ -55,6 +66,9 @@ from nnunet_sddm.utilities.errors import SDDMError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+#: How the sampler conditions on the reference: DDA's gradient step (the paper's) or ILVR's projection.
+GUIDANCE_MODES = ("gradient", "projection")
+
 
 @dataclass
 class SamplerSettings:
@@ -64,7 +78,9 @@ class SamplerSettings:
     (0 <= N <= steps); tau: guidance step (>= 0; 0 = unguided SDEdit); steps: respaced chain
     length K; seed: base seed of the per-slice random streams; reference_behaviour: DDA's exact
     behaviour (see the module docstring); padding: border handling of phi_D (default: "zero" in
-    reference mode, else "reflect"); clip_denoised: clamp x0_hat to [-1, 1].
+    reference mode, else "reflect"); clip_denoised: clamp x0_hat to [-1, 1]; guidance:
+    ``"gradient"`` (DDA, the paper's; default) or ``"projection"`` (ILVR: no backward pass, tau
+    unused; see the module docstring).
     """
 
     D: int = 2
@@ -75,6 +91,7 @@ class SamplerSettings:
     reference_behaviour: bool = False
     padding: Optional[str] = None
     clip_denoised: bool = True
+    guidance: str = "gradient"
 
     def __post_init__(self) -> None:
         for name in ("D", "N", "steps", "seed"):
@@ -97,6 +114,11 @@ class SamplerSettings:
             raise SDDMError(f"guidance step tau must be a finite number >= 0, got {self.tau}")
         if self.seed < 0:
             raise SDDMError(f"seed must be >= 0, got {self.seed}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise SDDMError(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {self.guidance!r}")
+        if self.reference_behaviour and self.guidance != "gradient":
+            raise SDDMError("the reference behaviour reproduces DDA's gradient guidance: it cannot be combined "
+                            "with --guidance projection")
         if self.padding is None:
             self.padding = "zero" if self.reference_behaviour else "reflect"
         if self.padding not in PADDINGS:
@@ -210,7 +232,8 @@ def _autocast(device: torch.device, amp: Optional[str]):
 
 
 def guided_sample(loaded_or_model_diffusion: ModelAndChain, y0: torch.Tensor, settings: SamplerSettings,
-                  keys: Sequence[str], amp: Optional[str] = None, channels_last: bool = True) -> torch.Tensor:
+                  keys: Sequence[str], amp: Optional[str] = None, channels_last: bool = True,
+                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
     """Algorithm 1 on a batch of reference slices.
 
     Args:
@@ -222,6 +245,8 @@ def guided_sample(loaded_or_model_diffusion: ModelAndChain, y0: torch.Tensor, se
         amp: None (fp32), ``"bf16"`` or ``"fp16"`` autocast of the network (fp16: CUDA only).
         channels_last: run the network in channels-last memory format (faster convolutions on
             CUDA and with oneDNN on the CPU; converts the model's parameters in place).
+        on_step: called as ``on_step(i, y)`` after reverse step ``i`` (``y`` the sample at level
+            ``i - 1``; at ``i = 0`` the output), for inspection; must not modify ``y``.
 
     Returns:
         ``(B, 1, H, W)`` float32 adapted slices on ``y0``'s device (not clamped).
@@ -249,7 +274,8 @@ def guided_sample(loaded_or_model_diffusion: ModelAndChain, y0: torch.Tensor, se
     start = settings.N if reference else settings.N - 1
     t = torch.full((B,), start, dtype=torch.long, device=device)
     y = diffusion.q_sample(y0, t, noise=noise.draw())
-    guide = settings.tau > 0.0
+    project = settings.guidance == "projection"
+    guide = settings.tau > 0.0 and not project
     autocast = _autocast(device, amp)
     with frozen(model):
         for i in range(settings.N - 1, -1, -1):
@@ -272,5 +298,14 @@ def guided_sample(loaded_or_model_diffusion: ModelAndChain, y0: torch.Tensor, se
                     y_next = y_next + torch.exp(0.5 * out["log_variance"].detach().float()) * noise.draw()
                 if guide:
                     y_next = y_next - settings.tau * grad
+                if project:
+                    if i > 0:
+                        t.fill_(i - 1)
+                        reference_low = lowpass(diffusion.q_sample(y0, t, noise=noise.draw()))
+                    else:
+                        reference_low = target
+                    y_next = y_next - lowpass(y_next) + reference_low
             y = y_next
+            if on_step is not None:
+                on_step(i, y)
     return y.detach().float().contiguous().to(out_device)
