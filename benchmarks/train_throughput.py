@@ -21,11 +21,15 @@ from pathlib import Path
 
 import torch
 
+from nnunet_sddm.diffusion.factory import create_model
+from nnunet_sddm.diffusion.presets import apply_overrides, preset_config
+from nnunet_sddm.diffusion.slice_dataset import SliceSet
+from nnunet_sddm.diffusion.trainer import Trainer
+from nnunet_sddm.utilities.devices import resolve_device
+
 
 def synthetic_slices(n: int, size: int, seed: int = 0):
     """``n`` generated ``(1, size, size)`` slices in [-1, 1]: bright ellipses on a dark disc."""
-    from nnunet_sddm.diffusion.slice_dataset import SliceSet
-
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     imgs = []
@@ -54,10 +58,6 @@ def main(argv=None) -> None:
                    help="torch CPU threads (default 1: stable figures on a shared machine; 0 = torch's choice)")
     a = p.parse_args(argv)
 
-    from nnunet_sddm.diffusion import preset_config
-    from nnunet_sddm.diffusion.presets import apply_overrides
-    from nnunet_sddm.diffusion.trainer import Trainer, resolve_device
-
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
@@ -78,8 +78,6 @@ def main(argv=None) -> None:
         print(f"parameters: {n_params:,}")
 
         # bare loop: a fresh copy of the same architecture
-        from nnunet_sddm.diffusion import create_model
-
         bare = create_model(cfg).to(device)
         if cuda:
             bare = bare.to(memory_format=torch.channels_last)

@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from nnunet_sddm.data.phantoms import generate_phantom_dataset
+from nnunet_sddm.evaluation.evaluate import evaluate_folders
+from nnunet_sddm.utilities.nnunet_paths import ensure_trainer_path_in_env
+
 
 def run(cmd, env) -> float:
     t0 = time.perf_counter()
@@ -38,10 +42,6 @@ def main(argv=None) -> int:
     p.add_argument("--fold", default="0")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-
-    from nnunet_sddm.data.phantoms import generate_phantom_dataset
-    from nnunet_sddm.evaluation.evaluate import evaluate_folders
-    from plugin_trainers.discovery import ensure_trainer_path_in_env
 
     env = dict(os.environ)
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):

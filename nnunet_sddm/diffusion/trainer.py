@@ -28,15 +28,19 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from nnunet_sddm.diffusion.factory import create_diffusion, create_model
-from nnunet_sddm.diffusion.model_folder import (CONFIG_FILE, EMA_FILE, RAW_FILE, load_config, load_training_state,
-                                                load_weights, save_model_folder)
-from nnunet_sddm.diffusion.slice_dataset import SliceSet
+from nnunet_sddm.diffusion.model_folder import (CONFIG_FILE, EMA_FILE, RAW_FILE, default_model_dir, load_config,
+                                                load_training_state, load_weights, save_model_folder)
+from nnunet_sddm.diffusion.presets import DEFAULT_PRESET, apply_overrides, preset_config, validate_config
+from nnunet_sddm.diffusion.slice_dataset import SliceSet, load_slices
 from nnunet_sddm.diffusion.timestep_sampler import create_named_schedule_sampler
+from nnunet_sddm.utilities.devices import resolve_device
+from nnunet_sddm.utilities.distributed import barrier, init_from_env, ranks_from_env
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import write_text
+from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset
+from nnunet_sddm.utilities.progress import progress_bar
 from nnunet_sddm.utilities.plotting import figure, save_figure
 
 LOG_FILE = "log.csv"
@@ -89,30 +93,6 @@ class EMA:
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         for n, p in zip(self.names, self.params):
             p.copy_(state[n].float())
-
-
-def _distributed() -> tuple:
-    """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 without)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def resolve_device(device: Optional[str], local_rank: int = 0) -> torch.device:
-    """``"auto"``/None -> cuda (the local rank's GPU) if available, else mps, else cpu."""
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise SDDMError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise SDDMError(f"--device {device!r}: {e}") from None
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -206,11 +186,10 @@ class Trainer:
         self.slices = slices
         self.model_dir = Path(model_dir)
         self.progress, self.callback = progress, callback
-        self.rank, self.world, local_rank = _distributed()
-        self.device = resolve_device(device, local_rank)
-        self.distributed = self.world > 1
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        ranks = init_from_env(device)  # joins torchrun's process group (gloo on CPU, nccl on CUDA)
+        self.rank, self.world = ranks.rank, ranks.world_size
+        self.device = resolve_device(device, ranks.local_rank)
+        self.distributed = ranks.distributed
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
@@ -392,8 +371,8 @@ class Trainer:
         sample_every = max(1, int(self.tcfg["sample_interval"]))
         acc: Dict[str, float] = {}
         acc_n, acc_t = 0, time.perf_counter()
-        bar = tqdm(total=self.iterations, initial=self.step, desc="training", unit="it",
-                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        bar = progress_bar(total=self.iterations, initial=self.step, desc="training", unit="it",
+                           disable=not self.progress or self.rank != 0)
         status = "finished"
         stop = threading.Event()
         previous = None
@@ -402,7 +381,7 @@ class Trainer:
                 if stop.is_set():
                     raise KeyboardInterrupt
                 stop.set()
-                tqdm.write("Ctrl-C: stopping after this iteration and saving a checkpoint "
+                bar.write("Ctrl-C: stopping after this iteration and saving a checkpoint "
                            "(press again to abort without saving)")
 
             previous = signal.signal(signal.SIGINT, on_sigint)
@@ -461,7 +440,6 @@ def prepare_config(model_dir: Path, preset: Optional[str], overrides: Mapping[st
     ``config.json`` plus ``overrides`` for ``resume`` (``SDDMError`` if anything but the
     iteration count / intervals would change, or if the folder exists without ``--resume`` /
     ``--overwrite``)."""
-    from nnunet_sddm.diffusion.presets import DEFAULT_PRESET, apply_overrides, preset_config, validate_config
 
     model_dir = Path(model_dir)
     if resume:
@@ -494,43 +472,27 @@ def train_model(dataset: str, preset: Optional[str] = None, overrides: Optional[
     """Train (or resume) a diffusion model on the slices of raw dataset ``dataset`` (id, name or
     folder). Default folder: ``$nnUNet_results/DatasetXXX_Name/sddm__<preset>``.
     Returns ``(model_dir, status)`` with status ``"finished"`` or ``"interrupted"``."""
-    from nnunet_sddm.diffusion.model_folder import default_model_dir
-    from nnunet_sddm.diffusion.slice_dataset import load_slices
-    from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset
-
     folder = find_raw_dataset(dataset)
     overrides = dict(overrides or {})
     if model_dir is None:
         p = preset
         if p is None and resume:
             raise SDDMError("--resume without -o needs -p PRESET to find the default model folder")
-        from nnunet_sddm.diffusion.presets import DEFAULT_PRESET
-
         model_dir = default_model_dir(folder, p or DEFAULT_PRESET)
     model_dir = Path(model_dir)
     overrides.setdefault("data.dataset", folder.name)
     cfg = prepare_config(model_dir, preset, overrides, resume, overwrite)
-    rank, world, _ = _distributed()
-    if world > 1 and rank != 0:
+    ranks = ranks_from_env()
+    if ranks.distributed and not ranks.is_main:
         # rank 0 fills the cache first; the others then read it
-        _barrier_after_init(device)
+        barrier(init_from_env(device))
     slices = load_slices(folder, int(cfg["model"]["image_size"]), cfg["data"], cache_dir=cache_dir,
-                         progress=progress and rank == 0)
-    if world > 1 and rank == 0:
-        _barrier_after_init(device)
+                         progress=progress and ranks.is_main)
+    if ranks.distributed and ranks.is_main:
+        barrier(init_from_env(device))
     trainer = Trainer(cfg, slices, model_dir, device=device, resume=resume, progress=progress, callback=callback)
-    if rank == 0:
+    if ranks.is_main:
         if not resume and overwrite and model_dir.exists():  # only once data and model are ready
             shutil.rmtree(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
     return model_dir, trainer.run()
-
-
-def _barrier_after_init(device: Optional[str]) -> None:
-    _, _, local_rank = _distributed()
-    dev = resolve_device(device, local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    dist.barrier()
