@@ -23,6 +23,7 @@ from dataset_converters.common import (Source, check_same_grid, frame, image_dty
                                        load_source, write_with_header)
 from nnunet_sddm.data.raw_dataset import CARDIAC_LABELS, RawDatasetBuilder, log
 from nnunet_sddm.utilities.errors import SDDMError, cli_entry
+from nnunet_sddm.utilities.progress import progress_bar
 
 #: ACDC label value -> M&Ms-convention value (1 RV -> 3, 2 MYO -> 2, 3 LV -> 1).
 ACDC_TO_MNMS: Dict[int, int] = {0: 0, 1: 3, 2: 2, 3: 1}
@@ -108,14 +109,12 @@ def convert_acdc(root: Path, dataset_id: int, name: str = "ACDC", labels: str = 
     mapping = ACDC_TO_MNMS if labels == "mnms" else {k: k for k in ACDC_TO_MNMS}
     label_names = CARDIAC_LABELS if labels == "mnms" else ACDC_NATIVE_LABELS
     patients = find_patients(Path(root))
-    from tqdm import tqdm
-
     desc = (f"ACDC cine MRI (University Hospital of Dijon), ED/ES frames; labels "
             f"{'harmonised to 1 LV, 2 MYO, 3 RV' if labels == 'mnms' else 'native ACDC: 1 RV, 2 MYO, 3 LV'}")
     with RawDatasetBuilder(dataset_id, name, overwrite=overwrite, labels=label_names, description=desc,
-                        extra_json={"source_dataset": "ACDC", "label_convention": labels,
-                                    "licence": "ACDC: research use, cite Bernard et al. IEEE TMI 2018"}) as b:
-        for split, pdir in tqdm(patients, desc="ACDC", unit="patient", disable=None):
+                           extra_json={"source_dataset": "ACDC", "label_convention": labels,
+                                       "licence": "ACDC: research use, cite Bernard et al. IEEE TMI 2018"}) as b:
+        for split, pdir in progress_bar(patients, desc="ACDC", unit="patient", disable=None):
             pid = pdir.name
             info = read_info_cfg(pdir / "Info.cfg")
             cache: dict = {}

@@ -30,6 +30,7 @@ from dataset_converters.common import (check_same_grid, frame, image_dtype, labe
                                        write_with_header)
 from nnunet_sddm.data.raw_dataset import RawDatasetBuilder, log
 from nnunet_sddm.utilities.errors import SDDMError, cli_entry
+from nnunet_sddm.utilities.progress import progress_bar
 
 MNMS_LABELS = {0: 0, 1: 1, 2: 2, 3: 3}
 VENDOR_LETTERS = {"siemens": "A", "philips": "B", "ge": "C", "canon": "D", "toshiba": "D"}
@@ -231,15 +232,13 @@ def convert_mnms(root: Path, dataset_id: int, info_csv: Optional[Path] = None,
     if name is None:
         name = "MnMs" + ("".join(sorted(vsel)) if vsel else "")
 
-    from tqdm import tqdm
-
     repairs = 0
     with RawDatasetBuilder(dataset_id, name, overwrite=overwrite,
-                        description="M&Ms cardiac cine MRI, ED/ES frames; labels 1 LV, 2 MYO, 3 RV",
-                        extra_json={"source_dataset": "M&Ms", "vendors": sorted(vsel) if vsel else None,
-                                    "centres": sorted(map(str, csel)) if csel else None,
-                                    "licence": "M&Ms: research use, cite Campello et al. IEEE TMI 2021"}) as b:
-        for sid in tqdm(chosen, desc="M&Ms", unit="subject", disable=None):
+                           description="M&Ms cardiac cine MRI, ED/ES frames; labels 1 LV, 2 MYO, 3 RV",
+                           extra_json={"source_dataset": "M&Ms", "vendors": sorted(vsel) if vsel else None,
+                                       "centres": sorted(map(str, csel)) if csel else None,
+                                       "licence": "M&Ms: research use, cite Campello et al. IEEE TMI 2021"}) as b:
+        for sid in progress_bar(chosen, desc="M&Ms", unit="subject", disable=None):
             s, meta = subjects[sid], info.get(_norm_id(sid), {})
             f = s["files"]
             pairs = {}

@@ -31,19 +31,13 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from tqdm import tqdm
 
 import nnunet_sddm
 from nnunet_sddm.data.raw_dataset import load_cases_json, load_dataset_json, subjects_of
 from nnunet_sddm.utilities.errors import SDDMError, cli_entry
 from nnunet_sddm.utilities.files import read_json, write_json
-from nnunet_sddm.utilities.nnunet_paths import (
-    datasets_with_id,
-    find_raw_dataset,
-    parse_dataset_folder_name,
-    preprocessed_root,
-    raw_root,
-)
+from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset, preprocessed_root, raw_root
+from nnunet_sddm.utilities.progress import progress_bar
 
 LINK_FILE = "sddm_synthetic.json"
 SYNTHETIC_SUBDIR = "sddm_synthetic"
@@ -55,21 +49,11 @@ DEFAULT_FRACTION = 0.5
 # locating things
 # ----------------------------------------------------------------------------------------------
 def find_preprocessed_dataset(dataset: Union[int, str]) -> Path:
-    """``27`` / ``"Dataset027_X"`` -> ``$nnUNet_preprocessed/Dataset027_X`` (must exist)."""
-    root = preprocessed_root()
-    s = str(dataset)
-    if s.isdigit():
-        found = datasets_with_id(int(s), root)
-        if len(found) != 1:
-            raise SDDMError(f"{'no' if not found else 'several'} preprocessed dataset(s) with id {int(s)} in "
-                            f"{root}{': ' + str([p.name for p in found]) if found else ''}; run "
-                            f"nnUNetv2_plan_and_preprocess -d {int(s)} first")
-        return found[0]
-    parse_dataset_folder_name(s)
-    p = root / s
-    if not p.is_dir():
-        raise SDDMError(f"preprocessed dataset {p} not found; run nnUNetv2_plan_and_preprocess first")
-    return p
+    """``27`` / ``"Dataset027_X"`` / a folder -> ``$nnUNet_preprocessed/Dataset027_X`` (must exist)."""
+    try:
+        return find_raw_dataset(dataset, preprocessed_root())
+    except SDDMError as e:
+        raise SDDMError(f"preprocessed dataset: {e}; run nnUNetv2_plan_and_preprocess -d {dataset} first") from None
 
 
 def link_path(real_preprocessed: os.PathLike) -> Path:
@@ -200,7 +184,7 @@ def _preprocess_cases(dataset: Dict[str, dict], out_dir: Path, plans_manager, co
         shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
-    for case in tqdm(sorted(dataset), desc=desc, unit="case"):
+    for case in progress_bar(sorted(dataset), desc=desc, unit="case"):
         if (partial / f"{case}.pkl").is_file():
             continue
         entry = dataset[case]

@@ -1,6 +1,6 @@
 """The improved-DDPM Gaussian diffusion process (Nichol & Dhariwal 2021).
 
-Notation (SDDM_METHOD.md section 2): ``beta_t``, ``alpha_t = 1 - beta_t``,
+Notation (as in docs/explanation/algorithm.md): ``beta_t``, ``alpha_t = 1 - beta_t``,
 ``abar_t = prod_{s<=t} alpha_s``, timesteps are 0-based indices ``t = 0 .. T-1``.
 Images ``x`` are float tensors ``(B, C, H, W)`` in ``[-1, 1]``; ``t`` is a LongTensor ``(B,)`` of
 indices into THIS chain (for a respaced chain, see ``respace.SpacedDiffusion``).
@@ -14,9 +14,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from nnunet_sddm.diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
+from nnunet_sddm.utilities.progress import progress_bar
 
 MODEL_VAR_TYPES = ("learned_range", "learned", "fixed_small", "fixed_large")
 MODEL_MEAN_TYPES = ("epsilon", "start_x")
@@ -243,7 +243,7 @@ class GaussianDiffusion:
 
         x = noise.to(device) if noise is not None else randn()
         steps = list(range(self.num_timesteps))[::-1]
-        for i in tqdm(steps, desc="sampling", disable=not progress, leave=False):
+        for i in progress_bar(steps, desc="sampling", disable=not progress, leave=False):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             x = self.p_sample(model, x, t, noise=randn() if i > 0 else torch.zeros(shape, device=device),
                               clip_denoised=clip_denoised, model_kwargs=model_kwargs)["sample"]
@@ -299,9 +299,3 @@ class GaussianDiffusion:
         target = noise if self.model_mean_type == "epsilon" else x_start
         mse = mean_flat((target - mean_output.float()) ** 2)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
-
-    def prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_T|x_0) || N(0, I)) in bits/dim, per sample (B,)."""
-        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
-        mean, _, log_var = self.q_mean_variance(x_start, t)
-        return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / math.log(2.0)

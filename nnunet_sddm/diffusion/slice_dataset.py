@@ -1,4 +1,4 @@
-"""Training slices of the source domain from an nnU-Net raw dataset (SDDM_METHOD.md section 5).
+"""Training slices of the source domain from an nnU-Net raw dataset (docs/explanation/algorithm.md).
 
 Every slice along the through-plane axis ``z`` of every selected image, each VOLUME clipped to
 its own 0.5/99.5 percentiles and scaled to ``[-1, 1]``, padded to a square with -1 and resized
@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from nnunet_sddm.data.raw_dataset import list_images, load_cases_json, load_dataset_json
 from nnunet_sddm.data.slices import IntensityWindow, configured_percentiles, volume_to_model_slices
@@ -30,6 +29,7 @@ from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import atomic_path, write_json
 from nnunet_sddm.utilities.nnunet_paths import preprocessed_root
+from nnunet_sddm.utilities.progress import progress_bar
 
 CACHE_VERSION = 1
 
@@ -143,7 +143,7 @@ def load_slices(dataset_folder: Union[str, os.PathLike], size: int, data_cfg: Ma
             arr = np.load(npy)
             return SliceSet(torch.from_numpy(arr.astype(np.float32)), info["cases"], info["slice_index"])
     chunks, cases, index = [], [], []
-    for case, path in tqdm(images.items(), desc="reading slices", unit="volume", disable=not progress):
+    for case, path in progress_bar(images.items(), desc="reading slices", unit="volume", disable=not progress):
         vol = read_volume(path)
         window = IntensityWindow.fit(vol.data, percentiles, name=str(path))
         x, _, _ = volume_to_model_slices(vol.data, size, window=window, name=str(path))

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from nnunet_sddm import __version__
 from nnunet_sddm.evaluation.evaluate import EvaluationResults, load_results
 from nnunet_sddm.evaluation.figures import bar_chart_ci
 from nnunet_sddm.evaluation.metrics import HIGHER_IS_BETTER, METRICS
@@ -54,15 +55,6 @@ def parse_entry_name(name: str) -> Tuple[str, str]:
         return parts["approach"].strip(), parts.get("model", "").strip()
     approach, sep, model = name.rpartition("/")
     return (approach, model) if sep and approach else (name, "")
-
-
-def parse_name_source(item: str) -> Tuple[str, str]:
-    """CLI ``NAME=DIR`` -> ``(NAME, DIR)``; the split is at the last ``=`` so that
-    ``approach=DA,model=2d=DIR`` also works."""
-    name, sep, path = str(item).rpartition("=")
-    if not sep or not name or not path:
-        raise SDDMError(f"expected NAME=DIR, got {item!r}")
-    return name, path
 
 
 def _as_list(entries: Union[Entries, Tuple[str, Source]]) -> List[Tuple[str, Source]]:
@@ -175,8 +167,6 @@ def compare_results(baseline: Union[Entries, Tuple[str, Source]], candidates: En
 
     out = {"welch": welch_rows, "tables": tables, "markdown": to_markdown(tables["all"], "all", alpha)}
     if out_dir is not None:
-        from nnunet_sddm import __version__
-
         out_dir = Path(out_dir)
         with staging_dir(out_dir, overwrite=overwrite) as tmp:
             with open(tmp / "welch.csv", "w", newline="") as f:

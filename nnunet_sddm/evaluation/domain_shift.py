@@ -28,15 +28,17 @@ import glob
 import json
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
+import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
+from nnunet_sddm import __version__
 from nnunet_sddm.data.raw_dataset import scan_folder, split_ending
 from nnunet_sddm.evaluation.figures import scatter_2d
 from nnunet_sddm.evaluation.image_features import FEATURE_NAMES, select_slices, volume_features
+from nnunet_sddm.evaluation.evaluate import default_num_processes, map_jobs
 from nnunet_sddm.evaluation.io import read_image
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import staging_dir
@@ -135,8 +137,6 @@ def separability(X: np.ndarray, domains: List[str], seed: int = 0, n_trees: int 
 def subject_ids(cases: List[str], pattern: str) -> List[str]:
     """Subject of each case name: the first group (else the whole match) of ``pattern``
     (``re.search``); ``SDDMError`` naming the case when it does not match."""
-    import re
-
     try:
         rx = re.compile(pattern)
     except re.error as e:
@@ -161,11 +161,6 @@ def domain_shift(inputs: Mapping[str, PathLike], out_dir: Optional[PathLike] = N
     ``overwrite``). subject_regex: extracts a subject id from each case name (file name without
     ending) for subject-grouped cross-validation. t-SNE PNGs of real data are derived images: keep them out of repositories.
     """
-    from tqdm import tqdm
-
-    from nnunet_sddm import __version__
-    from nnunet_sddm.evaluation.evaluate import _mp_context, default_num_processes
-
     if len(inputs) < 2:
         raise SDDMError("give at least two domains (-i NAME=DIR NAME=DIR ...)")
     if out_dir is not None and Path(out_dir).exists() and not overwrite:
@@ -180,12 +175,7 @@ def domain_shift(inputs: Mapping[str, PathLike], out_dir: Optional[PathLike] = N
     groups = subject_ids([split_ending(f.name)[0] for _, f in items], subject_regex) if subject_regex else None
     jobs = [(f, slices, normalization) for _, f in items]
     n_proc = min(default_num_processes() if num_processes is None else max(1, int(num_processes)), len(jobs))
-    bar = dict(total=len(jobs), desc="features", unit="volume", disable=not progress)
-    if n_proc <= 1:
-        feats = [_features_of(j) for j in tqdm(jobs, **bar)]
-    else:
-        with ProcessPoolExecutor(n_proc, mp_context=_mp_context()) as ex:
-            feats = list(tqdm(ex.map(_features_of, jobs, chunksize=1), **bar))
+    feats = map_jobs(_features_of, jobs, n_proc, desc="features", unit="volume", progress=progress)
     rows = [{"domain": d, "case": split_ending(f.name)[0], "file": str(f), **ft} for (d, f), ft in zip(items, feats)]
     X = np.array([[r[k] for k in FEATURE_NAMES] for r in rows], dtype=np.float64)
     domains = [r["domain"] for r in rows]

@@ -20,20 +20,26 @@ import csv
 import json
 import math
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
+from nnunet_sddm import __version__
 from nnunet_sddm.evaluation.io import (check_same_geometry, labels_from_dataset_json, list_cases,
                                        read_label_map)
 from nnunet_sddm.evaluation.metrics import METRICS, EmptyPolicy, case_metrics, check_label_values
 from nnunet_sddm.evaluation.statistics import describe
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import staging_dir
+from nnunet_sddm.utilities.progress import progress_bar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 PathLike = Union[str, os.PathLike]
 #: Columns of ``per_case.csv``.
@@ -178,9 +184,18 @@ def evaluate_case(case: str, ref_path: PathLike, pred_path: PathLike, labels: Ma
 def _mp_context():
     """'fork' on Linux (workers start instantly and callers need no ``__main__`` guard; the
     workers only use numpy/scipy/nibabel), 'spawn' elsewhere."""
-    import sys
-
     return get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def map_jobs(fn: Callable[[T], R], jobs: Sequence[T], num_processes: int, *, desc: str, unit: str,
+             progress: bool = True, chunksize: int = 1) -> List[R]:
+    """``[fn(j) for j in jobs]`` in order, in this process (``num_processes`` <= 1) or in a pool of
+    ``num_processes`` workers (``_mp_context``; ``fn`` must be picklable), with a progress bar."""
+    bar = dict(total=len(jobs), desc=desc, unit=unit, disable=not progress)
+    if num_processes <= 1:
+        return [fn(j) for j in progress_bar(jobs, **bar)]
+    with ProcessPoolExecutor(num_processes, mp_context=_mp_context()) as ex:
+        return list(progress_bar(ex.map(fn, jobs, chunksize=chunksize), **bar))
 
 
 def _evaluate_case_star(args):
@@ -262,8 +277,6 @@ def evaluate_folders(ref_dir: PathLike, pred_dir: PathLike,
     out_dir: write the outputs there (refused if it exists, unless ``overwrite``); None: only
     return the results. Raises ``SDDMError`` for bad input (see ``match_cases``, ``evaluate_case``).
     """
-    from nnunet_sddm import __version__
-
     ref_dir, pred_dir = Path(ref_dir), Path(pred_dir)
     for d, what in ((ref_dir, "reference"), (pred_dir, "prediction")):
         if not d.is_dir():
@@ -276,15 +289,8 @@ def evaluate_folders(ref_dir: PathLike, pred_dir: PathLike,
     jobs = [(c, r, p, lab, policy, per_slice) for c, r, p in pairs]
     n_proc = default_num_processes() if num_processes is None else max(1, int(num_processes))
     n_proc = min(n_proc, len(jobs))
-    from tqdm import tqdm
-
-    bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
-    if n_proc <= 1:
-        per_case = [evaluate_case(*j) for j in tqdm(jobs, **bar)]
-    else:
-        with ProcessPoolExecutor(n_proc, mp_context=_mp_context()) as ex:
-            per_case = list(tqdm(ex.map(_evaluate_case_star, jobs, chunksize=max(1, len(jobs) // (8 * n_proc))),
-                                 **bar))
+    per_case = map_jobs(_evaluate_case_star, jobs, n_proc, desc="evaluate", unit="case", progress=progress,
+                        chunksize=max(1, len(jobs) // (8 * max(n_proc, 1))))
     rows = [r for case_rows in per_case for r in case_rows]
     slice_rows = None
     if per_slice:

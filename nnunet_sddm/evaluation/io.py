@@ -14,7 +14,7 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
-from nnunet_sddm.data.raw_dataset import scan_folder
+from nnunet_sddm.data.raw_dataset import case_of, scan_folder
 from nnunet_sddm.utilities.errors import SDDMError
 
 _NIFTI = (".nii.gz", ".nii")
@@ -107,8 +107,8 @@ def list_cases(folder: os.PathLike, file_ending: Optional[str] = None,
     out: Dict[str, Path] = {}
     seen = set()
     for stem, ending, p in scan_folder(folder, file_ending):
-        if strip_channel and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
-            stem = stem[:-5]
+        if strip_channel:
+            stem = case_of(stem)
         out[stem] = p
         seen.add(ending)
     if len(seen) > 1:
