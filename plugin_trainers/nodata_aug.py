@@ -1,6 +1,6 @@
 """nnU-Net's planned architecture trained without data augmentation (the paper's 2D/3D nnU-Net).
 
-The paper trains every segmenter for 250 epochs without augmentation (SDDM_METHOD.md section 8).
+The paper trains every segmenter for 250 epochs without augmentation (see docs/how_to/trainers.md).
 Based on nnU-Net's ``nnUNetTrainerNoDA``: training transforms = validation transforms, and
 ``inference_allowed_mirroring_axes = None`` is stored in the checkpoint, so ``nnUNetv2_predict``
 does no mirroring test-time augmentation either. Valid for ``2d`` and ``3d_fullres``.
@@ -19,15 +19,12 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoD
 )
 
 from plugin_trainers.schedule import (  # noqa: E402
+    QuickSchedule,
     ScheduleMixin,
     module_getattr,
     register_family,
     register_variant,
 )
-
-#: Quick schedule shared by all ``*_Quick`` trainers: epochs x iterations, validation iterations.
-QUICK_EPOCHS, QUICK_ITERATIONS, QUICK_VAL_ITERATIONS = 2, 5, 2
-
 
 @register_variant
 class nnUNetTrainer_SDDM_NoDA_250ep(ScheduleMixin, nnUNetTrainerNoDA):
@@ -39,13 +36,8 @@ class nnUNetTrainer_SDDM_NoDA_250ep(ScheduleMixin, nnUNetTrainerNoDA):
 register_family("nnUNetTrainer_SDDM_NoDA", nnUNetTrainer_SDDM_NoDA_250ep)
 
 
-class nnUNetTrainer_SDDM_NoDA_Quick(nnUNetTrainer_SDDM_NoDA_250ep):
+class nnUNetTrainer_SDDM_NoDA_Quick(QuickSchedule, nnUNetTrainer_SDDM_NoDA_250ep):
     """Tests and demos: 2 epochs x 5 iterations (2 validation iterations), final validation skipped."""
-
-    sddm_num_epochs = QUICK_EPOCHS
-    sddm_iterations_per_epoch = QUICK_ITERATIONS
-    sddm_val_iterations_per_epoch = QUICK_VAL_ITERATIONS
-    sddm_final_validation = False
 
 
 __getattr__ = module_getattr(__name__)

@@ -1,4 +1,4 @@
-"""The paper's vanilla 2D U-Net (Appendix A; SDDM_METHOD.md section 8).
+"""The paper's vanilla 2D U-Net (the paper's Appendix A; see docs/how_to/trainers.md).
 
 Encoder: ``depth`` = 4 blocks of (3x3 conv, BN, ReLU) x 2, each followed by a 2x2 max-pool of
 stride 2, with F, 2F, 4F, 8F filters (F = 64); bottleneck: the same double conv with 16F filters;

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from medpy.metric import binary as mb
 
-from nnunet_sddm.cli.evaluation import evaluate_main
+from nnunet_sddm.cli.evaluation import compare_main, domain_shift_main, evaluate_main
 from nnunet_sddm.evaluation.evaluate import evaluate_folders, load_results
 
 SPACING_XYZ = (1.5, 1.25, 8.0)  # file order (x, y, z)
@@ -146,3 +146,15 @@ def test_bad_inputs(folders, tmp_path, capsys):
     assert code == 2 and "NAME=VALUE" in err
     for o in ("o1", "o3", "o4", "o5", "o6", "o7"):
         assert not (tmp_path / o).exists()
+
+
+@pytest.mark.parametrize("main", [compare_main, evaluate_main, domain_shift_main])
+def test_help_texts_are_printed_as_written(main, capsys):
+    # issue 11: nnUNetv2_sddm_compare --help printed "95%% CIs" (a description is not %-formatted)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "%%" not in out and "SDDM_METHOD" not in out and "NNUNET_INTEGRATION" not in out
+    if main is compare_main:
+        assert "95% CI" in " ".join(out.split())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 from typing import List, Optional
 
 from nnunet_sddm.utilities.errors import SDDMError, cli_entry
@@ -45,8 +46,6 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    from pathlib import Path
-
     out = a.out or str(Path(a.pred) / "sddm_evaluation")
     res = evaluate_folders(a.ref, a.pred, labels=a.labels, dataset_json=a.djfile, num_processes=a.num_processes,
                            empty_policy=a.empty_policy, both_empty=a.both_empty, per_slice=a.per_slice,
@@ -65,7 +64,7 @@ def compare_main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="nnUNetv2_sddm_compare",
         description="Welch's t-tests against the baseline, Table-1-style tables (Markdown, CSV, LaTeX) and "
-                    "bar charts with 95%% CIs. NAME is APPROACH/MODEL (e.g. DA/2d_nnunet), "
+                    "bar charts with 95% CIs. NAME is APPROACH/MODEL (e.g. DA/2d_nnunet), "
                     "'approach=DA,model=2d_nnunet', or just APPROACH; DIR is an nnUNetv2_sddm_evaluate output folder "
                     "(or its per_case.csv).")
     p.add_argument("--baseline", nargs="+", required=True, metavar="NAME=DIR",

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from nnunet_sddm.utilities.errors import SDDMError
 
-#: SDDM_METHOD.md section 3: the paper's cardiac model at 128 x 128 (1 channel in, 2 out).
+#: The paper's cardiac model (docs/explanation/algorithm.md) at 128 x 128 (1 channel in, 2 out).
 _PAPER_MODEL = {
     "image_size": 128, "in_channels": 1, "model_channels": 128, "num_res_blocks": 1,
     "channel_mult": [1, 1, 2, 3, 4], "attention_resolutions": [16], "num_heads": 4,

@@ -1,5 +1,5 @@
 r"""The 22 image-quality features of DSMRI (Kushol et al., derived from MRQy, Sadri et al. 2020)
-that SD-DM's paper feeds to t-SNE (SDDM_METHOD.md section 6), per 2D slice and per volume.
+that SD-DM's paper feeds to t-SNE (see docs/explanation/metrics.md), per 2D slice and per volume.
 
 Per slice ``I`` (2D, after the volume-level intensity normalisation below):
 

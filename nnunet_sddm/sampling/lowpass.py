@@ -1,4 +1,4 @@
-"""phi_D: the linear low-pass filter of the guided sampler (SDDM_METHOD.md section 4).
+"""phi_D: the linear low-pass filter of the guided sampler (docs/explanation/algorithm.md).
 
     phi_D(x) = up_D(down_D(x))
 
