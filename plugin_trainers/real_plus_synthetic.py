@@ -24,13 +24,8 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class  # 
 import nnunet_sddm  # noqa: E402
 from nnunet_sddm.utilities.errors import SDDMError  # noqa: E402
 from nnunet_sddm.utilities.files import write_json  # noqa: E402
-from plugin_trainers.nodata_aug import (  # noqa: E402
-    QUICK_EPOCHS,
-    QUICK_ITERATIONS,
-    QUICK_VAL_ITERATIONS,
-    nnUNetTrainer_SDDM_NoDA_250ep,
-)
-from plugin_trainers.schedule import module_getattr, register_family  # noqa: E402
+from plugin_trainers.nodata_aug import nnUNetTrainer_SDDM_NoDA_250ep  # noqa: E402
+from plugin_trainers.schedule import QuickSchedule, module_getattr, register_family  # noqa: E402
 from plugin_trainers.synthetic_data import (  # noqa: E402
     RealPlusSyntheticCases,
     load_link,
@@ -127,13 +122,8 @@ def _nnunet_version() -> str:
 register_family("nnUNetTrainer_SDDM_RealPlusSynthetic", nnUNetTrainer_SDDM_RealPlusSynthetic)
 
 
-class nnUNetTrainer_SDDM_RealPlusSynthetic_Quick(nnUNetTrainer_SDDM_RealPlusSynthetic):
+class nnUNetTrainer_SDDM_RealPlusSynthetic_Quick(QuickSchedule, nnUNetTrainer_SDDM_RealPlusSynthetic):
     """Tests and demos: 2 epochs x 5 iterations (2 validation iterations), final validation skipped."""
-
-    sddm_num_epochs = QUICK_EPOCHS
-    sddm_iterations_per_epoch = QUICK_ITERATIONS
-    sddm_val_iterations_per_epoch = QUICK_VAL_ITERATIONS
-    sddm_final_validation = False
 
 
 __getattr__ = module_getattr(__name__)

@@ -31,6 +31,20 @@ def _variant_key(m: "re.Match[str]") -> Tuple[str, int, Optional[int]]:
     return m.group("family"), int(m.group("epochs")), None if its is None else int(its)
 
 
+#: Quick schedule shared by all ``*_Quick`` trainers: epochs x iterations, validation iterations.
+QUICK_EPOCHS, QUICK_ITERATIONS, QUICK_VAL_ITERATIONS = 2, 5, 2
+
+
+class QuickSchedule:
+    """Put first among the bases of a ``*_Quick`` trainer (tests and demos): 2 epochs x 5
+    iterations (2 validation iterations), final validation skipped."""
+
+    sddm_num_epochs = QUICK_EPOCHS
+    sddm_iterations_per_epoch = QUICK_ITERATIONS
+    sddm_val_iterations_per_epoch = QUICK_VAL_ITERATIONS
+    sddm_final_validation = False
+
+
 class ScheduleMixin:
     """Put before an ``nnUNetTrainer`` subclass: sets epochs / iterations after its ``__init__``.
 

@@ -22,8 +22,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 from nnunet_sddm.utilities.errors import SDDMError  # noqa: E402
-from plugin_trainers.nodata_aug import QUICK_EPOCHS, QUICK_ITERATIONS, QUICK_VAL_ITERATIONS  # noqa: E402
 from plugin_trainers.schedule import (  # noqa: E402
+    QuickSchedule,
     ScheduleMixin,
     module_getattr,
     register_family,
@@ -74,13 +74,8 @@ class nnUNetTrainer_SDDM_VanillaUNet(ScheduleMixin, nnUNetTrainerNoDA):
 register_family("nnUNetTrainer_SDDM_VanillaUNet", nnUNetTrainer_SDDM_VanillaUNet)
 
 
-class nnUNetTrainer_SDDM_VanillaUNet_Quick(nnUNetTrainer_SDDM_VanillaUNet):
+class nnUNetTrainer_SDDM_VanillaUNet_Quick(QuickSchedule, nnUNetTrainer_SDDM_VanillaUNet):
     """Tests and demos: 2 epochs x 5 iterations (2 validation iterations), final validation skipped."""
-
-    sddm_num_epochs = QUICK_EPOCHS
-    sddm_iterations_per_epoch = QUICK_ITERATIONS
-    sddm_val_iterations_per_epoch = QUICK_VAL_ITERATIONS
-    sddm_final_validation = False
 
 
 __getattr__ = module_getattr(__name__)

@@ -13,7 +13,7 @@ import csv
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from nnunet_sddm.evaluation.metrics import HIGHER_IS_BETTER, METRICS
 
@@ -60,21 +60,28 @@ def _count(c: Cell) -> str:
     return f" (n={c.n}/{c.n_total})" if 0 <= c.n < c.n_total else ""
 
 
+def _marked_cells(r: TableRow, bold: Callable[[str], str], dagger: str) -> List[str]:
+    """One row's metric cells: value, bold if best, ``dagger`` if not significantly worse than the
+    best, ``*`` if significantly different from the baseline, then the count if cases were left out."""
+    cells = []
+    for m in METRICS:
+        c = r.cells[m]
+        v = _value(m, c)
+        if c.mark == "best":
+            v = bold(v)
+        elif c.mark == "ns":
+            v += dagger
+        if c.sig_vs_baseline:
+            v += "*"
+        cells.append(v + _count(c))
+    return cells
+
+
 def to_markdown(rows: Sequence[TableRow], structure: str, alpha: float) -> str:
     lines = [f"**Table: {caption(structure, alpha)}**", "",
              "| approach | model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
     for r in rows:
-        cells = []
-        for m in METRICS:
-            c = r.cells[m]
-            v = _value(m, c)
-            if c.mark == "best":
-                v = f"**{v}**"
-            elif c.mark == "ns":
-                v += "†"
-            if c.sig_vs_baseline:
-                v += "*"
-            cells.append(v + _count(c))
+        cells = _marked_cells(r, lambda v: f"**{v}**", "†")
         lines.append(f"| {r.approach} | {r.model or '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -90,17 +97,7 @@ def to_latex(rows: Sequence[TableRow], structure: str, alpha: float) -> str:
              r"\begin{tabular}{ll" + "r" * len(METRICS) + "}", r"\hline",
              "Approach & Model & " + " & ".join(METRICS) + r" \\", r"\hline"]
     for r in rows:
-        cells = []
-        for m in METRICS:
-            c = r.cells[m]
-            v = _value(m, c)
-            if c.mark == "best":
-                v = r"\textbf{" + v + "}"
-            elif c.mark == "ns":
-                v += r"$^\dagger$"
-            if c.sig_vs_baseline:
-                v += "*"
-            cells.append(v + _count(c))
+        cells = _marked_cells(r, lambda v: r"\textbf{" + v + "}", r"$^\dagger$")
         lines.append(f"{esc(r.approach)} & {esc(r.model or '-')} & " + " & ".join(cells) + r" \\")
     lines += [r"\hline", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
