@@ -1,1 +1,2 @@
-"""Writers of nnU-Net raw datasets: ACDC, M&Ms-1/2 and multi-vendor cardiac phantoms."""
+"""Console scripts that write nnU-Net raw datasets: the ACDC and M&Ms-1/2 converters and the
+phantom generator (the phantoms themselves are ``nnunet_sddm.data.phantoms``)."""

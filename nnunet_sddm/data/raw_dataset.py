@@ -229,8 +229,10 @@ def check_target_free(dataset_id: int, overwrite: bool) -> List[Path]:
     return existing
 
 
-def _publishable_permissions(folder: Path) -> None:
-    """Temp files/folders are created private (0600/0700); give the dataset the usual umask modes."""
+def publishable_permissions(folder: os.PathLike) -> None:
+    """Give every folder and file below ``folder`` (itself included) the usual modes of the umask
+    (``0777``/``0666`` minus the umask): temporary files and folders are created private
+    (0600/0700), which a published dataset must not be."""
     umask = os.umask(0)
     os.umask(umask)
     for root, dirs, files in os.walk(folder):
@@ -352,7 +354,7 @@ class RawDatasetBuilder:
                            nnunet_sddm_version=__version__, **self.extra_json)
         write_json(sorted(self.records, key=lambda r: (r["split"] != "Tr", r["case"])),
                    self.staging / "cases.json")
-        _publishable_permissions(self.staging)
+        publishable_permissions(self.staging)
 
     def _write_splits(self) -> None:
         train = {r["case"]: str(r["subject"]) for r in self.records if r["split"] == "Tr"}
