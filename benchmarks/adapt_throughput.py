@@ -12,7 +12,14 @@ and the same reference slices, with the same D, N, tau and K:
 
 Reported per configuration: slices/s of each, their ratio, and the peak memory during each run
 (CPU: resident set size above the level before the run, sampled every 5 ms; CUDA: peak allocated
-by torch). With no arguments it runs ``tiny`` (64 x 64) on the CPU in under 2 minutes with a
+by torch). Also run: projection guidance (``guidance="projection"``, ILVR: one forward pass per
+step, no backward), with its ratio to gradient guidance on the same model and slices.
+
+Distance to the machine's limit: the arithmetic of one sampler step per slice (FLOPs of one forward
+plus one input-gradient backward pass of the UNet, counted with ``torch.utils.flop_counter``; the
+forward alone for projection), the achieved FLOP/s of each run (slices/s x N x FLOPs per step), and
+the machine's measured peak (the best of several large matrix products, fp32 on the CPU, the run's
+dtype on CUDA). With no arguments it runs ``tiny`` (64 x 64) on the CPU in under 2 minutes with a
 generated model and generated slices; on a machine with a GPU add ``--device cuda`` (then it also
 runs ``paper128`` at 128 x 128 with bf16). The last line is ``speedup_vs_reference: <number>``
 for the last configuration that ran.
@@ -91,6 +98,41 @@ class PeakMemory:
         return False
 
 
+def step_flops(loaded, size: int, device: torch.device, backward: bool) -> float:
+    """FLOPs of one sampler step for ONE slice: the UNet's forward (and, with ``backward``, the
+    backward pass to the input only: parameters frozen, as in the sampler), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nnunet_sddm.sampling.guided import frozen
+
+    b = 2  # a small batch, divided out (some kernels special-case batch 1)
+    x = torch.zeros(b, 1, size, size, device=device, requires_grad=backward)
+    t = torch.full((b,), 10, dtype=torch.long, device=device)
+    with frozen(loaded.model), FlopCounterMode(display=False) as counter:
+        with torch.set_grad_enabled(backward):
+            out = loaded.model(x, t)
+            if backward:
+                out.float().sum().backward()  # only x requires a gradient (parameters frozen)
+    return counter.get_total_flops() / b
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """The machine's measured peak: the best FLOP/s (2 n^3 per product) of ``reps`` ``n x n``
+    matrix products on ``device`` in ``dtype``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b)
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
 def run_config(preset: str, device: torch.device, n_slices: int, batch_size: int, N: int, steps: int,
                amp, workdir: Path) -> float:
     from nnunet_sddm.diffusion.model_folder import create_model_folder, load_model
@@ -110,11 +152,17 @@ def run_config(preset: str, device: torch.device, n_slices: int, batch_size: int
     keys = [f"bench/{i}" for i in range(n_slices)]
     project = SamplerSettings(D=2, N=N, tau=6.0, steps=steps, seed=0)
     reference = project.replace(reference_behaviour=True)
+    projection = project.replace(guidance="projection")
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def run_project():
         for s in range(0, n_slices, batch_size):
             guided_sample(project_model, y0[s:s + batch_size], project, keys[s:s + batch_size], amp=amp)
+        sync()
+
+    def run_projection():
+        for s in range(0, n_slices, batch_size):
+            guided_sample(project_model, y0[s:s + batch_size], projection, keys[s:s + batch_size], amp=amp)
         sync()
 
     def run_reference():
@@ -132,7 +180,7 @@ def run_config(preset: str, device: torch.device, n_slices: int, batch_size: int
     sync()
 
     results = {}
-    for name, fn in (("reference", run_reference), ("project", run_project)):
+    for name, fn in (("reference", run_reference), ("project", run_project), ("projection", run_projection)):
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             fn()
@@ -143,6 +191,21 @@ def run_config(preset: str, device: torch.device, n_slices: int, batch_size: int
     ratio = results["project"][0] / results["reference"][0]
     print(f"  {preset} on {device} ({size}x{size}, batch {batch_size}, amp {amp or 'fp32'}): "
           f"speedup {ratio:.2f}x", flush=True)
+    print(f"  projection_vs_gradient: {results['projection'][0] / results['project'][0]:.2f}x "
+          f"(same model, slices and batch)", flush=True)
+    fwd_bwd = step_flops(project_model, size, device, backward=True)
+    fwd = step_flops(project_model, size, device, backward=False)
+    peak = matmul_peak(device, torch.bfloat16 if (amp == "bf16" and device.type == "cuda") else torch.float32)
+    print(f"  flops_per_slice_step: {fwd_bwd / 1e9:.3f} GFLOP (forward + input-gradient backward), "
+          f"{fwd / 1e9:.3f} GFLOP (forward only)", flush=True)
+    print(f"  flops_per_slice: {N * fwd_bwd / 1e9:.2f} GFLOP at N = {N} (gradient guidance)", flush=True)
+    for name, per_step in (("reference", fwd_bwd), ("project", fwd_bwd), ("projection", fwd)):
+        achieved = results[name][0] * N * per_step
+        print(f"  achieved_flops {name:10s}: {achieved / 1e9:8.2f} GFLOP/s = {100 * achieved / peak:5.1f}% of the "
+              f"measured peak", flush=True)
+    print(f"  measured_peak: {peak / 1e9:.1f} GFLOP/s (best 2048 x 2048 matrix product, "
+          f"{'bf16' if (amp == 'bf16' and device.type == 'cuda') else 'fp32'}, {torch.get_num_threads()} threads)",
+          flush=True)
     return ratio
 
 
