@@ -17,8 +17,8 @@ import pytest
 from nnunet_sddm.cli import launch
 from nnunet_sddm.cli.doctor import Findings, folders_section
 from nnunet_sddm.utilities.environment import (
-    NNUNETV2_RANGE, SKIP_ENV_VAR, TESTED, TORCH_RANGE, check_environment, format_report, parse_version,
-    requirement_on, satisfies, startup_check)
+    NNUNETV2_RANGE, SKIP_ENV_VAR, TESTED, TORCH_RANGE, InstalledMetadata, check_environment, format_report,
+    parse_metadata_headers, parse_version, requirement_on, satisfies, startup_check)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -126,6 +126,21 @@ def test_requirement_parsing_ignores_conditional_lines():
     assert requirement_on(lines, "Pillow") == "!=8.3.*,>=5.3.0"
     assert requirement_on(lines, "scipy") is None
     assert requirement_on(["torch"], "torch") == ""
+
+
+def test_metadata_headers_and_installed_provider():
+    text = ("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.24.1\nRequires-Dist: numpy\n"
+            "Requires-Dist: torch (==2.9.1)\nSummary: a long\n   summary\n\nRequires-Dist: not-a-header\n")
+    h = parse_metadata_headers(text)
+    assert h["version"] == ["0.24.1"] and h["requires-dist"] == ["numpy", "torch (==2.9.1)"]
+    assert h["summary"] == ["a long summary"]
+    import importlib.metadata as md
+
+    meta = InstalledMetadata()
+    for name in ("torch", "torchvision", "nnunetv2", "nnunet-sddm", "numpy"):
+        assert meta.version(name) == md.version(name)
+        assert list(meta.requires(name)) == list(md.requires(name) or [])
+    assert meta.version("no-such-distribution-xyz") is None and meta.requires("no-such-distribution-xyz") == []
 
 
 def test_version_parsing():
