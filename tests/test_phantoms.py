@@ -189,6 +189,25 @@ def test_failed_run_leaves_nothing_that_blocks_the_identical_retry(nnunet_env, m
     assert (nnunet_env["preprocessed"] / "Dataset014_PhantomA" / "splits_final.json").is_file()
 
 
+def test_builder_undoes_its_splits_when_publishing_fails(nnunet_env):
+    # another process creates the final folder while the dataset is built: nothing of ours stays
+    from nnunet_sddm.data.raw_dataset import RawDatasetBuilder, make_nifti
+    from nnunet_sddm.data.volumes import save_nifti
+
+    with pytest.raises(FileExistsError):
+        with RawDatasetBuilder(15, "Race") as b:
+            for i in range(2):
+                case = f"s{i}_ED"
+                save_nifti(make_nifti(np.zeros((2, 4, 4), np.float32), (8, 1, 1), np.float32), b.image_path(case, "Tr"))
+                save_nifti(make_nifti(np.zeros((2, 4, 4), np.uint8), (8, 1, 1), np.uint8), b.label_path(case, "Tr"))
+                b.add_record({"case": case, "subject": f"s{i}", "split": "Tr"})
+            b.final.mkdir()
+            (b.final / "theirs.txt").write_text("x")
+    assert sorted(p.name for p in nnunet_env["raw"].iterdir()) == ["Dataset015_Race"]
+    assert [p.name for p in b.final.iterdir()] == ["theirs.txt"]
+    assert not (nnunet_env["preprocessed"] / "Dataset015_Race" / "splits_final.json").exists()
+
+
 @pytest.mark.timeout(180)
 def test_nnunet_integrity_check_passes(nnunet_env):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
