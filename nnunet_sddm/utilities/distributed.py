@@ -46,7 +46,8 @@ def ranks_from_env() -> Ranks:
 
 def init_from_env(device: Optional[str] = None) -> Ranks:
     """Join the ``torchrun`` process group if the environment describes one (gloo on the CPU,
-    nccl on CUDA); a single process otherwise. Safe to call more than once.
+    nccl on CUDA when every local rank has its own GPU, gloo otherwise); a single process
+    otherwise. Safe to call more than once.
 
     With CUDA the rank's device (``cuda:LOCAL_RANK`` unless ``device`` names one) is made the
     current device before NCCL starts: NCCL's collectives (``all_gather_object``, ``barrier``) run
@@ -58,7 +59,11 @@ def init_from_env(device: Optional[str] = None) -> Ranks:
         use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith(("cuda", "auto")))
         if use_cuda:
             torch.cuda.set_device(resolve_device(device, ranks.local_rank))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # NCCL refuses two ranks on one GPU: with more local ranks than GPUs, the (CPU) gloo backend
+        # carries the few small collectives adaptation needs
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(ranks.world_size)))
+        nccl = use_cuda and local_world <= torch.cuda.device_count()
+        dist.init_process_group(backend="nccl" if nccl else "gloo")
     return ranks
 
 
