@@ -34,12 +34,12 @@ import nnunet_sddm
 from nnunet_sddm.adaptation.pipeline import Adapter, ModelSpec
 from nnunet_sddm.adaptation.record import RunRecord
 from nnunet_sddm.utilities import distributed as dist_utils
-from nnunet_sddm.data.raw_dataset import (list_images, list_labels, load_cases_json, load_dataset_json,
-                                          patient_level_splits)
+from nnunet_sddm.data.raw_dataset import (check_target_free, list_images, list_labels, load_cases_json,
+                                          load_dataset_json, patient_level_splits, publishable_permissions)
 from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import atomic_path, read_json, remove_stale_temp, write_json
-from nnunet_sddm.utilities.nnunet_paths import (dataset_folder_name, datasets_with_id, find_raw_dataset,
+from nnunet_sddm.utilities.nnunet_paths import (dataset_folder_name, find_raw_dataset,
                                                 parse_dataset_folder_name, preprocessed_root, raw_root)
 
 RECORD_FILE = "sddm_synthesize.json"
@@ -123,10 +123,7 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model:
         raise SDDMError(f"the new dataset id {new_id} is the source's ({src.name}); choose another id")
     folder_name = dataset_folder_name(new_id, name or f"{src_name}SDDM")
     final = raw_root() / folder_name
-    existing = datasets_with_id(int(new_id))
-    if existing and not overwrite:
-        raise SDDMError(f"{existing[0]}: a dataset with id {int(new_id)} exists already; pass --overwrite "
-                        f"to replace it")
+    existing = check_target_free(int(new_id), overwrite)
     dj = load_dataset_json(src)
     if len(dj.get("channel_names", {"0": None})) != 1:
         raise SDDMError(f"{src / 'dataset.json'}: only single-channel datasets can be synthesised")
@@ -234,12 +231,7 @@ def _publish(partial: Path, final: Path, existing: List[Path], overwrite: bool) 
     for sub in ("imagesTs", "labelsTs"):
         if (partial / sub).is_dir() and not any((partial / sub).iterdir()):
             (partial / sub).rmdir()
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(partial):
-        os.chmod(root, 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+    publishable_permissions(partial)
     trash = []
     for old in existing:
         if old.exists():
