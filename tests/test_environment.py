@@ -137,10 +137,29 @@ def test_metadata_headers_and_installed_provider():
     import importlib.metadata as md
 
     meta = InstalledMetadata()
-    for name in ("torch", "torchvision", "nnunetv2", "nnunet-sddm", "numpy"):
-        assert meta.version(name) == md.version(name)
-        assert list(meta.requires(name)) == list(md.requires(name) or [])
+    names = {d.metadata["Name"] for d in md.distributions()}
+    assert {"torch", "torchvision", "nnunetv2", "nnunet-sddm"} <= {n.lower() for n in names}
+    for name in names:  # the direct reader agrees with importlib.metadata on every installed distribution
+        assert meta.version(name) == md.version(name), name
+        assert list(meta.requires(name)) == list(md.requires(name) or []), name
     assert meta.version("no-such-distribution-xyz") is None and meta.requires("no-such-distribution-xyz") == []
+
+
+def test_installed_metadata_order_and_fallback(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    _fake_torchvision(first, "0.20.0", "2.5.0")
+    _fake_torchvision(second, "0.21.0", "2.6.0")
+    meta = InstalledMetadata(path=[str(tmp_path / "missing"), str(first), str(second)])
+    assert meta.version("torchvision") == "0.20.0" and meta.location("torchvision") == str(first)
+    assert meta.requires("torchvision") == ["numpy", "torch==2.5.0"]
+    # an .egg-info first on the path: read through importlib.metadata (PKG-INFO + requires.txt)
+    egg = tmp_path / "egg" / "torchvision.egg-info"
+    egg.mkdir(parents=True)
+    (egg / "PKG-INFO").write_text("Metadata-Version: 1.2\nName: torchvision\nVersion: 0.19.0\n")
+    (egg / "requires.txt").write_text("numpy\ntorch==2.4.0\n")
+    meta = InstalledMetadata(path=[str(tmp_path / "egg"), str(first)])
+    assert meta.version("torchvision") == "0.19.0"
+    assert requirement_on(meta.requires("torchvision"), "torch") == "==2.4.0"
 
 
 def test_version_parsing():

@@ -5,8 +5,9 @@ with a CUDA build of the other fails too. A mismatched pair does not fail at ins
 ``import torchvision`` (``operator torchvision::nms does not exist``), which nnunetv2 triggers
 through dynamic-network-architectures -> timm, so every nnU-Net command dies with that message.
 
-:func:`startup_check` reads only the installed distributions' metadata (``importlib.metadata``:
-versions and ``Requires-Dist``; no torch, torchvision or nnunetv2 import, a few tens of ms) and,
+:func:`startup_check` reads only the installed distributions' metadata (versions and
+``Requires-Dist``, as ``importlib.metadata`` finds them; no torch, torchvision or nnunetv2 import,
+a few ms) and,
 on a problem, prints the versions, what is wrong and the command that fixes it, then exits with
 code 2. Every console script runs it first (see ``nnunet_sddm.cli.launch``); setting
 ``nnUNet_sddm_skip_env_check=1`` skips it. ``python -m nnunet_sddm.utilities.environment`` runs
@@ -17,8 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Protocol, Sequence, TextIO, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Protocol, Sequence, TextIO, Tuple
 
 #: The versions CI tests together (must equal ``.ci/constraints.txt``; a test checks it).
 TESTED: Dict[str, str] = {"torch": "2.14.1", "torchvision": "0.29.1", "nnunetv2": "2.8.1"}
@@ -57,8 +57,7 @@ _INF = float("inf")
 _VARIANT_RE = re.compile(r"^(cpu|cu\d+|rocm[\d.]+|xpu)$", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class Version:
+class Version(NamedTuple):
     """A parsed version: ``key`` orders public versions (PEP 440), ``local`` is the build label."""
 
     text: str
@@ -195,6 +194,7 @@ def parse_metadata_headers(text: str) -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
     key = None
     for line in text.split("\n\n", 1)[0].splitlines():
+        line = line.rstrip("\r")
         if line[:1] in (" ", "\t") and key is not None:
             out[key][-1] += " " + line.strip()
             continue
@@ -216,78 +216,113 @@ class MetadataProvider(Protocol):
         """Its ``Requires-Dist`` lines (empty if it is not installed)."""
 
 
-class InstalledMetadata:
-    """:class:`MetadataProvider` over ``importlib.metadata`` (the first distribution on ``sys.path``,
-    i.e. the one ``import`` would load).
+class _Record(NamedTuple):
+    version: Optional[str]
+    requires: Tuple[str, ...]
+    location: Optional[str]
 
-    Reads only the header block of ``METADATA`` (``importlib.metadata`` parses the whole file,
-    long description included, for each ``.version``: most of the check's time for torch)."""
 
-    def __init__(self) -> None:
-        self._cache: Dict[str, object] = {}
-        self._headers: Dict[str, Dict[str, List[str]]] = {}
-
-    def distribution(self, name: str):
-        """The ``importlib.metadata.Distribution`` of ``name``, None if it is not installed."""
-        if name not in self._cache:
-            import importlib.metadata as md
-
+def find_dist_info(name: str, path: Optional[Sequence[str]] = None,
+                   listings: Optional[Dict[str, List[str]]] = None) -> Optional[str]:
+    """The first ``<name>-<version>.dist-info`` folder on ``path`` (default ``sys.path``), the one
+    ``importlib.metadata`` and ``import`` use; None if none is found or the first match is of
+    another kind (``.egg-info``, a file): the caller then asks ``importlib.metadata``.
+    ``listings`` caches folder listings between calls."""
+    want = re.sub(r"[-_.]+", "_", name).lower()
+    listings = {} if listings is None else listings
+    for entry in sys.path if path is None else path:
+        folder = entry or "."
+        if folder not in listings:
             try:
-                self._cache[name] = md.distribution(name)
-            except md.PackageNotFoundError:
-                self._cache[name] = None
+                listings[folder] = os.listdir(folder)
+            except OSError:  # not a folder (a zip, a missing entry)
+                listings[folder] = []
+        names = listings[folder]
+        for fn in names:
+            low = fn.lower()
+            kind = ".dist-info" if low.endswith(".dist-info") else ".egg-info" if low.endswith(".egg-info") else None
+            if kind is None or re.sub(r"[-_.]+", "_", low[:-len(kind)].split("-", 1)[0]) != want:
+                continue
+            full = os.path.join(folder, fn)
+            return full if kind == ".dist-info" and os.path.isfile(os.path.join(full, "METADATA")) else None
+    return None
+
+
+class InstalledMetadata:
+    """:class:`MetadataProvider` over the installed distributions: the first one on ``sys.path``,
+    i.e. the one ``import`` loads.
+
+    A ``.dist-info`` folder (every wheel and modern editable install) is read directly, header
+    block of ``METADATA`` only; anything else goes through ``importlib.metadata``. That keeps the
+    start-up check at a few ms: importing ``importlib.metadata`` costs tens of ms, and it parses
+    the whole ``METADATA``, long description included, for each version."""
+
+    def __init__(self, path: Optional[Sequence[str]] = None) -> None:
+        self._path = path
+        self._cache: Dict[str, Optional[_Record]] = {}
+        self._listings: Dict[str, List[str]] = {}
+
+    def _record(self, name: str) -> Optional[_Record]:
+        if name not in self._cache:
+            self._cache[name] = self._read(name)
         return self._cache[name]
 
-    def headers(self, name: str) -> Dict[str, List[str]]:
-        """Lower-cased header name -> values, from the header block of ``METADATA`` (or
-        ``PKG-INFO``); empty if there is no such file or ``name`` is not installed."""
-        if name not in self._headers:
-            dist = self.distribution(name)
-            text = None
-            if dist is not None:
-                text = dist.read_text("METADATA") or dist.read_text("PKG-INFO")  # type: ignore[attr-defined]
-            self._headers[name] = parse_metadata_headers(text or "")
-        return self._headers[name]
+    def _read(self, name: str) -> Optional[_Record]:
+        info = find_dist_info(name, self._path, self._listings)
+        if info is not None:
+            with open(os.path.join(info, "METADATA"), encoding="utf-8", errors="replace") as f:
+                head = parse_metadata_headers(_header_block(f))
+            if head.get("version"):
+                return _Record(head["version"][0], tuple(head.get("requires-dist", ())),
+                               os.path.normpath(os.path.dirname(info)))
+        import importlib.metadata as md
+
+        try:
+            dist = md.distribution(name) if self._path is None else next(
+                iter(md.distributions(name=name, path=list(self._path))))
+        except (md.PackageNotFoundError, StopIteration):
+            return None
+        try:
+            location = os.path.normpath(str(dist.locate_file("")))
+        except Exception:  # noqa: BLE001 (a distribution without a file location)
+            location = None
+        return _Record(dist.version, tuple(dist.requires or ()), location)
 
     def version(self, name: str) -> Optional[str]:
-        dist = self.distribution(name)
-        if dist is None:
-            return None
-        found = self.headers(name).get("version")
-        return found[0] if found else dist.version  # type: ignore[attr-defined]
+        rec = self._record(name)
+        return None if rec is None else rec.version
 
     def requires(self, name: str) -> Sequence[str]:
-        dist = self.distribution(name)
-        if dist is None:
-            return []
-        found = self.headers(name).get("requires-dist")
-        if found is not None:
-            return list(found)
-        return list(dist.requires or [])  # type: ignore[attr-defined] (egg-info: requires.txt)
+        rec = self._record(name)
+        return [] if rec is None else list(rec.requires)
 
     def location(self, name: str) -> Optional[str]:
         """The folder ``name`` is installed in (``site-packages``, a ``--target`` folder...), None if unknown."""
-        dist = self.distribution(name)
-        try:
-            return None if dist is None else os.path.normpath(str(dist.locate_file("")))  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 (a distribution without a file location)
-            return None
+        rec = self._record(name)
+        return None if rec is None else rec.location
+
+
+def _header_block(f) -> str:
+    lines = []
+    for line in f:
+        if line in ("\n", "\r\n"):  # the blank line ending the headers (a continuation may be blank-looking)
+            break
+        lines.append(line)
+    return "".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
 # the check
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Fix:
+class Fix(NamedTuple):
     """One way to fix a problem: ``how`` (a short caption, may be empty) and the shell commands."""
 
     how: str
     commands: Tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     """One thing wrong with the installation: what (one sentence) and the ways to fix it."""
 
     what: str
@@ -299,15 +334,19 @@ class Problem:
         return cls(what, (Fix("", tuple(commands)),) if commands else ())
 
 
-@dataclass
 class EnvironmentReport:
     """Installed versions (None = not installed), torchvision's torch requirement, where torch and
     torchvision are installed (when they differ), and the problems."""
 
-    versions: Dict[str, Optional[str]]
-    torchvision_requires_torch: Optional[str] = None
-    locations: Dict[str, str] = field(default_factory=dict)
-    problems: List[Problem] = field(default_factory=list)
+    def __init__(self, versions: Dict[str, Optional[str]]) -> None:
+        self.versions = versions
+        self.torchvision_requires_torch: Optional[str] = None
+        self.locations: Dict[str, str] = {}
+        self.problems: List[Problem] = []
+
+    def __repr__(self) -> str:
+        return (f"EnvironmentReport(versions={self.versions}, torchvision_requires_torch="
+                f"{self.torchvision_requires_torch!r}, locations={self.locations}, problems={self.problems})")
 
     @property
     def ok(self) -> bool:
