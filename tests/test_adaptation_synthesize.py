@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def phantoms(nnunet_env):
-    from dataset_converters.phantoms import generate_phantom_dataset
+    from nnunet_sddm.data.phantoms import generate_phantom_dataset
 
     return generate_phantom_dataset(41, "A", 3, n_test_cases=1, matrix=32)
 
