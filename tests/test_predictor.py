@@ -253,3 +253,34 @@ def test_reorienting_reader_refused_before_anything_is_written(world, monkeypatc
     err = capsys.readouterr().err
     assert "plans.json" in err and "NibabelIOWithReorient" in err, err
     assert not out.exists()
+
+
+@pytest.mark.timeout(300)
+def test_predict_and_study_share_one_prediction_module(world, monkeypatch):
+    """``nnUNetv2_sddm_predict`` builds its predictor with ``load_nnunet_predictor``, the loader the
+    study's predict stage calls (nnUNetv2_predict's construction and thread settings), and
+    ``ensemble_folders`` merges ``--ensemble-original``'s probabilities, as the study's ensemble."""
+    import nnunet_sddm.adaptation.predictor as shared
+    from nnunet_sddm.study import stage_predict
+
+    assert stage_predict.nnunet_prediction is shared
+    loads, merges = [], []
+    real_load, real_ensemble = shared.load_nnunet_predictor, shared.ensemble_folders
+
+    def load(*a, **k):
+        loads.append((a, k))
+        return real_load(*a, **k)
+
+    def ensemble(*a, **k):
+        merges.append((a, k))
+        return real_ensemble(*a, **k)
+
+    monkeypatch.setattr(shared, "load_nnunet_predictor", load)
+    monkeypatch.setattr(shared, "ensemble_folders", ensemble)
+    out = world["root"] / "sddm_shared"
+    sddm_predict_here(world, monkeypatch, out, "-N", "0", "-npp", "0", "-nps", "0", "--ensemble-original")
+    assert len(loads) == 1 and len(merges) == 1
+    (folder, folds, checkpoint), kw = loads[0]
+    assert Path(folder).name == f"{TRAINER}__nnUNetPlans__2d" and folds == [0] and checkpoint == "checkpoint_final.pth"
+    assert kw["device"] == "cpu" and kw["step_size"] == 0.5 and kw["adapt_fn"] is None
+    assert (out / f"{world['case']}.nii.gz").is_file()

@@ -39,9 +39,11 @@ exact even where the two inputs are cropped differently by nnU-Net's nonzero-cro
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +51,24 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 import torch
-
-from nnunet_sddm.data.slices import PERCENTILES, IntensityWindow
-from nnunet_sddm.data.volumes import write_like
-from nnunet_sddm.utilities.errors import SDDMError
-
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from nnunetv2.ensembling.ensemble import merge_files
+from nnunetv2.imageio.nibabel_reader_writer import NibabelIOWithReorient
 from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
                                                   export_prediction_from_logits)
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+from nnunet_sddm import __version__
+from nnunet_sddm.data.volumes import write_like
+from nnunet_sddm.utilities.devices import resolve_device
+from nnunet_sddm.utilities.errors import SDDMError
+from nnunet_sddm.utilities.files import write_json
+from nnunet_sddm.utilities.nnunet_paths import (datasets_with_id, ensure_trainer_path_in_env,
+                                                parse_dataset_folder_name, results_root)
 
 #: ``adapt_fn(volumes) -> adapted``: ``{key: (z, y, x)}`` in any intensity units ->
 #: ``{key: (z, y, x) float32}``, same keys and shapes, original intensity units.
@@ -80,8 +91,6 @@ def check_reader_for_adaptation(reader, source: str) -> None:
     saved flipped against its labels, adapted along another axis than ``nnUNetv2_sddm_adapt`` does,
     possibly not the through-plane one. ``reader``: the class or an instance; ``source``: where it is set.
     """
-    from nnunetv2.imageio.nibabel_reader_writer import NibabelIOWithReorient
-
     cls = reader if isinstance(reader, type) else type(reader)
     if issubclass(cls, NibabelIOWithReorient) or "reorient" in cls.__name__.lower():
         raise SDDMError(f"{source}: the image reader {cls.__name__} reorients the images, which SD-DM adaptation "
@@ -226,9 +235,6 @@ class SDDMPredictor(nnUNetPredictor):
 
     def _record_inputs(self, output_folder: PathLike, arguments: dict) -> None:
         """What nnU-Net writes next to its predictions (its call arguments, dataset.json, plans.json)."""
-        from batchgenerators.utilities.file_and_folder_operations import save_json
-        from nnunetv2.utilities.json_export import recursive_fix_for_json_export
-
         arguments = deepcopy(arguments)
         recursive_fix_for_json_export(arguments)
         os.makedirs(output_folder, exist_ok=True)
@@ -251,8 +257,6 @@ def list_cases(input_folder: PathLike, output_folder: PathLike, file_ending: str
                num_parts: int = 1, part_id: int = 0) -> List[Case]:
     """The cases of an nnU-Net-named image folder (``CASE_XXXX<ending>``), this part's share
     (``[part_id::num_parts]``, as nnU-Net splits them). ``SDDMError`` if there are none."""
-    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
-
     input_folder = Path(input_folder)
     if not input_folder.is_dir():
         raise SDDMError(f"input folder {input_folder} does not exist")
@@ -300,7 +304,7 @@ def predict_cases(predictor: SDDMPredictor, cases: Sequence[Case], output_folder
                   prev_stage_predictions: Optional[str] = None) -> List[str]:
     """Predict ``cases`` into ``output_folder`` with the adapted inputs (or, with
     ``ensemble_original``, the average of the adapted and the original inputs' probabilities).
-    Returns the case ids predicted."""
+    ``num_processes_*`` 0 and 0: sequential, no worker processes. Returns the case ids predicted."""
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
     if not cases:
@@ -311,10 +315,6 @@ def predict_cases(predictor: SDDMPredictor, cases: Sequence[Case], output_folder
                  num_processes_preprocessing, num_processes_segmentation_export, prev_stage_predictions)
         return [c.case_id for c in cases]
 
-    from nnunetv2.ensembling.ensemble import merge_files
-
-    ending = predictor.dataset_json["file_ending"]
-    rw = predictor.plans_manager.image_reader_writer_class()
     work = Path(tempfile.mkdtemp(prefix=".sddm_ensemble-", dir=output_folder))
     try:
         for name, adapt in (("adapted", True), ("original", False)):
@@ -322,19 +322,99 @@ def predict_cases(predictor: SDDMPredictor, cases: Sequence[Case], output_folder
             _predict(predictor, cases, [str(work / name / c.case_id) for c in cases], True,
                      num_processes_preprocessing, num_processes_segmentation_export, prev_stage_predictions)
         predictor.adapt_inputs = True
-        for c in cases:
-            merged = work / "merged" / c.case_id
-            merged.parent.mkdir(parents=True, exist_ok=True)
-            merge_files([str(work / "adapted" / f"{c.case_id}.npz"), str(work / "original" / f"{c.case_id}.npz")],
-                        str(merged), ending, rw, predictor.label_manager, save_probabilities)
-            # probabilities first, segmentation last: a present segmentation means a finished case
-            for suffix in ([".npz", ".pkl"] if save_probabilities else []) + [ending]:
-                os.replace(str(merged) + suffix, str(output_folder / c.case_id) + suffix)
+        ensemble_folders(predictor, [work / "adapted", work / "original"], output_folder,
+                         save_probabilities=save_probabilities, case_ids=[c.case_id for c in cases])
         predictor._record_inputs(output_folder, {"ensemble_original": True, "cases": [c.case_id for c in cases],
                                                  "save_probabilities": save_probabilities})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return [c.case_id for c in cases]
+
+
+def predict_folder(predictor: SDDMPredictor, input_folder: PathLike, output_folder: PathLike, *,
+                   save_probabilities: bool = False, num_processes_preprocessing: int = 0,
+                   num_processes_segmentation_export: int = 0) -> List[str]:
+    """Predict every case of the nnU-Net-named image folder ``input_folder`` into ``output_folder``
+    (``predict_cases`` without ensembling; default sequential, no worker processes). Returns the
+    case ids."""
+    cases = list_cases(input_folder, output_folder, predictor.dataset_json["file_ending"])
+    return predict_cases(predictor, cases, output_folder, save_probabilities=save_probabilities,
+                         num_processes_preprocessing=num_processes_preprocessing,
+                         num_processes_segmentation_export=num_processes_segmentation_export)
+
+
+def ensemble_folders(predictor: nnUNetPredictor, folders: Sequence[PathLike], output_folder: PathLike, *,
+                     save_probabilities: bool = False, case_ids: Optional[Sequence[str]] = None) -> List[str]:
+    """Average the class probabilities (``CASE.npz`` + ``CASE.pkl``, nnU-Net's export) of the same
+    cases in ``folders`` and write the segmentations (and, with ``save_probabilities``, the mean
+    probabilities) to ``output_folder`` with nnU-Net's ``merge_files`` (the code of
+    ``nnUNetv2_ensemble``). ``case_ids``: the cases (default: every ``.npz`` of the folders, which
+    must hold the same cases). Each case is merged under a temporary name and moved into place,
+    probabilities first, segmentation last: a present segmentation means a finished case.
+    Returns the case ids."""
+    folders = [Path(f) for f in folders]
+    if case_ids is None:
+        found = [sorted(p.name[:-4] for p in f.glob("*.npz")) for f in folders]
+        if not found[0] or any(c != found[0] for c in found):
+            raise SDDMError(f"cannot ensemble {', '.join(map(str, folders))}: their probability files (.npz) differ")
+        case_ids = found[0]
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    ending = predictor.dataset_json["file_ending"]
+    rw = predictor.plans_manager.image_reader_writer_class()
+    work = Path(tempfile.mkdtemp(prefix=".sddm_merge-", dir=output_folder))
+    try:
+        for case in case_ids:
+            merged = work / case
+            merge_files([str(f / f"{case}.npz") for f in folders], str(merged), ending, rw, predictor.label_manager,
+                        save_probabilities)
+            for suffix in ([".npz", ".pkl"] if save_probabilities else []) + [ending]:
+                os.replace(str(merged) + suffix, str(output_folder / case) + suffix)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return list(case_ids)
+
+
+# ---------------------------------------------------------------------- loading a trained nnU-Net model
+def set_prediction_threads(device: str) -> None:
+    """torch's thread settings of ``nnUNetv2_predict``: every core on the CPU, one thread (and one
+    inter-op thread, if not fixed yet in this process) with CUDA; MPS keeps torch's default."""
+    if device == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif device == "cuda":
+        torch.set_num_threads(1)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # torch allows it once per process, before any inter-op work
+            pass
+
+
+def load_nnunet_predictor(model_folder: PathLike, folds: Sequence[Union[int, str]],
+                          checkpoint: str = "checkpoint_final.pth", *, device: str = "cuda", step_size: float = 0.5,
+                          use_mirroring: bool = True, perform_everything_on_device: bool = True,
+                          verbose: bool = False, allow_tqdm: bool = True, adapt_fn: Optional[AdaptFn] = None,
+                          save_adapted_dir: Optional[PathLike] = None) -> SDDMPredictor:
+    """The :class:`SDDMPredictor` of a trained nnU-Net model folder (``dataset.json``, ``plans.json``,
+    ``fold_X/<checkpoint>``), built as ``nnUNetv2_predict`` builds its predictor: Gaussian
+    sliding windows of step ``step_size`` (0, 1], mirroring unless ``use_mirroring`` is False,
+    nnUNetv2_predict's torch threads (:func:`set_prediction_threads`). ``device``: ``cpu``,
+    ``cuda`` or ``mps``; ``adapt_fn``: the adaptation of the inputs (None: the images are
+    predicted as they are). The plugin's trainers are made findable (``nnUNet_extTrainer``);
+    ``SDDMError`` if nnU-Net cannot find the model's trainer class."""
+    ensure_trainer_path_in_env()
+    set_prediction_threads(device)
+    predictor = SDDMPredictor(adapt_fn=adapt_fn, save_adapted_dir=save_adapted_dir, tile_step_size=float(step_size),
+                              use_gaussian=True, use_mirroring=use_mirroring,
+                              perform_everything_on_device=perform_everything_on_device, device=torch.device(device),
+                              verbose=verbose, verbose_preprocessing=verbose, allow_tqdm=allow_tqdm)
+    try:
+        predictor.initialize_from_trained_model_folder(str(model_folder), list(folds), checkpoint_name=checkpoint)
+    except RuntimeError as e:
+        if "trainer" in str(e).lower():
+            raise SDDMError(f"{model_folder}: nnU-Net cannot find the trainer class of this model ({e}); "
+                            f"custom trainers must be on nnUNet_extTrainer") from None
+        raise
+    return predictor
 
 
 # ---------------------------------------------------------------------- the whole command
@@ -344,8 +424,6 @@ NNUNET_DEVICES = ("cpu", "cuda", "mps")
 def nnunet_model_folder(dataset: Union[int, str], trainer: str, plans: str, configuration: str) -> Path:
     """``$nnUNet_results/DatasetXXX_Name/<trainer>__<plans>__<configuration>`` (what
     ``nnUNetv2_predict -d -tr -p -c`` uses); ``SDDMError`` if it does not exist."""
-    from nnunet_sddm.utilities.nnunet_paths import datasets_with_id, parse_dataset_folder_name, results_root
-
     results = results_root()
     s = str(dataset)
     if s.isdigit():
@@ -391,17 +469,6 @@ def check_checkpoints(model_folder: Path, folds: Sequence[Union[int, str]], chec
                             f"the checkpoint with -chk)")
 
 
-def check_input_images(cases: Sequence[Case], reader_writer,
-                       percentiles: Tuple[float, float] = PERCENTILES) -> None:
-    """Read every image as the adaptation will (nnU-Net's reader) and refuse, before anything is
-    written, images that are not 3D, contain NaN/inf or are constant."""
-    from nnunet_sddm.data.volumes import read_volume
-
-    for c in cases:
-        for f in c.files:
-            IntensityWindow.fit(read_volume(f, reader_writer).data, percentiles, name=str(f))
-
-
 def _same(a: Optional[PathLike], b: Optional[PathLike]) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
@@ -429,14 +496,8 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
     Everything is checked (folders, nnU-Net model and folds, diffusion model, sampler settings,
     every input image) before anything is written. Returns a summary (cases predicted/skipped).
     """
-    import time
-
-    from nnunet_sddm import __version__
-    from nnunet_sddm.utilities.devices import resolve_device
-    from nnunet_sddm.adaptation.volumes import (adapt_arrays, check_model_for_data, load_for_adaptation,
-                                                model_percentiles)
-    from nnunet_sddm.utilities.files import write_json
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_sddm.adaptation.pipeline import Adapter
+    from nnunet_sddm.utilities.distributed import Ranks
 
     t0 = time.perf_counter()
     # ---- plain arguments
@@ -462,53 +523,28 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
     # ---- the nnU-Net model and the inputs
     model_folder = nnunet_model_folder(dataset, trainer, plans, configuration)
     check_checkpoints(model_folder, folds, checkpoint)
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
     dataset_json = load_json(str(model_folder / "dataset.json"))
     ending = dataset_json["file_ending"]
     cases = list_cases(input_folder, output_folder, ending, int(num_parts), int(part_id))
     todo = [c for c in cases if not (continue_prediction and is_predicted(c, ending, save_probabilities))]
 
     # ---- the diffusion model and the sampler settings
-    torch_device = resolve_device(device)
-    loaded = load_for_adaptation(model, torch_device)
-    check_model_for_data(loaded, settings, name=f"diffusion model {loaded.model_dir}")
+    adapter = Adapter.open(model, settings, device=resolve_device(device), batch_size=batch_size, amp=amp,
+                           progress=not disable_progress_bar, ranks=Ranks())
+    loaded = adapter.loaded
     adapting = settings.N > 0
     reader_class = PlansManager(load_json(str(model_folder / "plans.json"))).image_reader_writer_class
     if adapting or save_adapted is not None:
         check_reader_for_adaptation(reader_class, f"{model_folder / 'plans.json'}")
     if adapting and todo:
-        check_input_images(todo, reader_class(), model_percentiles(loaded))
+        adapter.check_images([f for c in todo for f in c.files], reader_class())
+    adapt_fn = adapter.adapt_arrays
 
-    def adapt_fn(volumes: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        return adapt_arrays(volumes, loaded, settings, batch_size=batch_size, amp=amp,
-                            progress=not disable_progress_bar)
-
-    # ---- nnU-Net's predictor (the trainer class is looked up by name: make ours findable)
-    try:
-        from nnunet_sddm.utilities.nnunet_paths import ensure_trainer_path_in_env
-
-        ensure_trainer_path_in_env()
-    except ImportError:  # pragma: no cover - partial installation
-        pass
-    if device == "cpu":
-        import multiprocessing
-
-        torch.set_num_threads(multiprocessing.cpu_count())
-    elif device == "cuda":
-        torch.set_num_threads(1)
-        torch.set_num_interop_threads(1)
-    predictor = SDDMPredictor(adapt_fn=adapt_fn if adapting else None, save_adapted_dir=save_adapted,
-                              tile_step_size=float(step_size), use_gaussian=True, use_mirroring=not disable_tta,
-                              perform_everything_on_device=not not_on_device, device=torch.device(device),
-                              verbose=verbose, verbose_preprocessing=verbose, allow_tqdm=not disable_progress_bar)
-    try:
-        predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint_name=checkpoint)
-    except RuntimeError as e:
-        if "trainer" in str(e).lower():
-            raise SDDMError(f"{model_folder}: nnU-Net cannot find the trainer class of this model ({e}); "
-                            f"custom trainers must be on nnUNet_extTrainer") from None
-        raise
+    # ---- nnU-Net's predictor (the same construction as the study's predictions)
+    predictor = load_nnunet_predictor(model_folder, folds, checkpoint, device=device, step_size=step_size,
+                                      use_mirroring=not disable_tta, perform_everything_on_device=not not_on_device,
+                                      verbose=verbose, allow_tqdm=not disable_progress_bar,
+                                      adapt_fn=adapt_fn if adapting else None, save_adapted_dir=save_adapted)
     if predictor.configuration_manager.previous_stage_name is not None and prev_stage_predictions is None:
         raise SDDMError(f"-c {configuration} is a cascade stage: give the previous stage's predictions "
                         f"with -prev_stage_predictions")
