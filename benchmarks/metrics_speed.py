@@ -14,11 +14,25 @@ With ``--real``: the reference label maps of M&Ms (all) and ACDC (the first ``--
 frames) and, as "predictions", each reference shifted by one voxel in-plane with the MYO
 dilated and a slice's RV removed (realistic errors, an empty-slice case included).
 The last line is ``speedup_vs_medpy: <number>``.
+
+With ``--command`` the comparison is end to end, process start included: the cases are written
+as NIfTI label maps (``ref/``, ``pred/``), then two fresh processes are timed on them: a MedPy
+script as a user writes it (nibabel reading, ``dc, jc, asd, assd, hd, hd95`` per structure, one
+CSV) and ``nnUNetv2_sddm_evaluate -ref ref -pred pred -np N`` (its launcher, start-up check,
+reading, metrics, per_case.csv / summary.json / summary.md), each ``--repeats`` times (median).
+Both CSVs must agree to 1e-6. The last line is then ``command_speedup_vs_medpy: <number>`` (for
+the last ``-np`` given).
+
+    python benchmarks/metrics_speed.py --real /work/shared/data --max-acdc 6 --command -np 1 2
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,6 +108,82 @@ def medpy_metrics(pred, ref, spacing):
     return out
 
 
+MEDPY_SCRIPT = """
+import csv, sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from medpy.metric import binary as mb
+
+ref_dir, pred_dir, out = map(Path, sys.argv[1:4])
+rows = []
+for rf in sorted(ref_dir.glob("*.nii.gz")):
+    r_img, p_img = nib.load(str(rf)), nib.load(str(pred_dir / rf.name))
+    ref, pred = np.asarray(r_img.dataobj), np.asarray(p_img.dataobj)
+    sp = r_img.header.get_zooms()[:3]
+    for name, v in {"LV": 1, "MYO": 2, "RV": 3}.items():
+        p, r = pred == v, ref == v
+        rows.append([rf.name[:-7], name, mb.dc(p, r), mb.jc(p, r), mb.asd(p, r, sp), mb.assd(p, r, sp),
+                     mb.hd(p, r, sp), mb.hd95(p, r, sp)])
+with open(out, "w", newline="") as f:
+    csv.writer(f).writerows(rows)
+"""
+
+
+def write_cases(cases, folder: Path) -> None:
+    """``folder/ref/CASE.nii.gz`` and ``folder/pred/CASE.nii.gz`` (int16, the cases' spacing)."""
+    import nibabel as nib
+
+    for sub in ("ref", "pred"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for name, ref, pred, spacing in cases:
+        affine = np.diag(list(spacing[::-1]) + [1.0])
+        for sub, lab in (("ref", ref), ("pred", pred)):
+            nib.save(nib.Nifti1Image(lab.transpose(2, 1, 0).astype(np.int16), affine), str(folder / sub / f"{name}.nii.gz"))
+
+
+def timed(cmd, repeats: int) -> float:
+    """Median wall time of ``repeats`` runs of ``cmd`` (each a fresh process)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def command_comparison(cases, n_procs, repeats: int) -> float:
+    from nnunet_sddm.evaluation.metrics import METRICS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_cases(cases, tmp)
+        script = tmp / "medpy_eval.py"
+        script.write_text(MEDPY_SCRIPT)
+        t_medpy = timed([sys.executable, str(script), str(tmp / "ref"), str(tmp / "pred"), str(tmp / "medpy.csv")],
+                        repeats)
+        medpy = {(r[0], r[1]): [float(v) for v in r[2:]] for r in csv.reader(open(tmp / "medpy.csv"))}
+        print(f"MedPy script (process start, nibabel reading, 6 metrics x 3 structures): {t_medpy:.2f} s "
+              f"(median of {repeats})")
+        speedup = float("nan")
+        for n in n_procs:
+            out = tmp / f"ours_np{n}"
+            cmd = [sys.executable, "-m", "nnunet_sddm.cli.launch", "nnUNetv2_sddm_evaluate", "-ref", str(tmp / "ref"),
+                   "-pred", str(tmp / "pred"), "-o", str(out), "--labels", "LV=1", "MYO=2", "RV=3", "--quiet",
+                   "--overwrite", "-np", str(n)]
+            t_ours = timed(cmd, repeats)
+            for row in csv.DictReader(open(out / "per_case.csv")):
+                ref_vals = medpy[(row["case"], row["structure"])]
+                for m, v in zip(METRICS, ref_vals):
+                    if not abs(float(row[m]) - v) <= TOL:
+                        raise SystemExit(f"MISMATCH {row['case']} {row['structure']} {m}: medpy {v} vs ours {row[m]}")
+            speedup = t_medpy / t_ours
+            print(f"nnUNetv2_sddm_evaluate -np {n} (process start included): {t_ours:.2f} s (median of {repeats}), "
+                  f"values equal to MedPy's; {speedup:.1f}x")
+        return speedup
+
+
 def main(argv=None) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from nnunet_sddm.evaluation.metrics import METRICS, case_metrics
@@ -102,9 +192,17 @@ def main(argv=None) -> float:
     ap.add_argument("--real", default=None, help="folder with ACDC/ and MnMs1-sample/ (e.g. /work/shared/data)")
     ap.add_argument("--max-acdc", type=int, default=20, help="ACDC frames to use with --real (default 20)")
     ap.add_argument("--cases", type=int, default=10, help="generated cases without --real (default 10)")
+    ap.add_argument("--command", action="store_true",
+                    help="compare whole commands, process start included (see the module docstring)")
+    ap.add_argument("-np", type=int, nargs="+", default=[1], help="with --command: worker counts to run (default 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="with --command: runs of each command (default 3)")
     a = ap.parse_args(argv)
     cases = real_cases(Path(a.real), a.max_acdc) if a.real else generated_cases(a.cases)
     print(f"{len(cases)} cases ({'real: ' + a.real if a.real else 'generated'}), structures {list(LABELS)}")
+    if a.command:
+        speedup = command_comparison(cases, a.np, a.repeats)
+        print(f"command_speedup_vs_medpy: {speedup:.1f}")
+        return speedup
 
     t0 = time.perf_counter()
     ref_vals = [medpy_metrics(pred, ref, sp) for _, ref, pred, sp in cases]

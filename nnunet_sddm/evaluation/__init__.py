@@ -9,12 +9,7 @@
 ``image_features``  the 22 DSMRI image features per slice/volume
 ``domain_shift``    features of image sets, t-SNE, random-forest domain separability
 
-Python entry points for other commands: ``evaluate_folders``, ``compare_results``, ``domain_shift``.
+Python entry points for other commands: ``evaluate.evaluate_folders``, ``compare.compare_results``,
+``domain_shift.domain_shift``. The package imports none of its modules, so that a command loads
+only what it uses (``nnUNetv2_sddm_evaluate`` starts without scipy.stats, scikit-learn or matplotlib).
 """
-from nnunet_sddm.evaluation.compare import compare_results
-from nnunet_sddm.evaluation.domain_shift import domain_shift
-from nnunet_sddm.evaluation.evaluate import EvaluationResults, evaluate_folders, load_results
-from nnunet_sddm.evaluation.metrics import METRICS, EmptyPolicy
-
-__all__ = ["evaluate_folders", "load_results", "EvaluationResults", "compare_results", "domain_shift",
-           "EmptyPolicy", "METRICS"]
