@@ -9,14 +9,11 @@ Exit code 0 when all is well, 2 when the torch/torchvision/nnunetv2 versions do 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import platform
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -227,23 +224,22 @@ def trainers_section(findings: Findings, out: List[str], lookup: bool, environ=N
     if not lookup:
         out.append(_row("trainer lookup", "skipped (fix the problems above first)"))
         return
-    from plugin_trainers.discovery import TRAINER_NAMES, check_lookup
-
-    saved = environ.get(TRAINER_ENV_VAR)
+    # the lookup runs in the plugin's own command, in a fresh process: the library never imports the trainers
+    cmd = [sys.executable, "-m", "nnunet_sddm.cli.launch", "nnUNetv2_sddm_trainer_path", "--check"]
+    env = dict(environ)
+    env.pop(TRAINER_ENV_VAR, None)  # the command adds the plugin's folder itself
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            check_lookup()
-        out.append(_row("trainer lookup", f"ok ({len(TRAINER_NAMES)} SD-DM trainers resolve through nnU-Net)"))
-    except Exception as e:  # noqa: BLE001 (any failure of the lookup is the finding)
-        out.append(_row("trainer lookup", f"FAILED: {_first_line(str(e))}"))
-        findings.problems.append(Problem.simple(f"nnU-Net's trainer lookup fails: {_first_line(str(e))}",
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        resolved = [line for line in r.stderr.splitlines() if " -> " in line]
+        error = None if r.returncode == 0 else (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        resolved, error = [], f"{type(e).__name__}: {e}"
+    if error is None:
+        out.append(_row("trainer lookup", f"ok ({len(resolved)} SD-DM trainers resolve through nnU-Net)"))
+    else:
+        out.append(_row("trainer lookup", f"FAILED: {_first_line(error)}"))
+        findings.problems.append(Problem.simple(f"nnU-Net's trainer lookup fails: {_first_line(error)}",
                                                 "nnUNetv2_sddm_trainer_path --check   # shows the full error"))
-    finally:
-        if saved is None:
-            environ.pop(TRAINER_ENV_VAR, None)
-        else:
-            environ[TRAINER_ENV_VAR] = saved
 
 
 def summary_section(findings: Findings, out: List[str]) -> None:
