@@ -318,11 +318,16 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
     assert len(list((syn / "labelsTr").glob("*_syn0.nii.gz"))) == 4
     assert set(res["compare"]["improvements"]) == {f"{a}/{m}" for a in ("DA", "DG", "Mixed", "DA+ens", "Mixed+ens")
                                                    for m in models}
+    # a rerun of the finished study skips every stage (fingerprints and outputs digests unchanged)
+    log3 = []
+    run_study(cfg, progress=False, log=log3.append)
+    assert sum(x.endswith("skipped") for x in log3) == 11
 
 
 def test_given_diffusion_model_is_used_not_trained(tmp_path, nnunet_env):
     from nnunet_sddm.diffusion.model_folder import create_model_folder
-    from nnunet_sddm.study.pipeline import make_context, run_diffusion
+    from nnunet_sddm.study.context import make_context
+    from nnunet_sddm.study.stage_diffusion import run_diffusion
 
     model = create_model_folder(tmp_path / "my_model", "tiny", {"model.image_size": 32, "model.channel_mult": [1, 2],
                                                                "model.attention_resolutions": []})
@@ -348,7 +353,7 @@ def _env_folders(tmp_path, monkeypatch):
 def _env_context(tmp_path, cfg, **kw):
     import os
 
-    from nnunet_sddm.study.pipeline import StudyContext
+    from nnunet_sddm.study.context import StudyContext
 
     return StudyContext(cfg=cfg, out=tmp_path / "study", device="cpu", user_env=dict(os.environ), **kw)
 
@@ -357,13 +362,13 @@ def test_environment_mode_never_deletes_the_users_models_or_plans(tmp_path, monk
     """The review's scenario: a phantom study in the user's nnU-Net folders, then ``--source 114``
     with the same study folder (which has a ``train`` record): the user's own model and plans of
     dataset 114 are refused by name, never deleted; the study's own phantom models are replaced."""
-    from nnunet_sddm.study import pipeline as P
+    from nnunet_sddm.study import stage_data, stage_preprocess, stage_train
 
     f = _env_folders(tmp_path, monkeypatch)
     env = {"nnunet": {"folders": "environment"}, "segmenters": ["2d"], "device": "cpu"}
     # run 1 (phantom source): the stages claim their outputs, then "train" writes a model
     ctx = _env_context(tmp_path, build_config(env))
-    P._train_clean(ctx)
+    stage_train.train_clean(ctx)
     ours = ctx.segmenter_models()[0][2]
     (ours / "fold_all").mkdir(parents=True)
     (ours / "fold_all" / "checkpoint_final.pth").write_text("study model")
@@ -382,25 +387,25 @@ def test_environment_mode_never_deletes_the_users_models_or_plans(tmp_path, monk
     ctx2.runner = ctx.runner
     with pytest.raises(SDDMError, match=r"stage train: .*Dataset114_User/nnUNetTrainer_SDDM_NoDA_250ep__nnUNetPlans"
                                         r"__2d exist\(s\) in your nnU-Net folders and were not made by this study"):
-        P._train_clean(ctx2)
+        stage_train.train_clean(ctx2)
     with pytest.raises(SDDMError, match=r"stage preprocess: .*Dataset114_User/nnUNetPlans\.json exist"):
-        P._preprocess_clean(ctx2)
+        stage_preprocess.preprocess_clean(ctx2)
     assert (model / "checkpoint_final.pth").read_text() == "user's own 250-epoch model" and plans.is_file()
     # the user's dataset (here a link into their nnUNet_raw) is never unlinked by the data stage
     link = f["raw"] / "Dataset115_Linked"
     link.symlink_to(user, target_is_directory=True)
-    P._data_clean(_env_context(tmp_path, build_config(env, {"source": {"dataset": "115"}}),
+    stage_data.data_clean(_env_context(tmp_path, build_config(env, {"source": {"dataset": "115"}}),
                                user_datasets={"source": link}))
     assert link.is_symlink()
     # the study's own model (recorded in study_created.json) is replaced
-    P._train_clean(ctx)
+    stage_train.train_clean(ctx)
     assert not ours.exists()
     assert str(ours) in json.loads((tmp_path / "study" / "study_created.json").read_text())["created"]["train"]
 
 
 def test_data_stage_refuses_different_label_maps(tmp_path, monkeypatch):
     """A source labelled 1 = RV and a target labelled 1 = LV would be compared structure for structure."""
-    from nnunet_sddm.study import pipeline as P
+    from nnunet_sddm.study.stage_data import run_data
 
     f = _env_folders(tmp_path, monkeypatch)
     maps = {"Dataset114_Src": {"background": 0, "RV": 1, "MYO": 2, "LV": 3},
@@ -418,8 +423,60 @@ def test_data_stage_refuses_different_label_maps(tmp_path, monkeypatch):
     with pytest.raises(SDDMError, match=r"Dataset114_Src/dataset\.json and .*Dataset115_Tgt/dataset\.json: the source "
                                         r"and the target datasets have different labels \(RV: 1 \(source\) vs 3 "
                                         r"\(target\); LV: 3 \(source\) vs 1 \(target\)\)"):
-        P.run_data(ctx, resume=False)
+        run_data(ctx, resume=False)
     (f["raw"] / "Dataset115_Tgt" / "dataset.json").write_text(json.dumps({"labels": maps["Dataset114_Src"],
                                                                          "file_ending": ".nii.gz"}))
-    res = P.run_data(ctx, resume=False)
+    res = run_data(ctx, resume=False)
     assert res["source_training_cases"] == 1 and res["target_test_cases"] == 1
+
+
+# ----------------------------------------------------------------------------- one prediction path
+def test_predict_stage_runs_the_prediction_code_of_nnunetv2_sddm_predict(tmp_path, monkeypatch):
+    """The study's predict stage loads, predicts and ensembles through the module behind
+    ``nnUNetv2_sddm_predict`` (adaptation.predictor): one model load per segmenter and kind,
+    original and adapted folders predicted with probabilities, their ensemble merged; every
+    output folder is complete or absent."""
+    import nnunet_sddm.adaptation.predictor as shared
+    from nnunet_sddm.study import stage_predict
+
+    assert stage_predict.nnunet_prediction is shared
+    calls = []
+
+    def load(model_folder, folds, checkpoint="checkpoint_final.pth", **kw):
+        calls.append(("load", Path(model_folder).name, list(folds), kw["device"], kw["step_size"]))
+        return "predictor"
+
+    def predict(predictor, input_folder, output_folder, save_probabilities=False, **kw):
+        calls.append(("predict", Path(input_folder).name, save_probabilities))
+        (Path(output_folder) / "c.npz").write_text(str(input_folder))
+        return ["c"]
+
+    def ensemble(predictor, folders, output_folder, **kw):
+        calls.append(("ensemble", [Path(f).name for f in folders]))
+        (Path(output_folder) / "c.nii.gz").write_text("merged")
+        return ["c"]
+
+    monkeypatch.setattr(shared, "load_nnunet_predictor", load)
+    monkeypatch.setattr(shared, "predict_folder", predict)
+    monkeypatch.setattr(shared, "ensemble_folders", ensemble)
+    ctx = _env_context(tmp_path, build_config({"segmenters": ["2d"], "nnunet": {"step_size": 0.25}}))
+    res = stage_predict.run_predict(ctx, resume=False)
+    assert set(res) == {"real__2d", "synthetic__2d"}
+    model = "nnUNetTrainer_SDDM_NoDA_250ep__nnUNetPlans__2d"
+    one = [("load", model, ["all"], "cpu", 0.25), ("predict", "imagesTr", True), ("predict", "target", True),
+           ("ensemble", ["real__2d__original", "real__2d__adapted"])]
+    assert calls[:4] == one and calls[4:][1:] == one[1:3] + [("ensemble", ["synthetic__2d__original",
+                                                                           "synthetic__2d__adapted"])]
+    for inp in ("original", "adapted", "ensemble"):
+        assert (ctx.prediction_dir("real", "2d", inp)).is_dir()
+    assert not [p for p in (ctx.out / "predictions").iterdir() if p.name.startswith(".")]
+
+    # a failing prediction leaves no output folder (staged, renamed when complete)
+    def broken(*a, **k):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(shared, "predict_folder", broken)
+    shutil.rmtree(ctx.out / "predictions")
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        stage_predict.run_predict(ctx, resume=False)
+    assert not (ctx.out / "predictions").exists() or not list((ctx.out / "predictions").iterdir())

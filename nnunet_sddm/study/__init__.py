@@ -1,8 +1,18 @@
 """The study: the paper's whole experiment (Table 1 and figures) as one resumable command.
 
-``config``    STUDY.json schema, defaults, the ``--quick`` preset, validation
-``stages``    a small stage runner (fingerprints, skip when done, ``--from``, stage times)
-``pipeline``  the stages: data, diffusion, synthesis (DG), adaptation (DA), nnU-Net plan /
-              train / predict, evaluation, comparison, figures, report
-``report``    ``report.md``
+``config``       STUDY.json defaults, the ``--quick`` preset, parsing and validation (once)
+``config_tree``  the typed, frozen configuration (``StudyConfig``) and the study's design constants
+``context``      what the stages share: configuration, folders, datasets, device
+``ownership``    ``study_created.json``: the paths a study created in the user's nnU-Net folders
+``provenance``   ``study.json``: configuration, software versions, hardware
+``stages``       a small stage runner (fingerprints, skip when done, ``--from``, stage times)
+``stage_*``      one module per stage: data, diffusion, synthesis (DG), adaptation (DA),
+                 preprocess, train, predict, evaluate, compare, figures, report
+``nnunet_steps`` nnU-Net's planning and training commands
+``pipeline``     assembles the stages and runs them
+``figures``, ``report``   the figures and ``report.md``
 """
+
+#: The stages of a study, in order (``--from`` / ``--until`` take these names).
+STAGE_NAMES = ("data", "diffusion", "synthesis", "adaptation", "preprocess", "train", "predict", "evaluate",
+               "compare", "figures", "report")

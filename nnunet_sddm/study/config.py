@@ -1,4 +1,5 @@
-"""STUDY.json: the settings of a study, their defaults, the ``--quick`` preset and validation.
+"""STUDY.json: the settings of a study, their defaults, the ``--quick`` preset, and the typed,
+frozen configuration (:class:`StudyConfig`) they are parsed into once, before anything runs.
 
 A study configuration is a JSON object; every key is optional (defaults below). Example::
 
@@ -31,33 +32,33 @@ Appendix-A 2D U-Net), trained by the plugin's no-augmentation trainers for ``epo
 ``iterations_per_epoch`` M: ``..._<N>ep_<M>it``; ``"quick"`` = the ``_Quick`` test trainers, whose
 fixed schedule ignores ``iterations_per_epoch``)
 unless ``trainers`` names others.
+
+Parsing (:func:`build_config`) validates every key (``SDDMError`` naming the file or layer and the
+key) and builds the typed tree (``config_tree``) from the library's own validated settings objects
+(``SamplerSettings``, ``EmptyPolicy``); the stages read its typed fields. Indexing a
+:class:`StudyConfig` (``cfg["sampler"]``) gives (a copy of) the JSON value of a key, as written to
+``study.json`` and hashed into the stage fingerprints.
 """
 from __future__ import annotations
 
 import copy
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
+from nnunet_sddm.data.phantoms import VENDORS
+from nnunet_sddm.diffusion.presets import PRESETS, apply_overrides, preset_config, validate_config
+from nnunet_sddm.evaluation.metrics import EmptyPolicy
+from nnunet_sddm.sampling.guided import SamplerSettings
+from nnunet_sddm.study.config_tree import (APPROACHES, SEGMENTERS, DatasetConfig, DiffusionConfig,
+                                           EvaluationConfig, FiguresConfig, NnunetConfig, SamplerConfig,
+                                           StudyConfig, SweepConfig, SynthesisConfig, diffusion_overrides,
+                                           read_only, trainer_name, trainer_of)
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import read_json
 
-#: Segmenter name -> (nnU-Net configuration, trainer family, name in tables).
-SEGMENTERS: Dict[str, tuple] = {
-    "2d": ("2d", "nnUNetTrainer_SDDM_NoDA", "2D nnU-Net"),
-    "3d_fullres": ("3d_fullres", "nnUNetTrainer_SDDM_NoDA", "3D nnU-Net"),
-    "vanilla": ("2d", "nnUNetTrainer_SDDM_VanillaUNet", "2D U-Net"),
-}
-
-#: Approaches of Table 1 (+ the ensembles with the original image); name -> (trained on, input).
-APPROACHES: Dict[str, tuple] = {
-    "Baseline": ("real", "original"),
-    "DA": ("real", "adapted"),
-    "DG": ("synthetic", "original"),
-    "Mixed": ("synthetic", "adapted"),
-    "DA+ens": ("real", "ensemble"),
-    "Mixed+ens": ("synthetic", "ensemble"),
-}
+__all__ = ["APPROACHES", "DEFAULTS", "QUICK", "SEGMENTERS", "StudyConfig", "build_config", "parse_config",
+           "read_config_file", "trainer_of"]
 
 DEFAULTS: Dict[str, Any] = {
     "name": "sddm-study",
@@ -141,13 +142,14 @@ def _check_unknown(cfg: Mapping[str, Any], origin: str) -> None:
             _check_keys(cfg[side], allowed, f"'{side}'", origin)
 
 
+# ----------------------------------------------------------------------------- layers and parsing
 def build_config(file_config: Optional[Mapping[str, Any]] = None, overrides: Optional[Mapping[str, Any]] = None,
-                 quick: bool = False, origin: str = "study configuration") -> Dict[str, Any]:
-    """Defaults <- ``--quick`` preset <- file <- command-line ``overrides``, then validated.
+                 quick: bool = False, origin: str = "study configuration") -> StudyConfig:
+    """Defaults <- ``--quick`` preset <- file <- command-line ``overrides``, parsed once into the
+    typed :class:`StudyConfig`.
 
     A dataset given as ``{"dataset": ...}`` replaces the phantom settings of that side.
-    Returns the complete configuration (JSON-able), ``SDDMError`` naming ``origin`` and the key
-    for anything invalid.
+    ``SDDMError`` naming ``origin`` and the key for anything invalid.
     """
     cfg = copy.deepcopy(DEFAULTS)
     layers = ([("--quick", QUICK)] if quick else []) + [(origin, file_config or {}), ("command line", overrides or {})]
@@ -159,220 +161,203 @@ def build_config(file_config: Optional[Mapping[str, Any]] = None, overrides: Opt
             if layer.get(side, {}).get("phantom"):
                 cfg[side]["dataset"] = None
         cfg = deep_merge(cfg, layer)
-    validate(cfg, origin)
-    return cfg
+    return parse_config(cfg, origin)
 
 
-def _int(cfg: Mapping[str, Any], key: str, where: str, origin: str, lo: int = 0, allow_none: bool = False):
-    v = cfg.get(key)
-    if v is None and allow_none:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise SDDMError(f"{origin}: {where}.{key} must be an integer >= {lo}, got {v!r}")
+class _Check:
+    """Typed reads of a JSON object; ``SDDMError`` naming ``origin`` and ``where.key`` otherwise."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+
+    def fail(self, message: str) -> SDDMError:
+        return SDDMError(f"{self.origin}: {message}")
+
+    def int(self, d: Mapping[str, Any], key: str, where: str, lo: int = 0, allow_none: bool = False) -> Optional[int]:
+        v = d.get(key)
+        if v is None and allow_none:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise self.fail(f"{where}.{key} must be an integer >= {lo}, got {v!r}")
+        return v
+
+    def number(self, d: Mapping[str, Any], key: str, where: str) -> float:
+        """The finite JSON number ``d[key]``, as given (an int stays an int: JSON and fingerprints)."""
+        v = d.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            raise self.fail(f"{where}.{key} must be a number, got {v!r}")
+        return v
+
+    def bool(self, d: Mapping[str, Any], key: str, where: str) -> bool:
+        if not isinstance(d.get(key), bool):
+            raise self.fail(f"{where}.{key} must be true or false (a JSON boolean), got {d.get(key)!r}")
+        return d[key]
 
 
-def _number(cfg: Mapping[str, Any], key: str, where: str, origin: str) -> float:
-    """The finite JSON number ``cfg[key]`` (``SDDMError`` naming ``where.key`` otherwise)."""
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
-        raise SDDMError(f"{origin}: {where}.{key} must be a number, got {v!r}")
-    return float(v)
+def _parse_side(side: str, d: Dict[str, Any], ck: _Check) -> DatasetConfig:
+    """Check ``d`` (normalised in place: vendor letter upper case) and type it."""
+    d.setdefault("dataset", None)
+    if (d.get("phantom") is None) == (d.get("dataset") is None):
+        raise ck.fail(f"{side} needs exactly one of 'phantom' (a vendor letter) or 'dataset'")
+    if d.get("phantom") is not None:
+        if str(d["phantom"]).upper() not in VENDORS:
+            raise ck.fail(f"{side}.phantom {d['phantom']!r} is not a phantom vendor ({', '.join(VENDORS)})")
+        d["phantom"] = str(d["phantom"]).upper()
+        ck.int(d, "subjects", side, lo=1)
+        ck.int(d, "test_subjects", side)
+        ck.int(d, "seed", side)
+        ck.int(d, "matrix", side, lo=32, allow_none=True)
+        ck.int(d, "id", side, lo=1)
+        if d["id"] > 999:
+            raise ck.fail(f"{side}.id must be in 1..999, got {d['id']}")
+    if side == "target" and d.get("split") not in ("Tr", "Ts"):
+        raise ck.fail(f"target.split must be 'Tr' or 'Ts', got {d.get('split')!r}")
+    return DatasetConfig(phantom=d["phantom"], dataset=d["dataset"], subjects=d.get("subjects"),
+                         test_subjects=d.get("test_subjects"), matrix=d.get("matrix"), seed=d.get("seed"),
+                         id=d.get("id"), split=d.get("split"))
 
 
-def _bool(cfg: Mapping[str, Any], key: str, where: str, origin: str) -> None:
-    if not isinstance(cfg.get(key), bool):
-        raise SDDMError(f"{origin}: {where}.{key} must be true or false (a JSON boolean), got {cfg.get(key)!r}")
-
-
-def validate(cfg: Dict[str, Any], origin: str = "study configuration") -> None:
-    """Check every setting; ``SDDMError`` naming ``origin`` and the offending key."""
-    from nnunet_sddm.diffusion.presets import PRESETS
-
-    ids = {}
-    for side in ("source", "target"):
-        d = cfg[side]
-        d.setdefault("dataset", None)
-        if (d.get("phantom") is None) == (d.get("dataset") is None):
-            raise SDDMError(f"{origin}: {side} needs exactly one of 'phantom' (a vendor letter) or 'dataset'")
-        if d.get("phantom") is not None:
-            from dataset_converters.phantoms import VENDORS
-
-            if str(d["phantom"]).upper() not in VENDORS:
-                raise SDDMError(f"{origin}: {side}.phantom {d['phantom']!r} is not a phantom vendor "
-                                f"({', '.join(VENDORS)})")
-            d["phantom"] = str(d["phantom"]).upper()
-            _int(d, "subjects", side, origin, lo=1)
-            _int(d, "test_subjects", side, origin)
-            _int(d, "seed", side, origin)
-            _int(d, "matrix", side, origin, lo=32, allow_none=True)
-            _int(d, "id", side, origin, lo=1)
-            if d["id"] > 999:
-                raise SDDMError(f"{origin}: {side}.id must be in 1..999, got {d['id']}")
-            ids[f"{side}.id"] = d["id"]
-        if side == "target" and d.get("split") not in ("Tr", "Ts"):
-            raise SDDMError(f"{origin}: target.split must be 'Tr' or 'Ts', got {d.get('split')!r}")
-    if cfg["source"].get("phantom") and cfg["target"].get("phantom") and \
-            cfg["source"]["phantom"] == cfg["target"]["phantom"] and cfg["source"]["seed"] == cfg["target"]["seed"]:
-        raise SDDMError(f"{origin}: source and target are the same phantoms (vendor {cfg['source']['phantom']}, "
-                        f"seed {cfg['source']['seed']}); choose another target vendor or seed")
-    _int(cfg["synthesis"], "id", "synthesis", origin, lo=1)
-    _int(cfg["synthesis"], "copies", "synthesis", origin, lo=1)
-    ids["synthesis.id"] = cfg["synthesis"]["id"]
-    if cfg["synthesis"]["id"] > 999:
-        raise SDDMError(f"{origin}: synthesis.id must be in 1..999, got {cfg['synthesis']['id']}")
+def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") -> StudyConfig:
+    """The typed configuration of the merged JSON object ``cfg`` (every key present, as after
+    :func:`build_config`'s layers); ``SDDMError`` naming ``origin`` and the offending key."""
+    cfg = copy.deepcopy(dict(cfg))
+    ck = _Check(origin)
+    sides = {side: _parse_side(side, cfg[side], ck) for side in ("source", "target")}
+    src, tgt = sides["source"], sides["target"]
+    if src.phantom and tgt.phantom and src.phantom == tgt.phantom and src.seed == tgt.seed:
+        raise ck.fail(f"source and target are the same phantoms (vendor {src.phantom}, seed {src.seed}); choose "
+                      f"another target vendor or seed")
+    syn = cfg["synthesis"]
+    synthesis = SynthesisConfig(id=ck.int(syn, "id", "synthesis", lo=1), copies=ck.int(syn, "copies", "synthesis", lo=1))
+    if synthesis.id > 999:
+        raise ck.fail(f"synthesis.id must be in 1..999, got {synthesis.id}")
+    ids = {f"{s}.id": d.id for s, d in sides.items() if d.phantom is not None}
+    ids["synthesis.id"] = synthesis.id
     seen: Dict[int, str] = {}
     for k, v in ids.items():
         if v in seen:
-            raise SDDMError(f"{origin}: {k} and {seen[v]} are both dataset id {v}; ids must differ")
+            raise ck.fail(f"{k} and {seen[v]} are both dataset id {v}; ids must differ")
         seen[v] = k
 
     segs = cfg["segmenters"]
     if isinstance(segs, str):
         segs = cfg["segmenters"] = [s for s in segs.split(",") if s]
     if not isinstance(segs, list) or not segs:
-        raise SDDMError(f"{origin}: segmenters must be a non-empty list of {', '.join(SEGMENTERS)}")
+        raise ck.fail(f"segmenters must be a non-empty list of {', '.join(SEGMENTERS)}")
     for s in segs:
         if s not in SEGMENTERS:
-            raise SDDMError(f"{origin}: unknown segmenter {s!r}; choose from {', '.join(SEGMENTERS)}")
+            raise ck.fail(f"unknown segmenter {s!r}; choose from {', '.join(SEGMENTERS)}")
     if len(set(segs)) != len(segs):
-        raise SDDMError(f"{origin}: segmenters {segs} lists one twice")
+        raise ck.fail(f"segmenters {segs} lists one twice")
     ep = cfg["epochs"]
     if ep != "quick" and (isinstance(ep, bool) or not isinstance(ep, int) or not 1 <= ep <= 99999):
-        raise SDDMError(f"{origin}: epochs must be an integer in 1..99999 or \"quick\", got {ep!r}")
+        raise ck.fail(f"epochs must be an integer in 1..99999 or \"quick\", got {ep!r}")
     its = cfg["iterations_per_epoch"]
     if its is not None and (isinstance(its, bool) or not isinstance(its, int) or not 1 <= its <= 99999):
-        raise SDDMError(f"{origin}: iterations_per_epoch must be null (nnU-Net's 250) or an integer in "
-                        f"1..99999, got {its!r}")
-    if not isinstance(cfg["trainers"], Mapping):
-        raise SDDMError(f"{origin}: trainers must map segmenter names to trainer class names")
-    for s, tr in cfg["trainers"].items():
+        raise ck.fail(f"iterations_per_epoch must be null (nnU-Net's 250) or an integer in 1..99999, got {its!r}")
+    trainers = cfg["trainers"]
+    if not isinstance(trainers, Mapping):
+        raise ck.fail("trainers must map segmenter names to trainer class names")
+    for s, tr in trainers.items():
         if s not in SEGMENTERS:
-            raise SDDMError(f"{origin}: trainers: unknown segmenter {s!r}")
+            raise ck.fail(f"trainers: unknown segmenter {s!r}")
         if not isinstance(tr, str) or not tr.startswith("nnUNetTrainer"):
-            raise SDDMError(f"{origin}: trainers.{s} must be an nnU-Net trainer class name, got {tr!r}")
+            raise ck.fail(f"trainers.{s} must be an nnU-Net trainer class name, got {tr!r}")
     models: Dict[tuple, str] = {}
     for s in segs:  # one results folder per (configuration, trainer): two segmenters would share it
-        key = (SEGMENTERS[s][0], trainer_of(cfg, s))
+        key = (SEGMENTERS[s][0], trainer_name(s, trainers, ep, its))
         if key in models:
-            raise SDDMError(f"{origin}: segmenters {models[key]!r} and {s!r} are both {key[1]} on {key[0]}; "
-                            f"they would be one model (give one of them another trainer)")
+            raise ck.fail(f"segmenters {models[key]!r} and {s!r} are both {key[1]} on {key[0]}; they would be one "
+                          f"model (give one of them another trainer)")
         models[key] = s
     fold = cfg["fold"]
     if isinstance(fold, bool) or str(fold) not in ("all", "0", "1", "2", "3", "4"):
-        raise SDDMError(f"{origin}: fold must be 'all' (train on every case, as the paper) or one of nnU-Net's "
-                        f"five cross-validation folds 0..4, got {fold!r}")
-    cfg["fold"] = "all" if str(fold) == "all" else int(fold)
+        raise ck.fail(f"fold must be 'all' (train on every case, as the paper) or one of nnU-Net's five "
+                      f"cross-validation folds 0..4, got {fold!r}")
+    fold = cfg["fold"] = "all" if str(fold) == "all" else int(fold)
 
     dif = cfg["diffusion"]
     if dif["model"] is None:
         if dif["preset"] not in PRESETS:
-            raise SDDMError(f"{origin}: diffusion.preset {dif['preset']!r} does not exist; choose one of "
-                            f"{', '.join(sorted(PRESETS))}")
-        _int(dif, "iterations", "diffusion", origin, lo=1, allow_none=True)
-        _int(dif, "batch_size", "diffusion", origin, lo=1, allow_none=True)
+            raise ck.fail(f"diffusion.preset {dif['preset']!r} does not exist; choose one of "
+                          f"{', '.join(sorted(PRESETS))}")
+        ck.int(dif, "iterations", "diffusion", lo=1, allow_none=True)
+        ck.int(dif, "batch_size", "diffusion", lo=1, allow_none=True)
         if not isinstance(dif["set"], Mapping):
-            raise SDDMError(f"{origin}: diffusion.set must map SECTION.KEY to values")
-        from nnunet_sddm.diffusion.presets import apply_overrides, preset_config, validate_config
-
+            raise ck.fail("diffusion.set must map SECTION.KEY to values")
+        seed = cfg["seed"] if type(cfg["seed"]) is int else 0  # checked below
+        overrides = diffusion_overrides(dif["set"], dif["iterations"], dif["batch_size"], seed)
         try:
-            validate_config(apply_overrides(preset_config(dif["preset"]), diffusion_overrides(cfg)))
+            validate_config(apply_overrides(preset_config(dif["preset"]), overrides))
         except SDDMError as e:
-            raise SDDMError(f"{origin}: diffusion: {e}") from None
+            raise ck.fail(f"diffusion: {e}") from None
     elif not isinstance(dif["model"], str):
-        raise SDDMError(f"{origin}: diffusion.model must be a model folder or DATASET[:PRESET]")
+        raise ck.fail("diffusion.model must be a model folder or DATASET[:PRESET]")
+    diffusion = DiffusionConfig(preset=dif["preset"], iterations=dif["iterations"], batch_size=dif["batch_size"],
+                                set=read_only(dif["set"]), model=dif["model"])
 
     smp = cfg["sampler"]
     for k in ("D", "N", "steps", "seed"):
-        _int(smp, k, "sampler", origin)
-    _int(smp, "batch_size", "sampler", origin, lo=1, allow_none=True)
-    _number(smp, "tau", "sampler", origin)
-    _bool(smp, "reference_behaviour", "sampler", origin)
+        ck.int(smp, k, "sampler")
+    ck.int(smp, "batch_size", "sampler", lo=1, allow_none=True)
+    ck.number(smp, "tau", "sampler")
+    ck.bool(smp, "reference_behaviour", "sampler")
     if smp["amp"] not in (None, "bf16", "fp16"):
-        raise SDDMError(f"{origin}: sampler.amp must be null, 'bf16' or 'fp16', got {smp['amp']!r}")
+        raise ck.fail(f"sampler.amp must be null, 'bf16' or 'fp16', got {smp['amp']!r}")
     try:
-        sampler_settings(cfg)
+        settings = SamplerSettings(D=smp["D"], N=smp["N"], tau=float(smp["tau"]), steps=smp["steps"],
+                                   seed=smp["seed"], reference_behaviour=smp["reference_behaviour"])
     except SDDMError as e:
-        raise SDDMError(f"{origin}: sampler: {e}") from None
+        raise ck.fail(f"sampler: {e}") from None
+    sampler = SamplerConfig(settings=settings, batch_size=smp["batch_size"], amp=smp["amp"])
+
     sweep = cfg["figures"]["sweep"]
+    sweep_cfg = None
     if sweep is not None:
         if not isinstance(sweep, Mapping) or set(sweep) - {"D", "N", "tau", "case", "slice"}:
-            raise SDDMError(f"{origin}: figures.sweep must be null or an object with D, N, tau lists")
+            raise ck.fail("figures.sweep must be null or an object with D, N, tau lists")
         for k in ("D", "N", "tau"):
             vals = sweep.get(k, [])
             if not isinstance(vals, list) or not vals:
-                raise SDDMError(f"{origin}: figures.sweep.{k} must be a non-empty list")
+                raise ck.fail(f"figures.sweep.{k} must be a non-empty list")
             for v in vals:
                 if k == "tau" and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    raise SDDMError(f"{origin}: figures.sweep.tau value {v!r} is not a number")
+                    raise ck.fail(f"figures.sweep.tau value {v!r} is not a number")
                 try:
-                    sampler_settings(cfg).replace(**{k: v})
+                    settings.replace(**{k: v})
                 except (SDDMError, TypeError) as e:
-                    raise SDDMError(f"{origin}: figures.sweep.{k} value {v!r}: {e}") from None
-    _bool(cfg["figures"], "tsne", "figures", origin)
+                    raise ck.fail(f"figures.sweep.{k} value {v!r}: {e}") from None
+        sweep_cfg = SweepConfig(D=tuple(sweep["D"]), N=tuple(sweep["N"]), tau=tuple(sweep["tau"]),
+                                case=sweep.get("case"), slice=sweep.get("slice"))
+    figures = FiguresConfig(sweep=sweep_cfg, tsne=ck.bool(cfg["figures"], "tsne", "figures"))
     if cfg["device"] not in ("auto", "cpu", "cuda", "mps"):
-        raise SDDMError(f"{origin}: device must be auto, cpu, cuda or mps, got {cfg['device']!r}")
-    if cfg["nnunet"]["folders"] not in ("study", "environment"):
-        raise SDDMError(f"{origin}: nnunet.folders must be 'study' or 'environment'")
-    _int(cfg["nnunet"], "num_processes", "nnunet", origin, lo=1)
-    step = cfg["nnunet"]["step_size"]
+        raise ck.fail(f"device must be auto, cpu, cuda or mps, got {cfg['device']!r}")
+    nn = cfg["nnunet"]
+    if nn["folders"] not in ("study", "environment"):
+        raise ck.fail("nnunet.folders must be 'study' or 'environment'")
+    ck.int(nn, "num_processes", "nnunet", lo=1)
+    step = nn["step_size"]
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
-        raise SDDMError(f"{origin}: nnunet.step_size must be a number in (0, 1], got {step!r}")
-    alpha = cfg["evaluation"]["alpha"]
+        raise ck.fail(f"nnunet.step_size must be a number in (0, 1], got {step!r}")
+    nnunet = NnunetConfig(folders=nn["folders"], num_processes=nn["num_processes"], step_size=step)
+    ev = cfg["evaluation"]
+    alpha = ev["alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise SDDMError(f"{origin}: evaluation.alpha must be in (0, 1), got {alpha!r}")
-    _int(cfg["evaluation"], "num_processes", "evaluation", origin, lo=1, allow_none=True)
-    policy = cfg["evaluation"]["empty_policy"]
+        raise ck.fail(f"evaluation.alpha must be in (0, 1), got {alpha!r}")
+    ck.int(ev, "num_processes", "evaluation", lo=1, allow_none=True)
+    policy = ev["empty_policy"]
     if isinstance(policy, bool) or not isinstance(policy, (str, int, float)):
-        raise SDDMError(f"{origin}: evaluation.empty_policy must be 'diagonal', 'nan' or a penalty in mm, "
-                        f"got {policy!r}")
-    from nnunet_sddm.evaluation.metrics import EmptyPolicy
-
+        raise ck.fail(f"evaluation.empty_policy must be 'diagonal', 'nan' or a penalty in mm, got {policy!r}")
     try:
-        EmptyPolicy(policy)
+        empty_policy = EmptyPolicy(policy)
     except SDDMError as e:
-        raise SDDMError(f"{origin}: evaluation.empty_policy {policy!r}: {e}") from None
-    _int(cfg, "seed", "study", origin)
+        raise ck.fail(f"evaluation.empty_policy {policy!r}: {e}") from None
+    evaluation = EvaluationConfig(alpha=alpha, empty_policy=empty_policy, num_processes=ev["num_processes"])
+    ck.int(cfg, "seed", "study")
     if not isinstance(cfg["output"], str) or not cfg["output"]:
-        raise SDDMError(f"{origin}: output must be a folder path")
-
-
-def diffusion_overrides(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """The ``SECTION.KEY`` overrides of the diffusion preset (``set`` + iterations/batch/seed)."""
-    dif = cfg["diffusion"]
-    out = dict(dif.get("set") or {})
-    if dif.get("iterations") is not None:
-        out["training.iterations"] = int(dif["iterations"])
-    if dif.get("batch_size") is not None:
-        out["training.batch_size"] = int(dif["batch_size"])
-    out.setdefault("training.seed", int(cfg["seed"]))
-    return out
-
-
-def sampler_settings(cfg: Mapping[str, Any]):
-    """``SamplerSettings`` of the study (validated)."""
-    from nnunet_sddm.sampling.guided import SamplerSettings
-
-    s = cfg["sampler"]
-    return SamplerSettings(D=s["D"], N=s["N"], tau=float(s["tau"]), steps=s["steps"], seed=s["seed"],
-                           reference_behaviour=bool(s["reference_behaviour"]))
-
-
-def trainer_of(cfg: Mapping[str, Any], segmenter: str) -> str:
-    """The nnU-Net trainer class name that trains ``segmenter``."""
-    if segmenter in cfg["trainers"]:
-        return cfg["trainers"][segmenter]
-    family = SEGMENTERS[segmenter][1]
-    ep = cfg["epochs"]
-    its = cfg["iterations_per_epoch"]
-    if ep == "quick":
-        return f"{family}_Quick"
-    if its is not None:
-        return f"{family}_{int(ep)}ep_{int(its)}it"
-    if family == "nnUNetTrainer_SDDM_VanillaUNet" and int(ep) == 250:
-        return family
-    return f"{family}_{int(ep)}ep"
-
-
-def configurations(cfg: Mapping[str, Any]) -> List[str]:
-    """nnU-Net configurations the segmenters need (for planning and preprocessing)."""
-    return list(dict.fromkeys(SEGMENTERS[s][0] for s in cfg["segmenters"]))
+        raise ck.fail("output must be a folder path")
+    return StudyConfig(name=cfg["name"], output=cfg["output"], source=src, target=tgt, segmenters=tuple(segs),
+                       epochs=ep, iterations_per_epoch=its, trainers=read_only(trainers), fold=fold,
+                       diffusion=diffusion, sampler=sampler, synthesis=synthesis, device=cfg["device"],
+                       nnunet=nnunet, evaluation=evaluation, figures=figures, seed=cfg["seed"],
+                       raw=read_only(cfg))

@@ -17,7 +17,14 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from nnunet_sddm.study.config import SEGMENTERS, sampler_settings
+from nnunet_sddm.adaptation.sweep import sweep_grid
+from nnunet_sddm.data.raw_dataset import list_images
+from nnunet_sddm.evaluation.domain_shift import domain_shift, separability
+from nnunet_sddm.evaluation.evaluate import load_results
+from nnunet_sddm.evaluation.figures import bar_chart_ci
+from nnunet_sddm.evaluation.image_features import FEATURE_NAMES
+from nnunet_sddm.study.config_tree import SEGMENTERS
+from nnunet_sddm.utilities.errors import SDDMError
 
 #: Metrics drawn as per-segmenter CI bar charts.
 BAR_METRICS = ("DSC", "ASSD", "HD95")
@@ -25,34 +32,26 @@ BAR_METRICS = ("DSC", "ASSD", "HD95")
 
 def sweep_figure(ctx, out_png: Path) -> Dict[str, Any]:
     """The sweep grid of one target test image (``figures.sweep.case``, default the first)."""
-    from nnunet_sddm.adaptation.sweep import sweep_grid
-    from nnunet_sddm.data.raw_dataset import list_images
-    from nnunet_sddm.utilities.errors import SDDMError
-
-    sw = ctx.cfg["figures"]["sweep"]
+    sw = ctx.cfg.figures.sweep
     images = list_images(ctx.target_images)
-    case = sw.get("case") or sorted(images)[0]
+    case = sw.case or sorted(images)[0]
     if case not in images:
         raise SDDMError(f"figures.sweep.case {case!r} is not a target test case ({', '.join(sorted(images)[:5])}, ...)")
-    sweep_grid(images[case], ctx.model_dir, out_png, Ds=sw["D"], Ns=sw["N"], taus=sw["tau"],
-               slice_index=sw.get("slice"), base=sampler_settings(ctx.cfg), device=ctx.device,
-               amp=ctx.cfg["sampler"]["amp"], progress=ctx.progress)
-    return {"png": str(out_png), "case": case, "D": sw["D"], "N": sw["N"], "tau": sw["tau"]}
+    sweep_grid(images[case], ctx.model_dir, out_png, Ds=list(sw.D), Ns=list(sw.N), taus=list(sw.tau),
+               slice_index=sw.slice, base=ctx.cfg.sampler.settings, device=ctx.device, amp=ctx.cfg.sampler.amp,
+               progress=ctx.progress)
+    return {"png": str(out_png), "case": case, "D": list(sw.D), "N": list(sw.N), "tau": list(sw.tau)}
 
 
 def domain_shift_figure(ctx, out_dir: Path) -> Dict[str, Any]:
     """t-SNE of the four image sets and the separability of the pairs that matter."""
-    from nnunet_sddm.evaluation.domain_shift import separability
-    from nnunet_sddm.evaluation.image_features import FEATURE_NAMES
-    from nnunet_sddm.evaluation.domain_shift import domain_shift
-
     sets = {"source": ctx.raw("source") / "imagesTr",
             "synthetic source (DG)": ctx.folders["raw"] / ctx.dataset_name("synthetic") / "imagesTr",
             "target": ctx.target_images,
             "adapted target (DA)": ctx.adapted}
     sets = {k: v for k, v in sets.items() if Path(v).is_dir()}
-    res = domain_shift(sets, out_dir=out_dir, overwrite=True, seed=int(ctx.cfg["seed"]),
-                       num_processes=ctx.cfg["evaluation"]["num_processes"], progress=ctx.progress)
+    res = domain_shift(sets, out_dir=out_dir, overwrite=True, seed=ctx.cfg.seed,
+                       num_processes=ctx.cfg.evaluation.num_processes, progress=ctx.progress)
     rows = res["features"]
     pairs = {}
     for a, b in (("source", "target"), ("source", "adapted target (DA)"), ("source", "synthetic source (DG)")):
@@ -62,7 +61,7 @@ def domain_shift_figure(ctx, out_dir: Path) -> Dict[str, Any]:
         X = np.array([[r[k] for k in FEATURE_NAMES] for r in sel], dtype=np.float64)
         subjects = [_subject(r["case"]) for r in sel]
         groups = None if None in subjects else [f"{r['domain']}:{g}" for r, g in zip(sel, subjects)]
-        sep = separability(X, [r["domain"] for r in sel], seed=int(ctx.cfg["seed"]), groups=groups)
+        sep = separability(X, [r["domain"] for r in sel], seed=ctx.cfg.seed, groups=groups)
         pairs[f"{a} vs {b}"] = sep.get("separability")
     return {"tsne_png": str(out_dir / "tsne.png"), "separability_all": res["separability"].get("separability"),
             "pairwise_separability": pairs}
@@ -77,11 +76,8 @@ def _subject(case: str):
 
 def ci_bars(ctx, out_dir: Path) -> List[str]:
     """One bar chart per segmenter and metric in ``BAR_METRICS``: every approach, per structure."""
-    from nnunet_sddm.evaluation.evaluate import load_results
-    from nnunet_sddm.evaluation.figures import bar_chart_ci
-
     files = []
-    for seg in ctx.cfg["segmenters"]:
+    for seg in ctx.cfg.segmenters:
         results = {a: load_results(ctx.evaluation_dir(a, s)) for a, s, _, _ in ctx.entries() if s == seg}
         for metric in BAR_METRICS:
             samples = {a: {st: r.values(st, metric) for st in r.structures} for a, r in results.items()}

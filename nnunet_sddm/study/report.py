@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-from nnunet_sddm.study.config import APPROACHES, SEGMENTERS, trainer_of
+from nnunet_sddm.study.config_tree import APPROACHES, SEGMENTERS
 from nnunet_sddm.utilities.files import write_text
 
 SURFACE = ("ASD", "ASSD", "HD", "HD95")
@@ -59,11 +59,11 @@ def improvement_summary(ctx) -> List[str]:
     """Markdown lines: per segmenter and candidate approach, which surface metrics (per-case means
     over the structures) changed significantly against the baseline, and the Dice change."""
     rows = [r for r in welch_rows(ctx) if r["structure"] == "all"]
-    alpha = float(ctx.cfg["evaluation"]["alpha"])
+    alpha = float(ctx.cfg.evaluation.alpha)
     lines = [f"Welch's t-test against the baseline of the same segmenter over per-case values (each case's "
              f"mean over its structures; n = cases), significance p < {alpha:g}. Surface metrics: lower is "
              f"better. Distances when exactly one of prediction and reference is empty: "
-             f"{ctx.cfg['evaluation']['empty_policy']}.", "",
+             f"{ctx.cfg.evaluation.empty_policy.one_empty}.", "",
              "| candidate | " + " | ".join(SURFACE) + " | DSC |", "|---" * (len(SURFACE) + 2) + "|"]
     by_cand: Dict[str, Dict[str, dict]] = {}
     for r in rows:
@@ -81,7 +81,7 @@ def improvement_summary(ctx) -> List[str]:
             cells.append(f"{d:+.3g} ({tag}, p={p})")
         lines.append(f"| {cand} | " + " | ".join(cells) + " |")
     verdicts = []
-    for seg in ctx.cfg["segmenters"]:
+    for seg in ctx.cfg.segmenters:
         label = SEGMENTERS[seg][2]
         for a in ("DA", "Mixed", "DA+ens", "Mixed+ens"):
             ms = by_cand.get(f"{a}/{label}", {})
@@ -102,7 +102,7 @@ def write_report(ctx) -> Path:
     cfg = ctx.cfg
     L: List[str] = []
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    L += [f"# SD-DM study `{cfg['name']}`", "",
+    L += [f"# SD-DM study `{cfg.name}`", "",
           f"Generated {now} by nnunet-sddm {record['package_version']} on {record['hardware'].get('cpu_count')} "
           f"CPU core(s)" + (f" and {', '.join(record['hardware']['gpus'])}" if record["hardware"].get("gpus") else "")
           + f"; device `{ctx.device}`. Study folder: `{out}`.", ""]
@@ -112,12 +112,12 @@ def write_report(ctx) -> Path:
     L += ["## Experiment", "",
           f"- Source domain: `{ctx.dataset_name('source')}` ({data.get('source_training_cases', '?')} training "
           f"cases) trains the diffusion model and the segmenters.",
-          f"- Target test set: `{ctx.dataset_name('target')}` images{cfg['target']['split']} / "
-          f"labels{cfg['target']['split']} ({data.get('target_test_cases', '?')} cases).",
+          f"- Target test set: `{ctx.dataset_name('target')}` images{cfg.target.split} / "
+          f"labels{cfg.target.split} ({data.get('target_test_cases', '?')} cases).",
           f"- DG dataset: `{ctx.dataset_name('synthetic')}` (source training images adapted by the diffusion "
-          f"model, original labels, {cfg['synthesis']['copies']} cop{'y' if cfg['synthesis']['copies'] == 1 else 'ies'}).",
-          "- Segmenters: " + "; ".join(f"{SEGMENTERS[s][2]} (`{SEGMENTERS[s][0]}`, `{trainer_of(cfg, s)}`, fold "
-                                         f"{cfg['fold']})" for s in cfg["segmenters"]) + ".",
+          f"model, original labels, {cfg.synthesis.copies} cop{'y' if cfg.synthesis.copies == 1 else 'ies'}).",
+          "- Segmenters: " + "; ".join(f"{SEGMENTERS[s][2]} (`{SEGMENTERS[s][0]}`, `{cfg.trainer(s)}`, fold "
+                                         f"{cfg.fold})" for s in cfg.segmenters) + ".",
           "- Approaches: " + "; ".join(f"**{a}**: {_APPROACH_TEXT[a]}" for a in APPROACHES) + ".", ""]
 
     # ---- the table
@@ -175,12 +175,13 @@ def write_report(ctx) -> Path:
           "", "Logs of nnU-Net's commands: `logs/`.", ""]
 
     # ---- seeds, settings, software
-    s = cfg["sampler"]
-    seeds = [f"study seed {cfg['seed']} (diffusion training seed: `training.seed` below)",
-             f"sampler seed {s['seed']} (per-slice random streams; DG copy k uses seed {s['seed']} + k)"]
+    sampler_seed = cfg.sampler.settings.seed
+    seeds = [f"study seed {cfg.seed} (diffusion training seed: `training.seed` below)",
+             f"sampler seed {sampler_seed} (per-slice random streams; DG copy k uses seed {sampler_seed} + k)"]
     for side in ("source", "target"):
-        if cfg[side].get("phantom"):
-            seeds.append(f"{side} phantoms: vendor {cfg[side]['phantom']}, seed {cfg[side]['seed']}")
+        d = cfg.side(side)
+        if d.phantom:
+            seeds.append(f"{side} phantoms: vendor {d.phantom}, seed {d.seed}")
     seeds.append("nnU-Net training is not seeded by nnU-Net (its data loading and initialisation are random): "
                  "segmenter results vary between runs")
     try:
@@ -189,7 +190,7 @@ def write_report(ctx) -> Path:
         dcfg = {}
     L += ["## Seeds", ""] + [f"- {x}" for x in seeds] + [""]
     L += ["## Settings", "", "The complete study configuration (also in [study.json](study.json)):", "",
-          "```json", json.dumps(cfg, indent=2), "```", ""]
+          "```json", json.dumps(cfg.to_dict(), indent=2), "```", ""]
     if dcfg:
         L += ["Diffusion model configuration (`" + _rel(ctx, ctx.model_dir / "config.json") + "`):", "",
               "```json", json.dumps(dcfg, indent=2), "```", ""]

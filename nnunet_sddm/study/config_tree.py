@@ -1,0 +1,215 @@
+"""The typed, frozen configuration of a study (:class:`StudyConfig`) and the study's design
+constants (segmenters, approaches). Built by ``config.build_config`` / ``config.parse_config``
+from the validated JSON layers; made of the library's own settings objects (``SamplerSettings``,
+``EmptyPolicy``). Mappings inside it are read-only views; ``cfg[key]`` is a copy of a top-level
+key's JSON value (as in ``study.json``)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+from nnunet_sddm.evaluation.metrics import EmptyPolicy
+from nnunet_sddm.sampling.guided import SamplerSettings
+
+#: Segmenter name -> (nnU-Net configuration, trainer family, name in tables).
+SEGMENTERS: Dict[str, tuple] = {
+    "2d": ("2d", "nnUNetTrainer_SDDM_NoDA", "2D nnU-Net"),
+    "3d_fullres": ("3d_fullres", "nnUNetTrainer_SDDM_NoDA", "3D nnU-Net"),
+    "vanilla": ("2d", "nnUNetTrainer_SDDM_VanillaUNet", "2D U-Net"),
+}
+
+#: Approaches of Table 1 (+ the ensembles with the original image); name -> (trained on, input).
+APPROACHES: Dict[str, tuple] = {
+    "Baseline": ("real", "original"),
+    "DA": ("real", "adapted"),
+    "DG": ("synthetic", "original"),
+    "Mixed": ("synthetic", "adapted"),
+    "DA+ens": ("real", "ensemble"),
+    "Mixed+ens": ("synthetic", "ensemble"),
+}
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """``source`` or ``target``: phantoms the study generates (``phantom``: vendor letter, with
+    ``subjects``, ``test_subjects``, ``matrix``, ``seed`` and dataset ``id``) or an existing raw
+    dataset (``dataset``: id, name or folder). ``split``: ``Tr`` or ``Ts`` (the target's test images)."""
+
+    phantom: Optional[str]
+    dataset: Optional[Union[int, str]]
+    subjects: int
+    test_subjects: int
+    matrix: Optional[int]
+    seed: int
+    id: int
+    split: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The source diffusion model: trained from ``preset`` (+ ``iterations``, ``batch_size``,
+    ``set`` overrides), or a given ``model`` (folder or ``DATASET[:PRESET]``)."""
+
+    preset: str
+    iterations: Optional[int]
+    batch_size: Optional[int]
+    set: Mapping[str, Any]
+    model: Optional[str]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Algorithm 1's settings (validated ``SamplerSettings``) and how the sampler runs:
+    ``batch_size`` slices per batch (None: per device), ``amp`` None, ``bf16`` or ``fp16``."""
+
+    settings: SamplerSettings
+    batch_size: Optional[int]
+    amp: Optional[str]
+
+    def inputs(self) -> Dict[str, Any]:
+        """What a sampling stage's result depends on (its fingerprint): the batch size only in
+        the reference behaviour (one guidance norm over the whole batch)."""
+        return {"settings": self.settings.to_dict(), "amp": self.amp,
+                "batch_size": self.batch_size if self.settings.reference_behaviour else None}
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """The DG dataset: its ``id`` (1..999) and ``copies`` adapted per source training image."""
+
+    id: int
+    copies: int
+
+
+@dataclass(frozen=True)
+class NnunetConfig:
+    """``folders``: ``study`` (own nnU-Net folders) or ``environment`` (the user's ``$nnUNet_*``);
+    ``num_processes`` of nnU-Net's workers; sliding-window ``step_size`` in (0, 1]."""
+
+    folders: str
+    num_processes: int
+    step_size: float
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Significance level ``alpha`` in (0, 1), the distance metrics' ``empty_policy`` and the
+    evaluation's worker count (None: default)."""
+
+    alpha: float
+    empty_policy: EmptyPolicy
+    num_processes: Optional[int]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The sweep figure's grid (D, N and tau values) of one target case (None: the first) and
+    slice (None: the middle one)."""
+
+    D: Tuple[int, ...]
+    N: Tuple[int, ...]
+    tau: Tuple[float, ...]
+    case: Optional[str] = None
+    slice: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class FiguresConfig:
+    """``sweep``: the sweep figure (None: none); ``tsne``: the domain-shift figure."""
+
+    sweep: Optional[SweepConfig]
+    tsne: bool
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The complete, validated settings of a study (see the module docstring); built by
+    :func:`build_config`. ``cfg[key]`` is the JSON value of a top-level key (a copy)."""
+
+    name: str
+    output: str
+    source: DatasetConfig
+    target: DatasetConfig
+    segmenters: Tuple[str, ...]
+    epochs: Union[int, str]
+    iterations_per_epoch: Optional[int]
+    trainers: Mapping[str, str]
+    fold: Union[int, str]
+    diffusion: DiffusionConfig
+    sampler: SamplerConfig
+    synthesis: SynthesisConfig
+    device: str
+    nnunet: NnunetConfig
+    evaluation: EvaluationConfig
+    figures: FiguresConfig
+    seed: int
+    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The configuration as JSON (what ``study.json`` records and ``--print-config`` prints)."""
+        return copy.deepcopy(dict(self.raw))
+
+    def __getitem__(self, key: str) -> Any:
+        return copy.deepcopy(self.raw[key])
+
+    def side(self, side: str) -> DatasetConfig:
+        """``source`` or ``target``."""
+        return {"source": self.source, "target": self.target}[side]
+
+    def trainer(self, segmenter: str) -> str:
+        """The nnU-Net trainer class name that trains ``segmenter``."""
+        return trainer_name(segmenter, self.trainers, self.epochs, self.iterations_per_epoch)
+
+    def configurations(self) -> List[str]:
+        """nnU-Net configurations the segmenters need (for planning and preprocessing)."""
+        return list(dict.fromkeys(SEGMENTERS[s][0] for s in self.segmenters))
+
+    def diffusion_overrides(self) -> Dict[str, Any]:
+        """The ``SECTION.KEY`` overrides of the diffusion preset (``set`` + iterations/batch/seed)."""
+        return diffusion_overrides(self.diffusion.set, self.diffusion.iterations, self.diffusion.batch_size,
+                                    self.seed)
+
+
+def trainer_of(cfg: Union[StudyConfig, Mapping[str, Any]], segmenter: str) -> str:
+    """The nnU-Net trainer class name that trains ``segmenter``, of a configuration or of its JSON
+    (``study.json``'s ``config``, ``--print-config``)."""
+    if isinstance(cfg, StudyConfig):
+        return cfg.trainer(segmenter)
+    return trainer_name(segmenter, cfg["trainers"], cfg["epochs"], cfg["iterations_per_epoch"])
+
+
+def trainer_name(segmenter: str, trainers: Mapping[str, str], epochs: Union[int, str],
+                  iterations_per_epoch: Optional[int]) -> str:
+    """The trainer class of ``segmenter``: ``trainers[segmenter]`` if given, else the plugin's
+    trainer family for ``epochs`` (``"quick"``: the ``_Quick`` test trainer) and
+    ``iterations_per_epoch`` (None: nnU-Net's 250)."""
+    if segmenter in trainers:
+        return trainers[segmenter]
+    family = SEGMENTERS[segmenter][1]
+    if epochs == "quick":
+        return f"{family}_Quick"
+    if iterations_per_epoch is not None:
+        return f"{family}_{int(epochs)}ep_{int(iterations_per_epoch)}it"
+    if family == "nnUNetTrainer_SDDM_VanillaUNet" and int(epochs) == 250:
+        return family
+    return f"{family}_{int(epochs)}ep"
+
+
+def diffusion_overrides(set_: Mapping[str, Any], iterations: Optional[int], batch_size: Optional[int],
+                         seed: int) -> Dict[str, Any]:
+    """The ``SECTION.KEY`` overrides of a diffusion preset: ``set``, then ``training.iterations``
+    and ``training.batch_size`` if given, ``training.seed`` = the study seed unless ``set`` has one."""
+    out = copy.deepcopy(dict(set_ or {}))
+    if iterations is not None:
+        out["training.iterations"] = int(iterations)
+    if batch_size is not None:
+        out["training.batch_size"] = int(batch_size)
+    out.setdefault("training.seed", int(seed))
+    return out
+
+
+def read_only(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A read-only view of a private deep copy of ``d``."""
+    return MappingProxyType(copy.deepcopy(dict(d)))

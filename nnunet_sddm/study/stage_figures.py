@@ -1,0 +1,35 @@
+"""Stage ``figures``: the sweep grid of one target slice, the t-SNE of real/target/adapted images
+and the per-segmenter CI bar charts (drawn by ``study.figures``), into ``OUT/figures/``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+from nnunet_sddm.study.context import StudyContext
+from nnunet_sddm.study.figures import ci_bars, domain_shift_figure, sweep_figure
+from nnunet_sddm.study.stages import Stage
+
+
+def run_figures(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
+    """Sweep grid of one target slice, t-SNE of real/target/adapted, per-segmenter CI bar charts."""
+    fig = ctx.out / "figures"
+    fig.mkdir(parents=True, exist_ok=True)
+    result: Dict[str, Any] = {}
+    if ctx.cfg.figures.sweep is not None:
+        result["sweep"] = sweep_figure(ctx, fig / "sweep.png")
+    if ctx.cfg.figures.tsne:
+        result["domain_shift"] = domain_shift_figure(ctx, fig / "domain_shift")
+    result["ci_bars"] = ci_bars(ctx, fig)
+    return result
+
+
+def figures_inputs(ctx: StudyContext) -> Any:
+    return {"figures": ctx.cfg["figures"]}
+
+
+def figures_outputs(ctx: StudyContext) -> List[Path]:
+    return [ctx.out / "figures"]
+
+
+STAGE = Stage("figures", "sweep grid, t-SNE, CI bar charts", run_figures, figures_inputs, figures_outputs,
+              ("data", "diffusion", "adaptation", "compare"))

@@ -1,0 +1,81 @@
+"""The study's typed configuration: a frozen tree of the library's settings objects, parsed once."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from nnunet_sddm.evaluation.metrics import EmptyPolicy
+from nnunet_sddm.sampling.guided import SamplerSettings
+from nnunet_sddm.study import config as C
+from nnunet_sddm.study.config import StudyConfig, build_config
+from nnunet_sddm.utilities.errors import SDDMError
+
+
+def test_typed_tree_of_the_librarys_settings_objects():
+    cfg = build_config({"sampler": {"N": 10, "tau": 3}, "evaluation": {"empty_policy": 40}, "fold": "2"},
+                       quick=True)
+    assert isinstance(cfg, StudyConfig)
+    assert isinstance(cfg.sampler.settings, SamplerSettings)
+    assert (cfg.sampler.settings.N, cfg.sampler.settings.tau, cfg.sampler.settings.steps) == (10, 3.0, 50)
+    assert cfg.evaluation.empty_policy == EmptyPolicy(40)
+    assert cfg.fold == 2 and cfg.segmenters == ("2d", "3d_fullres", "vanilla")
+    assert cfg.figures.sweep.D == (2, 4) and cfg.source.phantom == "A" and cfg.target.split == "Tr"
+    assert cfg.trainer("2d") == "nnUNetTrainer_SDDM_NoDA_1ep_150it"
+    assert cfg.configurations() == ["2d", "3d_fullres"]
+    assert cfg.diffusion_overrides() == {"training.iterations": 800, "training.seed": 0}
+    # the JSON view is what study.json records: the values as given (tau 3 stays an int), normalised fold
+    js = cfg.to_dict()
+    assert js["sampler"]["tau"] == 3 and isinstance(js["sampler"]["tau"], int) and js["fold"] == 2
+    assert js["evaluation"]["empty_policy"] == 40 and json.loads(json.dumps(js)) == js
+    assert cfg["sampler"] == js["sampler"]
+
+
+def test_configuration_is_frozen():
+    cfg = build_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.nnunet.step_size = 0.25
+    with pytest.raises(TypeError):
+        cfg.trainers["2d"] = "nnUNetTrainer_Other"  # a read-only mapping
+    with pytest.raises(TypeError):
+        cfg.diffusion.set["model.image_size"] = 32
+    cfg["sampler"]["N"] = 99  # the JSON view is a copy
+    assert cfg["sampler"]["N"] == 25 and cfg.sampler.settings.N == 25
+
+
+def test_parsed_once(monkeypatch, tmp_path):
+    """build_config parses once; the context and every stage's fingerprint read the typed tree."""
+    from nnunet_sddm.study.context import make_context
+    from nnunet_sddm.study.pipeline import STAGES
+    from nnunet_sddm.study.stages import StageRunner
+
+    calls = []
+    real = C.parse_config
+    monkeypatch.setattr(C, "parse_config", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = build_config({"output": str(tmp_path / "study")})
+    assert len(calls) == 1
+    ctx = make_context(cfg, progress=False)
+    assert ctx.cfg is cfg
+    runner = StageRunner(STAGES, ctx.out)
+    fingerprints = {s.name: runner.stage_fingerprint(s, ctx) for s in STAGES}
+    assert len(set(fingerprints.values())) == len(STAGES) and len(calls) == 1
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({"sampler": {"seed": -1}}, r"sampler\.seed must be an integer >= 0, got -1"),
+    ({"sampler": {"amp": "fp8"}}, r"sampler\.amp must be null, 'bf16' or 'fp16', got 'fp8'"),
+    ({"source": {"matrix": 16}}, r"source\.matrix must be an integer >= 32, got 16"),
+    ({"synthesis": {"copies": 0}}, r"synthesis\.copies must be an integer >= 1, got 0"),
+    ({"nnunet": {"folders": "mine"}}, r"nnunet\.folders must be 'study' or 'environment'"),
+    ({"evaluation": {"num_processes": 0}}, r"evaluation\.num_processes must be an integer >= 1, got 0"),
+    ({"figures": {"sweep": {"D": [], "N": [2], "tau": [0]}}}, r"figures\.sweep\.D must be a non-empty list"),
+    ({"diffusion": {"model": 5}}, r"diffusion\.model must be a model folder"),
+    ({"seed": "x"}, r"study\.seed must be an integer >= 0, got 'x'"),
+    ({"output": ""}, r"output must be a folder path"),
+])
+def test_bad_values_name_the_key(layer, message):
+    with pytest.raises(SDDMError, match=r"^my\.json: " + message):
+        build_config(layer, origin="my.json")
