@@ -54,6 +54,8 @@ def main(argv=None) -> None:
     p.add_argument("--blocks", type=int, default=None, help="interleaved timing blocks per loop (default 4 CPU, 5 CUDA)")
     p.add_argument("--steps-per-block", type=int, default=None, help="default 3 on CPU, 10 on CUDA")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16", help="CUDA autocast (default bf16)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both the trainer's network (training.compile) and the bare loop's")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: stable figures on a shared machine; 0 = torch's choice)")
     a = p.parse_args(argv)
@@ -66,11 +68,13 @@ def main(argv=None) -> None:
     spb = a.steps_per_block or (10 if cuda else 3)
     cfg = preset_config(a.preset)
     bs = a.batch_size or (int(cfg["training"]["batch_size"]) if cuda else 16)
-    cfg = apply_overrides(cfg, {"training.batch_size": bs, "training.amp": a.amp, "training.num_samples": 0})
+    cfg = apply_overrides(cfg, {"training.batch_size": bs, "training.amp": a.amp, "training.num_samples": 0,
+                                "training.compile": bool(a.compile)})
     size = int(cfg["model"]["image_size"])
     print(f"preset {a.preset}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, batch {bs}, {size} px, "
-          f"threads {torch.get_num_threads()}, amp {a.amp if cuda else 'off (CPU)'}")
+          f"threads {torch.get_num_threads()}, amp {a.amp if cuda else 'off (CPU)'}, "
+          f"{'torch.compile' if a.compile else 'eager'}, channels_last {'on' if cuda else 'off'}")
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, synthetic_slices(max(4 * bs, 64), size), Path(tmp), device=str(device), progress=False)
@@ -82,6 +86,8 @@ def main(argv=None) -> None:
         if cuda:
             bare = bare.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(bare.parameters(), lr=1e-4)
+        if a.compile:
+            bare = torch.compile(bare)
         x = torch.randn(bs, cfg["model"]["in_channels"], size, size, device=device)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
