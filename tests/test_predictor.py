@@ -47,7 +47,7 @@ def world(tmp_path_factory):
     """Source model + diffusion model + target images, and the reference outputs: the target
     adapted by ``nnUNetv2_sddm_adapt`` then predicted by the stock ``nnUNetv2_predict``, and the
     stock prediction of the unadapted target (both with probabilities)."""
-    from dataset_converters.phantoms import generate_phantom_dataset
+    from nnunet_sddm.data.phantoms import generate_phantom_dataset
     from nnunet_sddm.diffusion.model_folder import create_model_folder
     from plugin_trainers.discovery import ensure_trainer_path_in_env
 

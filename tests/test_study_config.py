@@ -79,3 +79,12 @@ def test_parsed_once(monkeypatch, tmp_path):
 def test_bad_values_name_the_key(layer, message):
     with pytest.raises(SDDMError, match=r"^my\.json: " + message):
         build_config(layer, origin="my.json")
+
+
+def test_sampler_guidance_key():
+    assert build_config().sampler.settings.guidance == "gradient"
+    cfg = build_config({"sampler": {"guidance": "projection"}}, quick=True)
+    assert cfg.sampler.settings.guidance == "projection" and cfg.to_dict()["sampler"]["guidance"] == "projection"
+    assert cfg.sampler.inputs()["settings"]["guidance"] == "projection"  # part of the sampling stages' fingerprint
+    with pytest.raises(SDDMError, match="sampler.*guidance"):
+        build_config({"sampler": {"guidance": "ilvr"}})

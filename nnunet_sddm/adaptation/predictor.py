@@ -63,8 +63,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
 from nnunet_sddm import __version__
+from nnunet_sddm.adaptation.pipeline import Adapter
 from nnunet_sddm.data.volumes import write_like
 from nnunet_sddm.utilities.devices import resolve_device
+from nnunet_sddm.utilities.distributed import Ranks
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import write_json
 from nnunet_sddm.utilities.nnunet_paths import (datasets_with_id, ensure_trainer_path_in_env,
@@ -496,8 +498,6 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
     Everything is checked (folders, nnU-Net model and folds, diffusion model, sampler settings,
     every input image) before anything is written. Returns a summary (cases predicted/skipped).
     """
-    from nnunet_sddm.adaptation.pipeline import Adapter
-    from nnunet_sddm.utilities.distributed import Ranks
 
     t0 = time.perf_counter()
     # ---- plain arguments

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-D", type=int, default=None, help="low-pass factor (default 2)")
     a.add_argument("-N", type=int, default=None, help="diffusion range in respaced steps (default 25)")
     a.add_argument("--tau", type=float, default=None, help="guidance step (default 6)")
+    a.add_argument("--guidance", choices=("gradient", "projection"), default=None,
+                   help="gradient (DDA's, the paper's; default) or projection (ILVR: no backward pass, tau unused)")
     a.add_argument("--steps", type=int, default=None, help="respaced chain length K (default 100)")
     a.add_argument("--sampler-seed", type=int, default=None, help="seed of the per-slice random streams")
     a.add_argument("--batch-size", type=int, default=None, help="slices per sampler batch")
@@ -120,6 +122,7 @@ def overrides_from_args(a: argparse.Namespace) -> Dict[str, Any]:
     put("sampler.D", a.D)
     put("sampler.N", a.N)
     put("sampler.tau", a.tau)
+    put("sampler.guidance", a.guidance)
     put("sampler.steps", a.steps)
     put("sampler.seed", a.sampler_seed)
     put("sampler.batch_size", a.batch_size)

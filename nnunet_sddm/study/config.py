@@ -73,7 +73,7 @@ DEFAULTS: Dict[str, Any] = {
     "fold": "all",
     "diffusion": {"preset": "tiny", "iterations": None, "batch_size": None, "set": {}, "model": None},
     "sampler": {"D": 2, "N": 25, "tau": 6.0, "steps": 100, "seed": 0, "batch_size": None, "amp": None,
-                "reference_behaviour": False},
+                "reference_behaviour": False, "guidance": "gradient"},
     "synthesis": {"id": 972, "copies": 1},
     "device": "auto",
     "nnunet": {"folders": "study", "num_processes": 2, "step_size": 0.5},
@@ -306,7 +306,8 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
         raise ck.fail(f"sampler.amp must be null, 'bf16' or 'fp16', got {smp['amp']!r}")
     try:
         settings = SamplerSettings(D=smp["D"], N=smp["N"], tau=float(smp["tau"]), steps=smp["steps"],
-                                   seed=smp["seed"], reference_behaviour=smp["reference_behaviour"])
+                                   seed=smp["seed"], reference_behaviour=smp["reference_behaviour"],
+                                   guidance=smp["guidance"])
     except SDDMError as e:
         raise ck.fail(f"sampler: {e}") from None
     sampler = SamplerConfig(settings=settings, batch_size=smp["batch_size"], amp=smp["amp"])
