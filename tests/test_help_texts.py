@@ -1,0 +1,56 @@
+"""Every command's --help, and every message and docstring of the package: no citation of files a
+user does not have (developer notes), no unformatted '%%', no stale run-time claims."""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from nnunet_sddm.cli.launch import SCRIPTS, target
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVELOPER_NOTES = re.compile(r"SDDM_METHOD\.md|NNUNET_INTEGRATION\.md|PEERS\.md")
+
+
+def help_text(script: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        target(script)(["--help"])
+    assert e.value.code == 0, script
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_text(script):
+    text = help_text(script)
+    assert script in text or "usage" in text
+    assert not DEVELOPER_NOTES.search(text), f"{script} --help cites a developer note"
+    assert "%%" not in text, f"{script} --help shows an unformatted '%%'"
+
+
+def test_quick_help_states_the_measured_time():
+    text = " ".join(help_text("nnUNetv2_sddm_study").split())
+    assert "about 14 minutes" not in text and "15 to 30 minutes on a 2-core CPU" in text
+
+
+def test_no_source_file_cites_developer_notes():
+    """Help texts, messages and docstrings point into docs/, never to notes users do not have."""
+    offenders = [str(p.relative_to(ROOT)) for folder in ("nnunet_sddm", "plugin_trainers", "dataset_converters",
+                                                         "benchmarks")
+                 for p in (ROOT / folder).rglob("*.py") if DEVELOPER_NOTES.search(p.read_text())]
+    assert not offenders, offenders
+
+
+def test_docs_links_resolve():
+    """Every relative link of README.md and docs/ names a file that exists."""
+    broken = []
+    for md in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", md.read_text()):
+            if "://" in link or link.startswith("mailto:"):
+                continue
+            if not (md.parent / link).exists():
+                broken.append(f"{md.relative_to(ROOT)} -> {link}")
+    assert not broken, broken
