@@ -115,3 +115,15 @@ def test_adapt_folder_progress_to_a_log_has_no_carriage_returns(tmp_path, model_
     adapt_folder(src, tmp_path / "out", str(model_dir), FAST, device="cpu", progress=True)
     err = capsys.readouterr().err
     assert "adapting" in err and "\r" not in err
+
+
+def test_progress_in_a_log_ignores_forced_refreshes():
+    """set_postfix refreshes the bar; in a log that must not add lines between the intervals."""
+    log = io.StringIO()
+    bar = progress_bar(total=100, desc="training", file=log)  # default interval: 30 s
+    for i in range(100):
+        bar.set_postfix(loss=1.0 / (i + 1))
+        bar.update(1)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) <= 3 and "100/100" in lines[-1]

@@ -116,9 +116,9 @@ def model_slices_to_volume(x: torch.Tensor, window: IntensityWindow, resize: Squ
     """Inverse of ``volume_to_model_slices``: ``(z, 1, size, size)`` -> ``(z, y, x)`` float32 in
     the volume's original intensity units, clipped to the volume's window ``[lo, hi]``.
 
-    The last reverse step adds noise and is not clamped, so a sample can leave ``[-1, 1]`` (and the
-    bicubic inverse resize can overshoot); the clip keeps adapted images in the intensity range of
-    the input's window, as DDA clips its saved samples to ``[-1, 1]`` and as ``N = 0`` clips the input.
+    The reverse steps are not clamped (the last one adds noise, guidance adds its step), so a sample
+    can leave ``[-1, 1]``; the clip keeps adapted images in the intensity range of the input's
+    window, as DDA clips its saved samples to ``[-1, 1]`` and as ``N = 0`` clips the input.
     """
     out = window.denormalize(resize.inverse(x.detach().cpu().float()).numpy())
     return np.clip(out, np.float32(window.lo), np.float32(window.hi))

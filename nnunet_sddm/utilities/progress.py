@@ -8,6 +8,7 @@ newline-terminated status line at most every ``LOG_INTERVAL`` seconds (and once 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Iterable, Optional
 
 from tqdm import tqdm
@@ -35,12 +36,23 @@ class _LogLines(tqdm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["file"] = _Lines(kwargs.get("file") or sys.stderr)
+        self._last_line = -float("inf")
+        self._closing = False
         super().__init__(*args, **kwargs)
 
     def display(self, msg: Optional[str] = None, pos: Optional[int] = None) -> bool:
+        # forced refreshes (set_postfix, set_description) would print between the intervals too
+        now = time.monotonic()
+        if not self._closing and now - self._last_line < self.mininterval:
+            return True
+        self._last_line = now
         self.fp.write(self.__str__() if msg is None else msg)
         self.fp.flush()
         return True
+
+    def close(self) -> None:
+        self._closing = True
+        super().close()
 
 
 def is_terminal(stream: Any = None) -> bool:
