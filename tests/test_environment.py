@@ -367,8 +367,9 @@ def test_folders_section_reports_each_state(tmp_path):
     assert [f.commands for p in findings.problems for f in p.fixes] == [(f"mkdir -p {tmp_path / 'missing'}",)]
     assert findings.exit_code == 1
     findings, out = Findings(), []
-    folders_section(findings, out, {})
-    assert len(findings.problems) == 3 and all("is not set" in p.what for p in findings.problems)
+    folders_section(findings, out, {})  # unset: notes (the study needs none of them), exit 0
+    assert not findings.problems and findings.exit_code == 0
+    assert len(findings.notes) == 3 and all("is not set" in n for n in findings.notes)
 
 
 def _nnunet_env(tmp_path: Path) -> Dict[str, str]:
@@ -397,11 +398,15 @@ def test_doctor_reports_a_healthy_installation(tmp_path):
 
 def test_doctor_exit_codes_for_problems(tmp_path):
     e = _nnunet_env(tmp_path)
-    e.pop("nnUNet_results")
+    e["nnUNet_results"] = str(tmp_path / "missing_results")
     r = subprocess.run(_script("nnUNetv2_sddm_doctor") + ["--no-lookup"], env=e, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "nnUNet_results is not set" in r.stdout and "export nnUNet_results=" in r.stdout
+    assert "missing_results does not exist" in r.stdout and f"mkdir -p {tmp_path / 'missing_results'}" in r.stdout
+    e.pop("nnUNet_results")
+    r = subprocess.run(_script("nnUNetv2_sddm_doctor") + ["--no-lookup"], env=e, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "nnUNet_results is not set" in r.stdout, r.stdout + r.stderr
     fake_root = _fake_torchvision(tmp_path / "site")
     r = subprocess.run(_script("nnUNetv2_sddm_doctor") + ["--no-lookup"], env=_env_with(fake_root, **{
         k: v for k, v in e.items() if k.startswith("nnUNet_")}), capture_output=True, text=True, timeout=600)

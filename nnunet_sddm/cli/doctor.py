@@ -169,15 +169,16 @@ def imports_section(probe: Dict[str, object], findings: Findings, out: List[str]
 
 
 def folders_section(findings: Findings, out: List[str], environ=None) -> None:
-    """``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``: set, existing, writable."""
+    """``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``: existing and writable where set
+    (a problem otherwise); unset ones are a note (the study and the tests use their own folders)."""
     environ = os.environ if environ is None else environ
     out.append("nnU-Net folders")
     for var in FOLDER_VARS:
         value = environ.get(var, "")
-        if not value:
-            out.append(_row(var, "NOT SET"))
-            findings.problems.append(Problem.simple(f"{var} is not set (nnU-Net and nnunet-sddm read and "
-                                                    f"write datasets there)", f"export {var}=/path/to/{var}"))
+        if not value:  # not needed by the study (its own folders) or the test suite: a note, not a problem
+            out.append(_row(var, "not set"))
+            findings.notes.append(f"{var} is not set: nnU-Net's commands and the dataset commands need it "
+                                  f"(export {var}=/path/to/{var}); nnUNetv2_sddm_study --quick does not")
         elif not os.path.isdir(value):
             state = "is not a folder" if os.path.exists(value) else "does not exist"
             out.append(_row(var, f"{value}  ({state.upper()})"))
