@@ -20,6 +20,8 @@ from plugin_trainers.compat import require_supported_nnunet
 
 require_supported_nnunet()
 
+from plugin_trainers.seeding import SeedMixin  # noqa: E402
+
 _VARIANT_RE = re.compile(r"^(?P<family>nnUNetTrainer_SDDM_[A-Za-z]+)_(?P<epochs>[1-9]\d{0,4})ep"
                          r"(?:_(?P<iterations>[1-9]\d{0,4})it)?$")
 _FAMILIES: Dict[str, type] = {}
@@ -45,8 +47,9 @@ class QuickSchedule:
     sddm_final_validation = False
 
 
-class ScheduleMixin:
-    """Put before an ``nnUNetTrainer`` subclass: sets epochs / iterations after its ``__init__``.
+class ScheduleMixin(SeedMixin):
+    """Put before an ``nnUNetTrainer`` subclass: sets epochs / iterations after its ``__init__``
+    (and, through :class:`~plugin_trainers.seeding.SeedMixin`, seeds the training).
 
     ``sddm_iterations_per_epoch`` / ``sddm_val_iterations_per_epoch`` of None keep nnU-Net's
     defaults (250 / 50); ``sddm_final_validation = False`` skips nnU-Net's final validation

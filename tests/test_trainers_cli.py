@@ -163,3 +163,36 @@ def test_prepare_synthetic_bad_inputs(planned, monkeypatch, tmp_path):
         ok = make_fake_synthetic(planned["dataset"], tmp_path, DATASET_ID + 4, "Ok", copies=1)
         prepare_synthetic(DATASET_ID, ok, configurations=("3d_lowres",))
     assert not (planned["preprocessed"] / DATASET / "sddm_synthetic" / bad.name).exists()
+
+
+def _train_into(planned, results: Path, seed: str, trainer: str = "nnUNetTrainer_SDDM_NoDA_Quick") -> dict:
+    """Train fold 0 of the 2d configuration into the results folder ``results`` with
+    ``nnUNet_sddm_seed=seed`` (single-threaded augmentation, as the study trains on the CPU)."""
+    results.mkdir(parents=True, exist_ok=True)
+    env = dict(planned["env"], nnUNet_n_proc_DA="0", nnUNet_results=str(results), nnUNet_sddm_seed=seed)
+    _run(["nnUNetv2_train", DATASET_ID, "2d", "0", "-tr", trainer, "-device", "cpu"], env)
+    fold = results / DATASET / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+    return torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.timeout(900)
+def test_seeded_training_is_bit_identical_on_cpu(planned, tmp_path):
+    """The same command twice gives bit-identical weights (network initialisation, patch sampling);
+    another nnUNet_sddm_seed gives other weights; the seed is recorded in the checkpoint."""
+    a = _train_into(planned, tmp_path / "a", "7")
+    b = _train_into(planned, tmp_path / "b", "7")
+    c = _train_into(planned, tmp_path / "c", "8")
+    assert a["init_args"]["sddm_seed"] == 7 and c["init_args"]["sddm_seed"] == 8
+    wa, wb, wc = a["network_weights"], b["network_weights"], c["network_weights"]
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "same seed, different weights"
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa), "another seed gave the same weights"
+
+
+def test_trainer_seed_from_the_environment():
+    from plugin_trainers.seeding import DEFAULT_SEED, trainer_seed
+
+    assert trainer_seed({}) == DEFAULT_SEED == 0
+    assert trainer_seed({"nnUNet_sddm_seed": "12"}) == 12
+    with pytest.raises(SDDMError, match="nnUNet_sddm_seed"):
+        trainer_seed({"nnUNet_sddm_seed": "-1"})

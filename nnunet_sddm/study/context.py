@@ -108,7 +108,7 @@ class StudyContext:
 
     def nnunet_env(self, training: bool = False) -> Dict[str, str]:
         return nnunet_steps.nnunet_env(self.folders, self.device, training=training, base=self.user_env,
-                                       num_processes=self.cfg.nnunet.num_processes)
+                                       num_processes=self.cfg.nnunet.num_processes, seed=self.cfg.seed)
 
 
 def make_context(cfg: StudyConfig, progress: bool = True, log: Callable[[str], None] = print) -> StudyContext:

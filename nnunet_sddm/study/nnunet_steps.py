@@ -20,18 +20,22 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Union
 
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.nnunet_paths import ensure_trainer_path_in_env
+from nnunet_sddm.utilities.nnunet_paths import SEED_ENV_VAR, ensure_trainer_path_in_env
 
 PathLike = Union[str, os.PathLike]
 PLANS = "nnUNetPlans"
 
 
 def nnunet_env(folders: Mapping[str, Path], device: str, training: bool = False,
-               base: Optional[Mapping[str, str]] = None, num_processes: Optional[int] = None) -> Dict[str, str]:
+               base: Optional[Mapping[str, str]] = None, num_processes: Optional[int] = None,
+               seed: Optional[int] = None) -> Dict[str, str]:
     """Environment of an nnU-Net subprocess (see the module docstring). ``num_processes`` sets
     ``nnUNet_def_n_proc`` (nnU-Net's default worker count, 8, e.g. for the final validation's
-    export workers, each a process start-up)."""
+    export workers, each a process start-up); ``seed`` sets the SD-DM trainers' training seed
+    (``nnUNet_sddm_seed``)."""
     env = dict(os.environ if base is None else base)
+    if seed is not None:
+        env[SEED_ENV_VAR] = str(int(seed))
     if num_processes is not None:
         env["nnUNet_def_n_proc"] = str(int(num_processes))
     env["nnUNet_raw"] = str(folders["raw"])

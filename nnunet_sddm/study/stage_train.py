@@ -13,9 +13,9 @@ from nnunet_sddm.study.stages import Stage
 
 
 def segmenter_inputs(ctx: StudyContext) -> Dict[str, Any]:
-    """The segmenters, their trainers and the fold (what the trained models depend on)."""
+    """The segmenters, their trainers, the fold and the training seed (what the trained models depend on)."""
     return {"segmenters": list(ctx.cfg.segmenters), "trainers": {s: ctx.cfg.trainer(s) for s in ctx.cfg.segmenters},
-            "fold": ctx.cfg.fold}
+            "fold": ctx.cfg.fold, "seed": ctx.cfg.seed}
 
 
 def train_outputs(ctx: StudyContext) -> List[Path]:

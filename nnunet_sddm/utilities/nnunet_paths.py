@@ -23,6 +23,9 @@ _DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
 #: nnU-Net's variable for third-party trainer folders.
 TRAINER_ENV_VAR = "nnUNet_extTrainer"
 
+#: The training seed of the SD-DM trainers (``plugin_trainers.seeding``; default 0).
+SEED_ENV_VAR = "nnUNet_sddm_seed"
+
 
 def trainer_folder() -> Path:
     """The folder to put in ``nnUNet_extTrainer`` (``plugin_trainers/nnunet_ext`` of the installed
