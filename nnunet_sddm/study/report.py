@@ -182,8 +182,8 @@ def write_report(ctx) -> Path:
         d = cfg.side(side)
         if d.phantom:
             seeds.append(f"{side} phantoms: vendor {d.phantom}, seed {d.seed}")
-    seeds.append("nnU-Net training is not seeded by nnU-Net (its data loading and initialisation are random): "
-                 "segmenter results vary between runs")
+    seeds.append(f"segmenter training seed {cfg.seed} (nnUNet_sddm_seed: network initialisation and data loading; "
+                 f"bit-identical on the CPU with single-threaded augmentation, not on CUDA)")
     try:
         dcfg = json.loads((ctx.model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
