@@ -61,19 +61,20 @@ def adapt_folder(in_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
     pairs = [(p, out_dir / p.name) for p in cases.values()]
     record = RunRecord(out_dir / RECORD_FILE, adapter.identity(input=str(in_dir.resolve()), cases=list(cases)),
                        RESUME_KEYS, ranks)
-    ok, msg = True, ""
-    if ranks.is_main:
-        try:
-            adapter.check_images([p for p, _ in pairs])  # before anything is written
+    ok, msg, counts = True, "", {}
+    try:
+        inputs = [p for p, _ in pairs]
+        counts = dict(zip(inputs, adapter.check_images(inputs)))  # before anything is written
+        if ranks.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temp(out_dir)  # leftovers of a killed run (nnU-Net must never see half-written files)
             record.open([o for _, o in pairs], overwrite=overwrite)
-        except SDDMError as e:
-            ok, msg = False, str(e)
+    except SDDMError as e:
+        ok, msg = False, str(e)
     dist_utils.all_ok(ok, msg, ranks)
     if not ranks.is_main:
         record.load()  # rank 0 wrote it before all_ok
-    written = adapter.adapt_files(pairs, record, seed_keys=list(cases))
+    written = adapter.adapt_files(pairs, record, seed_keys=list(cases), slice_counts=counts)
     dist_utils.barrier(ranks)
     if ranks.is_main and ranks.distributed:
         record.merge_ranks()

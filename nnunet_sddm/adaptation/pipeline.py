@@ -168,12 +168,15 @@ class Adapter:
 
     # ------------------------------------------------------------------ files
     def adapt_files(self, pairs: Sequence[Tuple[PathLike, PathLike]], record: RunRecord,
-                    seed_keys: Optional[Sequence[str]] = None) -> List[Path]:
+                    seed_keys: Optional[Sequence[str]] = None,
+                    slice_counts: Optional[Mapping[Path, int]] = None) -> List[Path]:
         """Adapt ``(input image, output path)`` pairs whose outputs ``record`` does not list as
         finished; each output gets the input's exact geometry, is written atomically and is then
         entered in ``record``. ``seed_keys`` name each pair's random streams (default: the input's
         case id). With several ranks the pairs are split over them. Returns the outputs this
-        process wrote. The caller has opened ``record`` (rank 0) or loaded it (other ranks)."""
+        process wrote. The caller has opened ``record`` (rank 0) or loaded it (other ranks).
+        ``slice_counts``: ``{input: slices}`` from the caller's ``check_images`` (those inputs are
+        not read and checked again)."""
         pairs = [(Path(i), Path(o)) for i, o in pairs]
         keys = list(seed_keys) if seed_keys is not None else [case_of(i) for i, _ in pairs]
         if len(set(keys)) != len(keys):
@@ -184,7 +187,10 @@ class Adapter:
         todo = [(i, o, k) for (i, o), k in zip(pairs, keys) if not record.is_finished(o)]
         if not todo:
             return []
-        counts = self.check_images([i for i, _, _ in todo])
+        known = dict(slice_counts or {})
+        unchecked = [i for i, _, _ in todo if i not in known]
+        known.update(zip(unchecked, self.check_images(unchecked)))
+        counts = [known[i] for i, _, _ in todo]
         dist_utils.barrier(self.ranks)  # every rank has listed its work before anyone writes
         mine = dist_utils.shard(list(zip(todo, counts)), self.ranks)
         by_key = {k: (i, o) for (i, o, k), _ in mine}

@@ -152,16 +152,17 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model:
     pairs = [[(img, partial / f"images{split}" / f"{synthetic_case(case, k)}_0000{ending}")
               for split, case, img, _ in jobs[k]] for k in range(copies)]
     record = RunRecord(partial / RECORD_FILE, identity, RESUME_KEYS, ranks)
-    ok, msg = True, ""
-    if ranks.is_main:
-        try:
-            adapter.check_images([img for _, _, img, _ in listing])  # before anything is written
+    ok, msg, counts = True, "", {}
+    try:
+        inputs = [img for _, _, img, _ in listing]
+        counts = dict(zip(inputs, adapter.check_images(inputs)))  # once for all copies, before anything is written
+        if ranks.is_main:
             _prepare_partial(partial, identity)
             for sub in ("", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):  # leftovers of a killed run
                 remove_stale_temp(partial / sub)  # would be published into the dataset
             record.open([o for copy in pairs for _, o in copy])
-        except SDDMError as e:
-            ok, msg = False, str(e)
+    except SDDMError as e:
+        ok, msg = False, str(e)
     dist_utils.all_ok(ok, msg, ranks)
     if not ranks.is_main:
         record.load()
@@ -170,8 +171,8 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model:
     new_records: List[dict] = []
     for k in range(copies):
         copy_settings = settings.replace(seed=settings.seed + k)
-        adapter.with_settings(copy_settings).adapt_files(pairs[k], record,
-                                                         seed_keys=[case for _, case, _, _ in jobs[k]])
+        adapter.with_settings(copy_settings).adapt_files(pairs[k], record, seed_keys=[case for _, case, _, _ in jobs[k]],
+                                                         slice_counts=counts)
         for split, case, img, lab in jobs[k]:
             new = synthetic_case(case, k)
             base = {key: v for key, v in records.get(case, {}).items() if key not in ("case", "split", "dataset")}
