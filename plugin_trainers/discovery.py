@@ -33,6 +33,10 @@ TRAINER_NAMES: tuple = (
     "nnUNetTrainer_SDDM_VanillaUNet_20ep",
     "nnUNetTrainer_SDDM_VanillaUNet_50ep",
     "nnUNetTrainer_SDDM_VanillaUNet_Quick",
+    "nnUNetTrainer_SDDM_Aug_250ep",
+    "nnUNetTrainer_SDDM_Aug_Quick",
+    "nnUNetTrainer_SDDM_VanillaUNetAug",
+    "nnUNetTrainer_SDDM_VanillaUNetAug_Quick",
     "nnUNetTrainer_SDDM_RealPlusSynthetic",
     "nnUNetTrainer_SDDM_RealPlusSynthetic_Quick",
 )

@@ -44,10 +44,9 @@ def require_2d(configuration_manager: ConfigurationManager, configuration: str) 
             f"nnUNetTrainer_SDDM_NoDA_250ep for 3D configurations")
 
 
-class nnUNetTrainer_SDDM_VanillaUNet(ScheduleMixin, nnUNetTrainerNoDA):
-    """Appendix A U-Net (BatchNorm, base 64, no deep supervision), no augmentation/mirroring, 250 epochs."""
-
-    sddm_num_epochs = 250
+class VanillaUNetMixin:
+    """Put first among the bases of an ``nnUNetTrainer`` subclass: the Appendix A U-Net (BatchNorm,
+    base 64, no deep supervision) replaces nnU-Net's planned network; ``2d`` configurations only."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -69,6 +68,12 @@ class nnUNetTrainer_SDDM_VanillaUNet(ScheduleMixin, nnUNetTrainerNoDA):
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """No-op: the vanilla U-Net has one output (nnU-Net's version expects ``decoder.deep_supervision``)."""
+
+
+class nnUNetTrainer_SDDM_VanillaUNet(VanillaUNetMixin, ScheduleMixin, nnUNetTrainerNoDA):
+    """Appendix A U-Net (BatchNorm, base 64, no deep supervision), no augmentation/mirroring, 250 epochs."""
+
+    sddm_num_epochs = 250
 
 
 register_family("nnUNetTrainer_SDDM_VanillaUNet", nnUNetTrainer_SDDM_VanillaUNet)

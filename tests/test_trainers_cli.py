@@ -189,6 +189,20 @@ def test_seeded_training_is_bit_identical_on_cpu(planned, tmp_path):
     assert not all(torch.equal(wa[k], wc[k]) for k in wa), "another seed gave the same weights"
 
 
+@pytest.mark.timeout(900)
+def test_augmented_trainer_is_seeded_and_keeps_mirroring(planned, tmp_path):
+    """nnU-Net's standard augmentation (the study's nnU-Net aug row) is seeded too: the same command
+    twice gives bit-identical weights; mirroring test-time augmentation stays on, as for the stock
+    trainer, and the spatial augmentation really runs (its transforms are in the training log)."""
+    trainer = "nnUNetTrainer_SDDM_Aug_Quick"
+    a = _train_into(planned, tmp_path / "a", "3", trainer)
+    b = _train_into(planned, tmp_path / "b", "3", trainer)
+    assert a["trainer_name"] == trainer and a["init_args"]["sddm_seed"] == 3
+    assert tuple(a["inference_allowed_mirroring_axes"]) == (0, 1)
+    wa, wb = a["network_weights"], b["network_weights"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "same seed, different weights with augmentation"
+
+
 def test_trainer_seed_from_the_environment():
     from plugin_trainers.seeding import DEFAULT_SEED, trainer_seed
 

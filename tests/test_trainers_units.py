@@ -94,15 +94,17 @@ def test_nnunet_lookup_finds_our_single_copy_and_no_builtin_shadows(monkeypatch)
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from plugin_trainers import nodata_aug, real_plus_synthetic, vanilla_unet_trainer
+    from plugin_trainers import augmented, nodata_aug, real_plus_synthetic, vanilla_unet_trainer
 
     monkeypatch.setenv("nnUNet_extTrainer", discovery.trainer_path())
     builtins_folder = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
-    for name in discovery.TRAINER_NAMES + ("nnUNetTrainer_SDDM_NoDA_7ep", "nnUNetTrainer_SDDM_VanillaUNet_2ep_10it"):
+    for name in discovery.TRAINER_NAMES + ("nnUNetTrainer_SDDM_NoDA_7ep", "nnUNetTrainer_SDDM_VanillaUNet_2ep_10it",
+                                           "nnUNetTrainer_SDDM_Aug_1ep_150it", "nnUNetTrainer_SDDM_VanillaUNetAug_3ep"):
         assert recursive_find_python_class(builtins_folder, name, "nnunetv2.training.nnUNetTrainer",
                                            nnunetv2.__path__[0]) is None, f"built-in {name} would shadow ours"
         cls = recursive_find_trainer_class_by_name(name)
-        home = {m.__name__: m for m in (nodata_aug, vanilla_unet_trainer, real_plus_synthetic)}[cls.__module__]
+        home = {m.__name__: m for m in (augmented, nodata_aug, vanilla_unet_trainer,
+                                        real_plus_synthetic)}[cls.__module__]
         assert getattr(home, name) is cls
     with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer"):
         recursive_find_trainer_class_by_name("nnUNetTrainer_SDDM_DoesNotExist")

@@ -5,6 +5,12 @@ folder is on ``sys.path`` and drops it afterwards. The classes themselves live i
 ``plugin_trainers`` package (one copy, picklable, relative imports work). The module-level
 ``__getattr__`` resolves epoch variants by name (``nnUNetTrainer_SDDM_NoDA_100ep`` ...).
 """
+from plugin_trainers.augmented import (  # noqa: F401
+    nnUNetTrainer_SDDM_Aug_250ep,
+    nnUNetTrainer_SDDM_Aug_Quick,
+    nnUNetTrainer_SDDM_VanillaUNetAug,
+    nnUNetTrainer_SDDM_VanillaUNetAug_Quick,
+)
 from plugin_trainers.nodata_aug import (  # noqa: F401
     nnUNetTrainer_SDDM_NoDA_250ep,
     nnUNetTrainer_SDDM_NoDA_Quick,
