@@ -11,7 +11,8 @@ import pytest
 from medpy.metric import binary as mb
 
 from nnunet_sddm.cli.evaluation import compare_main, domain_shift_main, evaluate_main
-from nnunet_sddm.evaluation.evaluate import evaluate_folders, load_results
+from nnunet_sddm.evaluation.evaluate import combine_labels, evaluate_folders, load_results
+from nnunet_sddm.utilities.errors import SDDMError
 
 SPACING_XYZ = (1.5, 1.25, 8.0)  # file order (x, y, z)
 
@@ -53,8 +54,10 @@ def test_evaluate_outputs_and_medpy_values(folders, tmp_path):
     res = evaluate_folders(ref, pred, num_processes=2, out_dir=out, progress=False)
     with open(out / "per_case.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["case", "structure", "DSC", "IoU", "ASD", "ASSD", "HD", "HD95"]
+    assert rows[0] == ["case", "structure", "DSC", "IoU", "ASD", "ASSD", "HD", "HD95", "pred_empty", "ref_empty"]
     assert len(rows) == 1 + 3 * 3
+    flags = {(r[0], r[1]): (r[8], r[9]) for r in rows[1:]}
+    assert flags["case_2", "RV"] == ("1", "0") and flags["case_0", "RV"] == ("0", "0")
     sp = SPACING_XYZ[::-1]
     for r in res.rows:
         if r["case"] == "case_2" and r["structure"] == "RV":
@@ -76,6 +79,8 @@ def test_evaluate_outputs_and_medpy_values(folders, tmp_path):
     assert (out / "summary.md").read_text().startswith("# Evaluation")
     loaded = load_results(out)
     np.testing.assert_allclose(loaded.values("MYO", "HD95"), res.values("MYO", "HD95"))
+    assert loaded.has_flags and loaded.one_empty("RV").tolist() == [False, False, True]
+    assert summary["skipped_structures"] == {}
     # the diagonal penalty replaces the NaN and is counted the same way
     res2 = evaluate_folders(ref, pred, num_processes=1, empty_policy="diagonal", progress=False)
     rv = [r for r in res2.rows if r["case"] == "case_2" and r["structure"] == "RV"][0]
@@ -158,3 +163,44 @@ def test_help_texts_are_printed_as_written(main, capsys):
     assert "%%" not in out and "SDDM_METHOD" not in out and "NNUNET_INTEGRATION" not in out
     if main is compare_main:
         assert "95% CI" in " ".join(out.split())
+
+
+@pytest.mark.timeout(60)
+def test_target_with_fewer_labels_than_the_model(tmp_path, capsys):
+    """A source-trained model predicts LV, MYO, RV; the target annotates LV and MYO only."""
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    for i in range(2):
+        r = heart()
+        r[r == 3] = 0
+        save(ref / f"case_{i}.nii.gz", r)
+        save(pred / f"case_{i}.nii.gz", heart(shift=(i, 1)))  # contains RV=3
+    target = {"LV": 1, "MYO": 2}
+    with pytest.raises(SDDMError, match=r"\[3\]"):  # without the model's labels, value 3 is refused
+        evaluate_folders(ref, pred, labels=target, num_processes=1, progress=False)
+    res = evaluate_folders(ref, pred, labels=target, prediction_labels={"LV": 1, "MYO": 2, "RV": 3},
+                           num_processes=1, out_dir=tmp_path / "out", progress=False)
+    assert res.structures == ["LV", "MYO"] and {r["structure"] for r in res.rows} == {"LV", "MYO"}
+    assert res.skipped_structures == {"RV": {"value": 3, "only_in": "prediction labels"}}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["skipped_structures"] == res.skipped_structures
+    assert summary["config"]["prediction_labels"] == {"LV": 1, "MYO": 2, "RV": 3}
+    lv = [r for r in res.rows if r["case"] == "case_1" and r["structure"] == "LV"][0]
+    assert lv["DSC"] == pytest.approx(mb.dc(heart(shift=(1, 1)) == 1, heart() == 1), abs=1e-12)
+    # the same from the command line, with the model's dataset.json
+    dj = tmp_path / "source_dataset.json"
+    dj.write_text(json.dumps({"labels": {"background": 0, "LV": 1, "MYO": 2, "RV": 3}}))
+    evaluate_main(["-ref", str(ref), "-pred", str(pred), "--labels", "LV=1", "MYO=2", "-pred-djfile", str(dj),
+                   "-o", str(tmp_path / "o2"), "-np", "1", "--quiet"])
+    assert "RV=3 (prediction labels)" in capsys.readouterr().out
+    evaluate_main(["-ref", str(ref), "-pred", str(pred), "--labels", "LV=1", "MYO=2", "--prediction-labels",
+                   "LV=1", "MYO=2", "RV=3", "-o", str(tmp_path / "o3"), "-np", "1", "--quiet"])
+    assert load_results(tmp_path / "o3").structures == ["LV", "MYO"]
+    # conflicting maps are refused: one name with two values, one value with two names
+    with pytest.raises(SDDMError, match="conflicting label maps.*LV=1.*LV=2"):
+        evaluate_folders(ref, pred, labels=target, prediction_labels={"LV": 2, "MYO": 1}, progress=False)
+    with pytest.raises(SDDMError, match="value 2 is 'MYO'.*'Myocardium'"):
+        combine_labels(target, {"LV": 1, "Myocardium": 2})
+    with pytest.raises(SDDMError, match="no structure in common"):
+        combine_labels({"LV": 1}, {"RV": 3})
+    ev, sk = combine_labels({"LV": 1, "MYO": 2, "RV": 3}, {"LV": 1, "MYO": 2})  # and the reverse subset
+    assert ev == {"LV": 1, "MYO": 2} and sk == {"RV": {"value": 3, "only_in": "reference labels"}}

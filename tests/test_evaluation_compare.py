@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -97,6 +98,30 @@ def test_compare_tables_marks_and_figures(tmp_path, capsys):
     b = ev.load_results(tmp_path / "base").values("LV", "HD")
     w = [r for r in wrows if r["candidate"] == "DG/2d" and r["structure"] == "LV" and r["metric"] == "HD"][0]
     assert float(w["p"]) == stats.ttest_ind(a, b, equal_var=False).pvalue
+    # per_case.csv without empty flags (older versions): no NaN-policy tables, counts n/a
+    assert not (out / "table_finite.md").exists() and "n/a / n/a" in (out / "missing.md").read_text()
+    with open(out / "structures.csv") as f:
+        assert all(r["missing"] == "nan" for r in csv.DictReader(f))
+    assert "Wilcoxon signed-rank" in md and "Holm-adjusted" in md
+
+
+@pytest.mark.timeout(60)
+def test_compare_cli_repeats_and_test_choice(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    good = dict(DSC=0.85, IoU=0.75, ASD=1.5, ASSD=1.5, HD=20.0, HD95=6.0)
+    for name in ("base", "da1", "da2"):
+        write_per_case(tmp_path / name, rng, good)
+    out = tmp_path / "cmp"
+    compare_main(["--baseline", f"Baseline/2d={tmp_path / 'base'}", "--candidates", f"DA/2d={tmp_path / 'da1'}",
+                  f"DA/2d={tmp_path / 'da2'}", "-o", str(out), "--test", "welch", "--n-boot", "200"])
+    with open(out / "tests.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["repeats"] for r in rows} == {"2"} and {r["test"] for r in rows} == {"welch"}
+    with open(out / "table.csv") as f:
+        da = [r for r in csv.DictReader(f) if r["name"] == "DA/2d"][0]
+    assert da["DSC_repeats"] == "2" and float(da["DSC_spread"]) >= 0
+    assert "Welch's t-test" in (out / "table.md").read_text() and " ± " in (out / "table.md").read_text()
+    assert json.loads((out / "compare.json").read_text())["rows"]["DA/2d"]["repeats"] == 2
 
 
 def test_compare_bad_inputs(tmp_path):

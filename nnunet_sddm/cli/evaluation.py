@@ -18,6 +18,15 @@ def _name_dir(item: str, last: bool = False) -> tuple:
     return name, path
 
 
+def _entries(items: List[str]) -> List[tuple]:
+    """``NAME=DIR`` items -> ``[(name, dir)]``, a name given several times -> ``(name, [dirs])`` (repeats)."""
+    grouped: dict = {}
+    for it in items:
+        name, path = _name_dir(it, last=True)
+        grouped.setdefault(name, []).append(path)
+    return [(n, ps[0] if len(ps) == 1 else ps) for n, ps in grouped.items()]
+
+
 @cli_entry
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     from nnunet_sddm.evaluation.evaluate import evaluate_folders
@@ -33,6 +42,14 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                    help="dataset.json giving the labels and file ending (default: PRED/dataset.json if present)")
     p.add_argument("--labels", nargs="+", default=None, metavar="NAME=VALUE",
                    help="structures to evaluate, e.g. LV=1 MYO=2 RV=3 (overrides dataset.json)")
+    p.add_argument("--prediction-labels", nargs="+", default=None, metavar="NAME=VALUE",
+                   help="labels the model predicts when they differ from the reference's (e.g. LV=1 MYO=2 RV=3 "
+                        "for a source-trained model on a target with LV=1 MYO=2): the structures both name with "
+                        "the same value are evaluated, the others skipped (listed in summary.json); conflicting "
+                        "maps are refused")
+    p.add_argument("-pred-djfile", dest="pred_djfile", default=None,
+                   help="dataset.json of the model's training data, giving the prediction labels "
+                        "(instead of --prediction-labels)")
     p.add_argument("-np", dest="num_processes", type=int, default=None, help="worker processes (default: CPUs, max 8)")
     p.add_argument("--empty-policy", default="nan",
                    help="distances when exactly one mask is empty: nan (default), diagonal (image diagonal in mm) "
@@ -50,9 +67,13 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     res = evaluate_folders(a.ref, a.pred, labels=a.labels, dataset_json=a.djfile, num_processes=a.num_processes,
                            empty_policy=a.empty_policy, both_empty=a.both_empty, per_slice=a.per_slice,
                            allow_missing=a.allow_missing, out_dir=out, overwrite=a.overwrite,
-                           progress=not a.quiet)
+                           progress=not a.quiet, prediction_labels=a.prediction_labels,
+                           prediction_dataset_json=a.pred_djfile)
     allm = res.summary["structures"]["all"]["metrics"]
     print(f"{res.summary['n_cases']} cases -> {out}")
+    if res.skipped_structures:
+        print("not evaluated (named by one label map only): "
+              + ", ".join(f"{n}={d['value']} ({d['only_in']})" for n, d in res.skipped_structures.items()))
     print("  ".join(f"{m} {allm[m]['mean']:.4g}" for m in allm if allm[m]["n"]))
     return 0
 
@@ -63,10 +84,12 @@ def compare_main(argv: Optional[List[str]] = None) -> int:
 
     p = argparse.ArgumentParser(
         prog="nnUNetv2_sddm_compare",
-        description="Welch's t-tests against the baseline, Table-1-style tables (Markdown, CSV, LaTeX) and "
-                    "bar charts with 95% CIs. NAME is APPROACH/MODEL (e.g. DA/2d_nnunet), "
-                    "'approach=DA,model=2d_nnunet', or just APPROACH; DIR is an nnUNetv2_sddm_evaluate output folder "
-                    "(or its per_case.csv).")
+        description="Paired tests (Wilcoxon, paired t) with Holm's correction, bootstrap CIs of the paired "
+                    "differences and Welch's t-tests against the baseline; Table-1-style tables (Markdown, CSV, LaTeX), "
+                    "missing/spurious structure counts and bar charts with 95% CIs. NAME is APPROACH/MODEL (e.g. "
+                    "DA/2d_nnunet), 'approach=DA,model=2d_nnunet', or just APPROACH; DIR is an nnUNetv2_sddm_evaluate "
+                    "output folder (or its per_case.csv). The same NAME given several times: repeats of that entry "
+                    "(e.g. training seeds, evaluated on the same cases).")
     p.add_argument("--baseline", nargs="+", required=True, metavar="NAME=DIR",
                    help="baseline results; one per model when several models are compared")
     p.add_argument("--candidates", nargs="+", required=True, metavar="NAME=DIR", help="approaches to compare")
@@ -74,11 +97,15 @@ def compare_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--alpha", type=float, default=0.01,
                    help="significance level: p < alpha differs from the baseline; p > alpha is 'not significantly "
                         "worse than the best' (default 0.01, as in the paper)")
+    p.add_argument("--test", default="wilcoxon", choices=("wilcoxon", "ttest_rel", "welch"),
+                   help="test behind the table marks (star: vs the baseline, Holm-adjusted; dagger: vs the best row): "
+                        "wilcoxon (default, paired signed-rank), ttest_rel (paired t) or welch (the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CIs of the paired differences")
+    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     a = p.parse_args(argv)
-    res = compare_results([_name_dir(b, last=True) for b in a.baseline],
-                          [_name_dir(c, last=True) for c in a.candidates],
-                          out_dir=a.out, alpha=a.alpha, overwrite=a.overwrite)
+    res = compare_results(_entries(a.baseline), _entries(a.candidates), out_dir=a.out, alpha=a.alpha,
+                          overwrite=a.overwrite, test=a.test, seed=a.seed, n_boot=a.n_boot)
     print(res["markdown"])
     print(f"written to {a.out}")
     return 0

@@ -1,10 +1,12 @@
 """Figures (matplotlib ``Figure`` objects, no display needed): Fig.-7-style bar charts of a metric
-per structure with 95% confidence intervals, and a 2D scatter (t-SNE) coloured by group."""
+per structure with 95% confidence intervals (clipped to the metric's valid range; empty-mask
+penalties counted above the bar instead of averaged in), bar charts of counts (missing and
+spurious structures), and a 2D scatter (t-SNE) coloured by group."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -31,14 +33,41 @@ def _bar_styles(entries: Sequence[str]) -> dict:
     return {e: (cmap(i % cmap.N), "") for i, e in enumerate(entries)}
 
 
+#: Valid range of each metric's values: CIs are clipped to it.
+VALID_RANGE = {"DSC": (0.0, 1.0), "IoU": (0.0, 1.0), "ASD": (0.0, np.inf), "ASSD": (0.0, np.inf),
+               "HD": (0.0, np.inf), "HD95": (0.0, np.inf)}
+
+
+def bar_stats(values: Sequence[float], penalised: Optional[Sequence[bool]] = None,
+              valid_range: tuple = (-np.inf, np.inf)) -> dict:
+    """What one bar shows: ``mean`` and Student-t 95% CI (``ci_low``, ``ci_high``, clipped to
+    ``valid_range``) over the finite values whose ``penalised`` flag is False, their count ``n``
+    and the number ``n_penalised`` of penalised values (left out of the bar)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    pen = np.zeros(v.shape, bool) if penalised is None else np.asarray(penalised, dtype=bool).reshape(-1)
+    if pen.shape != v.shape:
+        raise ValueError(f"penalised flags ({pen.size}) and values ({v.size}) differ in length")
+    a = finite(v[~pen])
+    m = float(a.mean()) if a.size else np.nan
+    lo, hi = confidence_interval(a)
+    if np.isfinite(lo):
+        lo, hi = float(np.clip(lo, *valid_range)), float(np.clip(hi, *valid_range))
+    return {"mean": m, "ci_low": lo, "ci_high": hi, "n": int(a.size), "n_penalised": int(pen.sum())}
+
+
 def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: str,
-                 out_path: os.PathLike, title: str = "") -> Path:
+                 out_path: os.PathLike, title: str = "",
+                 penalised: Optional[Mapping[str, Mapping[str, Sequence[bool]]]] = None) -> Path:
     """Grouped bars: x = structures, one bar per entry (e.g. ``"DA/2d"``), height = mean of the
-    finite values, error bar = Student-t 95% CI of the mean. Entries named ``"approach/model"`` get
+    finite values, error bar = Student-t 95% CI of the mean, clipped to the metric's valid range
+    (``VALID_RANGE``: DSC/IoU in [0, 1], distances >= 0). Entries named ``"approach/model"`` get
     one colour per approach and one hatch per model, so that no two bars look alike. A bar with
     no finite value is marked "n/a".
 
-    samples: ``{entry: {structure: values}}``. Written atomically as PNG; returns the path.
+    samples: ``{entry: {structure: values}}``; penalised: the same shape, True where a value is
+    an empty-mask penalty (``EvaluationResults.penalised``): such values are left out of the bar
+    and its CI, and their count is written above the bar (``"k pen."``), so that a few huge
+    penalties do not hide the other cases. Written atomically as PNG; returns the path.
     """
     entries = list(samples)
     structures = list(dict.fromkeys(s for e in entries for s in samples[e]))
@@ -48,33 +77,85 @@ def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: s
                           3.6 + 0.2 * ((len(entries) + 3) // 4)), dpi=120)
     ax = fig.subplots()
     styles = _bar_styles(entries)
+    rng = VALID_RANGE.get(metric, (-np.inf, np.inf))
+    any_pen = False
+    notes = []  # (x, top, text, colour): written once the y-range is known
     for i, e in enumerate(entries):
-        means, lo, hi = [], [], []
+        means, lo, hi, tops, pens = [], [], [], [], []
         for s in structures:
-            a = finite(samples[e].get(s, []))
-            m = float(a.mean()) if a.size else np.nan
-            ci = confidence_interval(a)
+            flags = None if penalised is None else (penalised.get(e) or {}).get(s)
+            st = bar_stats(samples[e].get(s, []), flags, rng)
+            m = st["mean"]
             means.append(m)
-            lo.append(m - ci[0] if np.isfinite(ci[0]) else 0.0)
-            hi.append(ci[1] - m if np.isfinite(ci[1]) else 0.0)
+            lo.append(m - st["ci_low"] if np.isfinite(st["ci_low"]) else 0.0)
+            hi.append(st["ci_high"] - m if np.isfinite(st["ci_high"]) else 0.0)
+            tops.append(st["ci_high"] if np.isfinite(st["ci_high"]) else (m if np.isfinite(m) else 0.0))
+            pens.append(st["n_penalised"])
         colour, hatch = styles[e]
         pos = x + (i - (len(entries) - 1) / 2) * width
         ax.bar(pos, means, width, yerr=[lo, hi], capsize=3, label=e,
                color=colour, hatch=hatch, edgecolor="white" if hatch else None, linewidth=0)
-        for px, m in zip(pos, means):  # no finite value (e.g. only empty predictions): say so
-            if not np.isfinite(m):
+        for px, m, top, k in zip(pos, means, tops, pens):
+            if not np.isfinite(m):  # no finite value (e.g. only empty predictions): say so
                 ax.text(px, 0, "n/a", rotation=90, fontsize=6, ha="center", va="bottom", color=colour)
+            if k:
+                any_pen = True
+                notes.append((px, top, f"{k} pen.", colour))
+    ymax = max([t for _, t, _, _ in notes] + [ax.get_ylim()[1]])
+    for px, top, text, colour in notes:
+        ax.text(px, top + 0.01 * ymax, text, rotation=90, fontsize=7, ha="center", va="bottom", color=colour)
+    if notes:
+        ax.set_ylim(top=ymax * 1.12)
     ax.set_xticks(x)
     ax.set_xticklabels(structures)
     unit = "" if HIGHER_IS_BETTER.get(metric, True) else " (mm)"
     arrow = "higher is better" if HIGHER_IS_BETTER.get(metric, True) else "lower is better"
     ax.set_ylabel(f"{metric}{unit}")
-    ax.set_title(title or f"{metric} ({arrow}); error bars: 95% CI")
+    pen_note = "\nk pen.: k cases with an empty-mask penalty, left out of the bar" if any_pen else ""
+    ax.set_title((title or f"{metric} ({arrow}); error bars: 95% CI") + pen_note, fontsize=9 if any_pen else None)
     hatched = any(h for _, h in styles.values())  # one legend column per colour (approach)
     ncol = len({c for c, _ in styles.values()}) if hatched else min(4, len(entries))
     ax.legend(fontsize=7, ncol=ncol, frameon=False, loc="upper center",
               bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+def count_chart(counts: Mapping[str, Mapping[str, Mapping[str, float]]], out_path: os.PathLike,
+                kinds: Sequence[str] = ("missing", "spurious"), title: str = "") -> Path:
+    """One panel per kind (e.g. missing, spurious structures), grouped bars x = structure, one
+    bar per entry (styles as in ``bar_chart_ci``), height = the count (NaN: "n/a").
+
+    counts: ``{entry: {structure: {kind: count}}}``. Written atomically as PNG; returns the path."""
+    entries = list(counts)
+    structures = list(dict.fromkeys(s for e in entries for s in counts[e]))
+    width = 0.8 / max(1, len(entries))
+    x = np.arange(len(structures))
+    fig = figure(figsize=(max(4.0, 1.2 + 1.6 * len(structures) + 0.25 * len(entries)) * len(kinds) * 0.8,
+                          3.6 + 0.2 * ((len(entries) + 3) // 4)), dpi=120)
+    axes = np.atleast_1d(fig.subplots(1, len(kinds), sharey=True))
+    styles = _bar_styles(entries)
+    for ax, kind in zip(axes, kinds):
+        for i, e in enumerate(entries):
+            vals = [float(counts[e].get(s, {}).get(kind, np.nan)) for s in structures]
+            colour, hatch = styles[e]
+            pos = x + (i - (len(entries) - 1) / 2) * width
+            ax.bar(pos, vals, width, label=e, color=colour, hatch=hatch,
+                   edgecolor="white" if hatch else None, linewidth=0)
+            for px, v in zip(pos, vals):
+                ax.text(px, v if np.isfinite(v) else 0, f"{v:g}" if np.isfinite(v) else "n/a", fontsize=6,
+                        ha="center", va="bottom", color=colour, rotation=0 if np.isfinite(v) else 90)
+        ax.set_xticks(x)
+        ax.set_xticklabels(structures)
+        ax.set_title(kind)
+    axes[0].set_ylabel("cases")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    hatched = any(h for _, h in styles.values())
+    ncol = len({c for c, _ in styles.values()}) if hatched else min(4, len(entries))
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, ncol=ncol, frameon=False,
+               loc="lower center")
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(entries) - 1) // max(ncol, 1)), 1, 1))
     return save_figure(fig, out_path)
 
 
