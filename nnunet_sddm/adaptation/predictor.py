@@ -24,6 +24,12 @@ Random streams: every slice is keyed ``"<case>/<k>"`` (``CASE`` of ``CASE_0000.n
 slice index), as in ``nnUNetv2_sddm_adapt``, so a seed gives the same adapted image whichever
 command, batch size or case grouping produced it.
 
+Other methods (``method="histmatch"`` or ``"fda"``, ``methods.ClassicalAdapter`` fitted on the
+source training images) replace the diffusion model as ``adapt_fn``; everything else is the same.
+``postprocess="lcc"`` keeps the largest connected component of each label in every segmentation
+written (``postprocess.postprocess_file``, in place, after nnU-Net's export; idempotent, so resumed
+runs are safe); exported probabilities are left as predicted.
+
 ``N = 0`` means no adaptation: the input goes to nnU-Net untouched and the result equals the stock
 ``nnUNetv2_predict`` (the sampler's N = 0 would only clip intensities to the 0.5/99.5 percentile
 window; that is not adaptation and would change nnU-Net's z-scoring).
@@ -63,7 +69,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
 from nnunet_sddm import __version__
+from nnunet_sddm.adaptation.methods import BETA, CLASSICAL, METHODS, ClassicalAdapter, source_images_folder
 from nnunet_sddm.adaptation.pipeline import Adapter
+from nnunet_sddm.adaptation.postprocess import POSTPROCESS, labels_from_dataset_json, postprocess_file
 from nnunet_sddm.data.volumes import write_like
 from nnunet_sddm.utilities.devices import resolve_device
 from nnunet_sddm.utilities.distributed import Ranks
@@ -471,12 +479,38 @@ def check_checkpoints(model_folder: Path, folds: Sequence[Union[int, str]], chec
                             f"the checkpoint with -chk)")
 
 
+def check_method_arguments(method: str, model: Optional[PathLike], settings, source: Optional[PathLike],
+                           beta: Optional[float]) -> bool:
+    """``SDDMError`` unless the arguments fit ``method`` (sddm: a model and settings, no source or
+    beta; histmatch: a source, no model, settings or beta; fda: a source, no model or settings).
+    Returns True for the classical methods."""
+    if method not in METHODS:
+        raise SDDMError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "sddm":
+        if model is None or settings is None:
+            raise SDDMError("--method sddm needs a diffusion model: give -m/--model")
+        if source is not None or beta is not None:
+            raise SDDMError(f"--method sddm does not use {'--source' if source is not None else '--beta'} "
+                            f"(options of histmatch / fda)")
+        return False
+    if source is None:
+        raise SDDMError(f"--method {method} needs the source training images: give --source (a raw dataset "
+                        f"id, DatasetXXX_Name or folder, or a folder of images)")
+    if model is not None:
+        raise SDDMError(f"--method {method} does not use a diffusion model (-m/--model is for --method sddm)")
+    if settings is not None:
+        raise SDDMError(f"--method {method} does not use sampler settings (they are for --method sddm)")
+    if beta is not None and method != "fda":
+        raise SDDMError(f"--method {method} does not use --beta (an option of fda)")
+    return method in CLASSICAL
+
+
 def _same(a: Optional[PathLike], b: Optional[PathLike]) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
 def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union[int, str], configuration: str,
-                 model: PathLike, settings, *, plans: str = "nnUNetPlans", trainer: str = "nnUNetTrainer",
+                 model: Optional[PathLike], settings, *, plans: str = "nnUNetPlans", trainer: str = "nnUNetTrainer",
                  folds: Sequence[Union[int, str]] = (0, 1, 2, 3, 4), checkpoint: str = "checkpoint_final.pth",
                  step_size: float = 0.5, disable_tta: bool = False, verbose: bool = False,
                  save_probabilities: bool = False, continue_prediction: bool = False,
@@ -484,7 +518,9 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
                  prev_stage_predictions: Optional[PathLike] = None, num_parts: int = 1, part_id: int = 0,
                  device: str = "cuda", disable_progress_bar: bool = False, not_on_device: bool = False,
                  batch_size: Optional[int] = None, amp: Optional[str] = None,
-                 save_adapted: Optional[PathLike] = None, ensemble_original: bool = False) -> dict:
+                 save_adapted: Optional[PathLike] = None, ensemble_original: bool = False,
+                 method: str = "sddm", source: Optional[PathLike] = None, beta: Optional[float] = None,
+                 seed: int = 0, postprocess: Optional[str] = None) -> dict:
     """``nnUNetv2_sddm_predict``: ``nnUNetv2_predict`` (same arguments and meaning) on SD-DM-adapted
     inputs.
 
@@ -494,6 +530,14 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
         batch_size: slices per sampler batch (default: per device); amp: None, "bf16" or "fp16".
         save_adapted: folder for the adapted images (nnU-Net names, input geometry).
         ensemble_original: average the class probabilities of the adapted and the original input.
+        method: ``"sddm"`` (``model`` and ``settings`` required), ``"histmatch"`` or ``"fda"``
+            (``source`` required, ``model`` and ``settings`` must be None).
+        source: the source training images of histmatch / fda: a raw dataset (id, name, folder;
+            its ``imagesTr``) or a folder of nnU-Net-named images.
+        beta: FDA's low-frequency fraction (default 0.01; fda only); seed: FDA's seed of the
+            per-slice source choices.
+        postprocess: ``None`` or ``"lcc"`` (largest connected component per label of the
+            segmentations written; probabilities unchanged).
 
     Everything is checked (folders, nnU-Net model and folds, diffusion model, sampler settings,
     every input image) before anything is written. Returns a summary (cases predicted/skipped).
@@ -511,6 +555,9 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
         raise SDDMError("-npp and -nps must be >= 0")
     if batch_size is not None and int(batch_size) < 1:
         raise SDDMError(f"--batch-size must be >= 1, got {batch_size}")
+    classical = check_method_arguments(method, model, settings, source, beta)
+    if postprocess not in (None,) + POSTPROCESS:
+        raise SDDMError(f"--postprocess must be one of {', '.join(POSTPROCESS)}, got {postprocess!r}")
     folds = parse_folds(folds)
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     if _same(input_folder, output_folder):
@@ -528,11 +575,15 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
     cases = list_cases(input_folder, output_folder, ending, int(num_parts), int(part_id))
     todo = [c for c in cases if not (continue_prediction and is_predicted(c, ending, save_probabilities))]
 
-    # ---- the diffusion model and the sampler settings
-    adapter = Adapter.open(model, settings, device=resolve_device(device), batch_size=batch_size, amp=amp,
-                           progress=not disable_progress_bar, ranks=Ranks())
-    loaded = adapter.loaded
-    adapting = settings.N > 0
+    # ---- the adaptation: the diffusion model and the sampler settings, or a classical method
+    if classical:
+        adapter = ClassicalAdapter.open(method, source_images_folder(source), beta=BETA if beta is None else beta,
+                                        seed=seed, progress=not disable_progress_bar)
+        adapting = True
+    else:
+        adapter = Adapter.open(model, settings, device=resolve_device(device), batch_size=batch_size, amp=amp,
+                               progress=not disable_progress_bar, ranks=Ranks())
+        adapting = settings.N > 0
     reader_class = PlansManager(load_json(str(model_folder / "plans.json"))).image_reader_writer_class
     if adapting or save_adapted is not None:
         check_reader_for_adaptation(reader_class, f"{model_folder / 'plans.json'}")
@@ -557,8 +608,11 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
         "nnunet_model_folder": str(model_folder.resolve()),
         "folds": folds, "checkpoint": checkpoint, "configuration": configuration,
         "step_size": float(step_size), "use_mirroring": not disable_tta,
-        "diffusion_model": str(Path(loaded.model_dir).resolve()),
-        "sampler": settings.to_dict(), "adaptation": "sd-dm" if adapting else "none (N = 0)",
+        "diffusion_model": None if classical else str(Path(adapter.loaded.model_dir).resolve()),
+        "sampler": None if classical else settings.to_dict(),
+        "adaptation": method if classical else ("sd-dm" if adapting else "none (N = 0)"),
+        "method": adapter.identity() if classical else {"method": "sddm"},
+        "postprocess": postprocess,
         "batch_size": batch_size, "amp": amp, "device": device,
         "ensemble_original": bool(ensemble_original), "save_adapted": None if save_adapted is None else
         str(Path(save_adapted).resolve()),
@@ -574,5 +628,16 @@ def sddm_predict(input_folder: PathLike, output_folder: PathLike, dataset: Union
                          num_processes_preprocessing=int(num_processes_preprocessing),
                          num_processes_segmentation_export=int(num_processes_segmentation_export),
                          prev_stage_predictions=None if prev_stage_predictions is None else str(prev_stage_predictions))
+    if postprocess == "lcc":
+        rw = reader_class()
+        labels = labels_from_dataset_json(dataset_json)
+        record["postprocess_removed_voxels"] = {
+            c.case_id: postprocess_file(c.output_truncated + ending, c.output_truncated + ending, labels,
+                                        reader_writer=rw)
+            for c in cases if os.path.isfile(c.output_truncated + ending)}
+    if classical and method == "fda":
+        record["method"]["choices"] = {c: adapter.choices[c] for c in sorted(adapter.choices)}
+    if postprocess or classical:
+        write_json(record, output_folder / "sddm_predict.json")
     return {"predicted": done, "skipped": [c.case_id for c in cases if c not in todo],
             "seconds": round(time.perf_counter() - t0, 3)}

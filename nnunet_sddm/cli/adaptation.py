@@ -3,9 +3,75 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Set, Tuple
 
-from nnunet_sddm.utilities.errors import cli_entry
+from nnunet_sddm.utilities.errors import SDDMError, cli_entry
+
+#: ``--method`` values (``nnunet_sddm.adaptation.methods.METHODS``, repeated here so that ``--help``
+#: does not import numpy/torch; a test keeps the two equal).
+METHODS = ("sddm", "histmatch", "fda")
+
+#: Default ``--beta`` of fda (``nnunet_sddm.adaptation.fda.BETA``).
+FDA_BETA = 0.01
+
+#: The option of each parsed destination that only some methods use, for the error messages.
+FLAGS = {"model": "-m/--model", "source": "--source", "beta": "--beta", "D": "-D", "N": "-N", "tau": "--tau",
+         "steps": "--steps", "seed": "--seed", "guidance": "--guidance",
+         "reference_behaviour": "--reference-behaviour", "device": "--device", "amp": "--amp",
+         "batch_size": "--batch-size"}
+
+#: Sampler options (``add_sampler_arguments``): SD-DM's; fda uses ``seed`` only.
+SAMPLER_DESTS = ("D", "N", "tau", "steps", "seed", "guidance", "reference_behaviour", "device", "amp", "batch_size")
+
+_UNSET = object()
+
+
+def explicit_options(parser: argparse.ArgumentParser,
+                     argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, Set[str]]:
+    """Parse ``argv``; also return the destinations the user gave explicitly (argparse sets a
+    default only on namespace attributes that do not exist yet, so a pre-filled marker survives
+    exactly for the options not given)."""
+    a = parser.parse_args(argv)
+    probe = argparse.Namespace(**{k: _UNSET for k in vars(a)})
+    parser.parse_args(argv, namespace=probe)
+    return a, {k for k, v in vars(probe).items() if v is not _UNSET}
+
+
+def check_method_options(method: str, given: Set[str], has_model: bool, has_source: bool,
+                         sampler_device: bool = True) -> None:
+    """``SDDMError`` if ``method`` lacks what it needs (sddm: -m; histmatch/fda: --source) or got
+    options it does not use (sddm: --source, --beta; histmatch: -m, --beta and the sampler
+    options; fda: -m and the sampler options but --seed). ``sampler_device``: ``--device`` is a
+    sampler option (``nnUNetv2_sddm_predict``'s ``-device`` is nnU-Net's, used by every method)."""
+    if not sampler_device:
+        given = given - {"device"}
+    if method == "sddm":
+        unused = [d for d in ("source", "beta") if d in given]
+        if not has_model:
+            raise SDDMError("--method sddm needs a diffusion model: give -m/--model")
+    else:
+        used = {"seed", "beta"} if method == "fda" else set()
+        unused = [d for d in ("model",) + SAMPLER_DESTS + ("beta",) if d in given and d not in used]
+        if not has_source:
+            raise SDDMError(f"--method {method} needs the source training images: give --source (a raw dataset "
+                            f"id, DatasetXXX_Name or folder, or a folder of images)")
+    if unused:
+        raise SDDMError(f"--method {method} does not use {', '.join(FLAGS[d] for d in unused)}")
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    """``--method``, ``--source`` and ``--beta`` (``nnUNetv2_sddm_adapt`` and ``nnUNetv2_sddm_predict``)."""
+    g = p.add_argument_group("adaptation method")
+    g.add_argument("--method", choices=METHODS, default="sddm",
+                   help="sddm: the diffusion model -m (default); histmatch: Nyul-Udupa histogram "
+                        "standardisation fitted on the source images; fda: Fourier domain adaptation "
+                        "(Yang & Soatto 2020), each slice gets a source slice's low-frequency amplitude")
+    g.add_argument("--source", default=None,
+                   help="histmatch/fda (required there): the source raw dataset (id, DatasetXXX_Name or folder; "
+                        "its imagesTr are used) or a folder of nnU-Net-named source images")
+    g.add_argument("--beta", type=float, default=None,
+                   help=f"fda: half-width of the swapped low-frequency square as a fraction of the slice size, "
+                        f"in [0, 0.5) (default {FDA_BETA}; 0 = no change); --seed picks the source slices")
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser, sweep: bool = False, device: bool = True) -> None:
@@ -59,12 +125,17 @@ def adapt_parser() -> argparse.ArgumentParser:
                     "of a diffusion model; outputs keep file names, shape and geometry (float32, clipped to each "
                     "input's intensity window). Records the run and every finished output (with its digest) "
                     "in OUT/sddm_adapt.json; the same command resumes an interrupted run and redoes only "
-                    "what the record does not list as finished.")
+                    "what the record does not list as finished. --method histmatch / fda use a classical "
+                    "method fitted on --source instead (no model): the output folder is written complete or "
+                    "not at all, with the record OUT/adaptation.json.")
     p.add_argument("-i", "--input", required=True, help="input folder of nnU-Net-named images")
     p.add_argument("-o", "--output", required=True, help="output folder (must differ from the input)")
-    p.add_argument("-m", "--model", required=True, help="diffusion model folder or DATASET[:PRESET]")
+    p.add_argument("-m", "--model", default=None,
+                   help="diffusion model folder or DATASET[:PRESET] (--method sddm, required there)")
+    add_method_arguments(p)
     add_sampler_arguments(p)
-    p.add_argument("--overwrite", action="store_true", help="redo and replace existing outputs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo and replace existing outputs (histmatch/fda: replace an existing output folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -72,13 +143,22 @@ def adapt_parser() -> argparse.ArgumentParser:
 @cli_entry
 def adapt_main(argv: Optional[Sequence[str]] = None) -> int:
     """Console script ``nnUNetv2_sddm_adapt``."""
-    a = adapt_parser().parse_args(argv)
-    from nnunet_sddm.adaptation.folders import adapt_folder
-
+    a, given = explicit_options(adapt_parser(), argv)
+    check_method_options(a.method, given, a.model is not None, a.source is not None)
     t0 = time.time()
-    written = adapt_folder(a.input, a.output, a.model, sampler_settings(a), batch_size=a.batch_size, device=a.device,
-                           amp=a.amp, overwrite=a.overwrite, progress=not a.quiet)
-    print(f"nnUNetv2_sddm_adapt: {len(written)} image(s) written to {a.output} in {time.time() - t0:.1f} s")
+    if a.method == "sddm":
+        from nnunet_sddm.adaptation.folders import adapt_folder
+
+        n = len(adapt_folder(a.input, a.output, a.model, sampler_settings(a), batch_size=a.batch_size,
+                             device=a.device, amp=a.amp, overwrite=a.overwrite, progress=not a.quiet))
+    else:
+        from nnunet_sddm.adaptation.methods import adapt_folder_classical
+
+        n = len(adapt_folder_classical(a.method, a.input, a.output, source_images=a.source,
+                                       beta=FDA_BETA if a.beta is None else a.beta, seed=a.seed,
+                                       overwrite=a.overwrite, progress=not a.quiet)["cases"])
+    print(f"nnUNetv2_sddm_adapt: {n} image(s) written to {a.output} "
+          f"({a.method}) in {time.time() - t0:.1f} s")
     return 0
 
 

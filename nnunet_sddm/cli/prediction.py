@@ -5,7 +5,8 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from nnunet_sddm.cli.adaptation import add_sampler_arguments, sampler_settings
+from nnunet_sddm.cli.adaptation import (add_method_arguments, add_sampler_arguments, check_method_options,
+                                        explicit_options, sampler_settings)
 from nnunet_sddm.utilities.errors import cli_entry
 
 
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nnUNetv2_sddm_predict", allow_abbrev=False,
         description="nnUNetv2_predict with SD-DM test-time adaptation: every input image is first adapted "
                     "to the source domain by the diffusion model (-m), then segmented by the nnU-Net model "
-                    "(-d/-tr/-p/-c/-f). All nnUNetv2_predict arguments keep their names, defaults and meaning.")
+                    "(-d/-tr/-p/-c/-f). All nnUNetv2_predict arguments keep their names, defaults and meaning. "
+                    "--method histmatch / fda adapt with a classical method fitted on --source instead.")
     g = p.add_argument_group("nnUNetv2_predict arguments")
     g.add_argument("-i", required=True, help="input folder of nnU-Net-named images (CASE_0000.nii.gz, ...)")
     g.add_argument("-o", required=True, help="output folder (created if missing); segmentations are named CASE")
@@ -54,12 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--not_on_device", action="store_true",
                    help="keep nnU-Net's sliding-window results on the CPU (large cases)")
 
-    s = p.add_argument_group("SD-DM adaptation (as nnUNetv2_sddm_adapt)")
-    s.add_argument("-m", "--model", required=True, help="diffusion model folder or DATASET[:PRESET]")
+    s = p.add_argument_group("adaptation (as nnUNetv2_sddm_adapt)")
+    s.add_argument("-m", "--model", default=None,
+                   help="diffusion model folder or DATASET[:PRESET] (--method sddm, required there)")
     s.add_argument("--save-adapted", default=None, metavar="DIR",
                    help="also write the adapted images here (nnU-Net names, the input's geometry)")
     s.add_argument("--ensemble-original", action="store_true",
                    help="average the class probabilities of the adapted and the original input")
+    s.add_argument("--postprocess", choices=("lcc",), default=None,
+                   help="lcc: keep the largest connected component (3D, 26-connected) of each label in the "
+                        "segmentations written, other voxels of that label become background; with "
+                        "--save_probabilities the probabilities are left as predicted (default: none)")
+    add_method_arguments(p)
     add_sampler_arguments(p, device=False)  # -N 0 = no adaptation: exactly the stock prediction
     return p
 
@@ -67,17 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     """Console script ``nnUNetv2_sddm_predict``."""
-    a = build_parser().parse_args(argv)
+    a, given = explicit_options(build_parser(), argv)
+    check_method_options(a.method, given, a.model is not None, a.source is not None, sampler_device=False)
     from nnunet_sddm.adaptation.predictor import sddm_predict
 
     summary = sddm_predict(
-        a.i, a.o, a.d, a.c, a.model, sampler_settings(a), plans=a.p, trainer=a.tr, folds=a.f, checkpoint=a.chk,
+        a.i, a.o, a.d, a.c, a.model, sampler_settings(a) if a.method == "sddm" else None, plans=a.p, trainer=a.tr, folds=a.f, checkpoint=a.chk,
         step_size=a.step_size, disable_tta=a.disable_tta, verbose=a.verbose,
         save_probabilities=a.save_probabilities, continue_prediction=a.continue_prediction,
         num_processes_preprocessing=a.npp, num_processes_segmentation_export=a.nps,
         prev_stage_predictions=a.prev_stage_predictions, num_parts=a.num_parts, part_id=a.part_id,
         device=a.device, disable_progress_bar=a.disable_progress_bar, not_on_device=a.not_on_device,
-        batch_size=a.batch_size, amp=a.amp, save_adapted=a.save_adapted, ensemble_original=a.ensemble_original)
+        batch_size=a.batch_size, amp=a.amp, save_adapted=a.save_adapted, ensemble_original=a.ensemble_original,
+        method=a.method, source=a.source, beta=a.beta, seed=a.seed, postprocess=a.postprocess)
     print(f"nnUNetv2_sddm_predict: {len(summary['predicted'])} case(s) predicted, "
           f"{len(summary['skipped'])} skipped (already done), {summary['seconds']:.1f} s -> {a.o}")
     return 0
