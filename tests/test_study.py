@@ -278,7 +278,7 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
         run_study(cfg, progress=False, log=log1.append, on_stage_start=crash_at_predict)
     state = json.loads((out / STATE_FILE).read_text())["stages"]
     assert [s for s in state if state[s]["status"] == "done"] == ["data", "diffusion", "synthesis", "adaptation",
-                                                                   "preprocess", "train"]
+                                                                   "alternatives", "preprocess", "train"]
     assert state["predict"]["status"] == "running"
 
     log2 = []
@@ -286,21 +286,25 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
     ran = [m.group(1) for m in (re.match(r"\[study\] (\w+): .*\((new|resuming an interrupted run)\)$", x)
                                 for x in log2) if m]
     assert ran == ["predict", "evaluate", "compare", "figures", "report"]
-    assert sum(x.endswith("skipped") for x in log2) == 6
+    assert sum(x.endswith("skipped") for x in log2) == 7
     assert not (tmp_path / "user").exists()
 
     # the report: every approach x model row with numbers, stage times, settings
     report = (out / "report.md").read_text()
-    rows = [r for r in report.splitlines() if re.match(r"^\| (Baseline|DA|DG|Mixed|DA\+ens|Mixed\+ens) \| ", r)]
+    approaches = [a.name for a in cfg.approaches()]
+    assert len(approaches) == 18 and "nnU-Net aug+LCC" in approaches and "FDA" in approaches
+    table1 = report.split("### The same with the NaN policy")[0]
+    rows = [r for r in table1.splitlines() if r.startswith("| ") and r.split("|")[1].strip() in approaches]
     models = ("2D nnU-Net",)
     table_rows = [r for r in rows if r.split("|")[2].strip() in models]
-    assert len(table_rows) == 6 * len(models)
+    assert len(table_rows) == len(approaches) * len(models)
     for r in table_rows:
         cells = [c.strip() for c in r.strip("|").split("|")[2:]]
         assert len(cells) == 6 and any(re.search(r"\d\.\d", c) for c in cells), r
         dsc = float(re.search(r"\d+\.\d+", cells[0]).group(0))
         assert 0.0 <= dsc <= 1.0
-    for stage in ("diffusion", "synthesis", "adaptation", "preprocess", "train", "predict", "evaluate"):
+    for stage in ("diffusion", "synthesis", "adaptation", "alternatives", "preprocess", "train", "predict",
+                  "evaluate"):
         assert re.search(rf"^\| {stage} \| [\d.]+ (s|min) \|", report, re.M), stage
     assert "nnunetv2" in report and '"N": 2' in report and "sampler seed 0" in report
     for fig in ("figures/sweep.png", "figures/domain_shift/tsne.png", "comparison/fig_HD95.png",
@@ -316,12 +320,15 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
     assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
     syn = out / "nnUNet_raw" / "Dataset972_StudyPhantomASourceSDDM"
     assert len(list((syn / "labelsTr").glob("*_syn0.nii.gz"))) == 4
-    assert set(res["compare"]["improvements"]) == {f"{a}/{m}" for a in ("DA", "DG", "Mixed", "DA+ens", "Mixed+ens")
-                                                   for m in models}
+    assert set(res["compare"]["improvements"]) == {f"{a}/{m}" for a in approaches[1:] for m in models}
+    for name in ("tests.csv", "structures.csv", "missing.md", "table_finite.md", "fig_missing.png"):
+        assert (out / "comparison" / name).is_file(), name
+    assert "What this run can and cannot show" in report and "Wilcoxon signed-rank" in report
+    assert "Missing and spurious structures" in report
     # a rerun of the finished study skips every stage (fingerprints and outputs digests unchanged)
     log3 = []
     run_study(cfg, progress=False, log=log3.append)
-    assert sum(x.endswith("skipped") for x in log3) == 11
+    assert sum(x.endswith("skipped") for x in log3) == 12
 
 
 def test_given_diffusion_model_is_used_not_trained(tmp_path, nnunet_env):
@@ -369,7 +376,7 @@ def test_environment_mode_never_deletes_the_users_models_or_plans(tmp_path, monk
     # run 1 (phantom source): the stages claim their outputs, then "train" writes a model
     ctx = _env_context(tmp_path, build_config(env))
     stage_train.train_clean(ctx)
-    ours = ctx.segmenter_models()[0][2]
+    ours = ctx.models()[0].folder
     (ours / "fold_all").mkdir(parents=True)
     (ours / "fold_all" / "checkpoint_final.pth").write_text("study model")
     ctx.runner = type("Runner", (), {"record": lambda self, s: {"status": "done"}})()
@@ -403,8 +410,10 @@ def test_environment_mode_never_deletes_the_users_models_or_plans(tmp_path, monk
     assert str(ours) in json.loads((tmp_path / "study" / "study_created.json").read_text())["created"]["train"]
 
 
-def test_data_stage_refuses_different_label_maps(tmp_path, monkeypatch):
-    """A source labelled 1 = RV and a target labelled 1 = LV would be compared structure for structure."""
+def test_data_stage_refuses_conflicting_label_maps_and_accepts_a_subset(tmp_path, monkeypatch):
+    """A source labelled 1 = RV and a target labelled 1 = LV would be compared structure for structure:
+    refused. A target labelling fewer structures with the same values (LV and MYO only, like
+    Sunnybrook) is accepted; the structures it lacks are named as skipped."""
     from nnunet_sddm.study.stage_data import run_data
 
     f = _env_folders(tmp_path, monkeypatch)
@@ -420,14 +429,23 @@ def test_data_stage_refuses_different_label_maps(tmp_path, monkeypatch):
     ctx = _env_context(tmp_path, cfg, user_datasets={"source": f["raw"] / "Dataset114_Src",
                                                      "target": f["raw"] / "Dataset115_Tgt"})
     (ctx.out / "nnUNet_raw").mkdir(parents=True)
-    with pytest.raises(SDDMError, match=r"Dataset114_Src/dataset\.json and .*Dataset115_Tgt/dataset\.json: the source "
-                                        r"and the target datasets have different labels \(RV: 1 \(source\) vs 3 "
-                                        r"\(target\); LV: 3 \(source\) vs 1 \(target\)\)"):
+    with pytest.raises(SDDMError, match=r"Dataset114_Src/dataset\.json and .*Dataset115_Tgt/dataset\.json: the source's "
+                                        r"and the target's label maps conflict \(RV: 1 \(source\) vs 3 "
+                                        r"\(target\); LV: 3 \(source\) vs 1 \(target\);"):
         run_data(ctx, resume=False)
     (f["raw"] / "Dataset115_Tgt" / "dataset.json").write_text(json.dumps({"labels": maps["Dataset114_Src"],
                                                                          "file_ending": ".nii.gz"}))
     res = run_data(ctx, resume=False)
     assert res["source_training_cases"] == 1 and res["target_test_cases"] == 1
+    assert res["structures"] == {"shared": ["RV", "MYO", "LV"], "source_only": [], "target_only": []}
+    subset = {"background": 0, "MYO": 2, "LV": 3}
+    (f["raw"] / "Dataset115_Tgt" / "dataset.json").write_text(json.dumps({"labels": subset, "file_ending": ".nii.gz"}))
+    res = run_data(ctx, resume=False)
+    assert res["structures"] == {"shared": ["MYO", "LV"], "source_only": ["RV"], "target_only": []}
+    (f["raw"] / "Dataset115_Tgt" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "LA": 1},
+                                                                         "file_ending": ".nii.gz"}))
+    with pytest.raises(SDDMError, match=r"value 1: RV \(source\) vs LA \(target\)"):
+        run_data(ctx, resume=False)
 
 
 # ----------------------------------------------------------------------------- one prediction path
@@ -459,17 +477,19 @@ def test_predict_stage_runs_the_prediction_code_of_nnunetv2_sddm_predict(tmp_pat
     monkeypatch.setattr(shared, "load_nnunet_predictor", load)
     monkeypatch.setattr(shared, "predict_folder", predict)
     monkeypatch.setattr(shared, "ensemble_folders", ensemble)
-    ctx = _env_context(tmp_path, build_config({"segmenters": ["2d"], "nnunet": {"step_size": 0.25}}))
+    ctx = _env_context(tmp_path, build_config({"segmenters": ["2d"], "nnunet": {"step_size": 0.25}, "postprocess": None,
+                                               "alternatives": {"histmatch": False, "fda": False,
+                                                                "nnunet_aug": False}}))
     res = stage_predict.run_predict(ctx, resume=False)
-    assert set(res) == {"real__2d", "synthetic__2d"}
+    assert set(res) == {"real__2d__seed0", "synthetic__2d__seed0"}
     model = "nnUNetTrainer_SDDM_NoDA_250ep__nnUNetPlans__2d"
     one = [("load", model, ["all"], "cpu", 0.25), ("predict", "imagesTr", True), ("predict", "target", True),
            ("ensemble", ["real__2d__original", "real__2d__adapted"])]
     assert calls[:4] == one and calls[4:][1:] == one[1:3] + [("ensemble", ["synthetic__2d__original",
                                                                            "synthetic__2d__adapted"])]
     for inp in ("original", "adapted", "ensemble"):
-        assert (ctx.prediction_dir("real", "2d", inp)).is_dir()
-    assert not [p for p in (ctx.out / "predictions").iterdir() if p.name.startswith(".")]
+        assert (ctx.prediction_dir("real", "2d", inp, seed=0)).is_dir()
+    assert not [p for p in (ctx.out / "predictions").rglob(".*")]
 
     # a failing prediction leaves no output folder (staged, renamed when complete)
     def broken(*a, **k):
@@ -479,4 +499,5 @@ def test_predict_stage_runs_the_prediction_code_of_nnunetv2_sddm_predict(tmp_pat
     shutil.rmtree(ctx.out / "predictions")
     with pytest.raises(RuntimeError, match="simulated failure"):
         stage_predict.run_predict(ctx, resume=False)
-    assert not (ctx.out / "predictions").exists() or not list((ctx.out / "predictions").iterdir())
+    assert not (ctx.out / "predictions").exists() or not [p for p in (ctx.out / "predictions").rglob("*")
+                                                          if p.is_file()]

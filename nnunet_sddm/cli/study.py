@@ -55,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trainer", nargs="+", default=None, metavar="SEGMENTER=TRAINER",
                    help="use another nnU-Net trainer class for a segmenter, e.g. 2d=nnUNetTrainer_SDDM_NoDA_50ep")
     s.add_argument("--fold", default=None, help="nnU-Net fold (default 'all': no cross-validation, as the paper)")
+    s.add_argument("--repeats", type=int, default=None,
+                   help="train every segmenter R times, with seeds seed .. seed+R-1 (default 1); tables show the "
+                        "mean over repeats and the spread between them")
+
+    c = p.add_argument_group("rows compared against SD-DM")
+    c.add_argument("--method", nargs="+", default=None, choices=("histmatch", "fda", "nnunet_aug", "none"),
+                   help="the alternatives reported next to SD-DM (default all three): histmatch (histogram "
+                        "matching of the target images to the source training set), fda (Fourier domain "
+                        "adaptation), nnunet_aug (the segmenters trained with nnU-Net's standard augmentation); none: SD-DM's rows only")
+    c.add_argument("--fda-beta", type=float, default=None, help="FDA's low-frequency window (default 0.01)")
+    c.add_argument("--postprocess", choices=("lcc", "none"), default=None,
+                   help="lcc (default): also report every row with the largest connected component per "
+                        "structure kept; none: no post-processed rows")
+    c.add_argument("--test", choices=("wilcoxon", "ttest_rel", "welch"), default=None,
+                   help="the test behind the table's marks, Holm-corrected (default wilcoxon: paired signed-rank "
+                        "over the same target cases; welch: the paper's unpaired test)")
 
     m = p.add_argument_group("diffusion model")
     m.add_argument("-p", "--preset", default=None, help="diffusion preset: tiny, paper128, paper256")
@@ -115,6 +131,14 @@ def overrides_from_args(a: argparse.Namespace) -> Dict[str, Any]:
             tr[seg] = name
         put("trainers", tr)
     put("fold", a.fold)
+    put("repeats", a.repeats)
+    if a.method is not None:
+        for k in ("histmatch", "fda", "nnunet_aug"):
+            put(f"alternatives.{k}", k in a.method)
+    put("alternatives.fda_beta", a.fda_beta)
+    if a.postprocess is not None:
+        o["postprocess"] = None if a.postprocess == "none" else a.postprocess
+    put("evaluation.test", a.test)
     put("diffusion.preset", a.preset)
     put("diffusion.iterations", a.iterations)
     put("diffusion.batch_size", a.diffusion_batch_size)

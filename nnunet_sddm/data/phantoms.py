@@ -31,12 +31,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 
-from nnunet_sddm.data.raw_dataset import RawDatasetBuilder, log, make_nifti
+from nnunet_sddm.data.raw_dataset import CARDIAC_LABELS, RawDatasetBuilder, log, make_nifti
 from nnunet_sddm.data.volumes import save_nifti
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.progress import progress_bar
@@ -423,16 +423,27 @@ def get_vendor(vendor: str) -> VendorPreset:
 
 def generate_phantom_dataset(dataset_id: int, vendor: str, n_cases: int, n_test_cases: int = 0,
                              seed: int = 0, name: Optional[str] = None, overwrite: bool = False,
-                             matrix: Optional[int] = None) -> Path:
+                             matrix: Optional[int] = None, labels: Optional[Sequence[str]] = None) -> Path:
     """Write ``$nnUNet_raw/DatasetXXX_<name>`` with phantoms of one vendor; returns its folder.
 
     n_cases: training subjects (each gives two cases, ``<subject>_ED`` and ``<subject>_ES``, in
     imagesTr/labelsTr); n_test_cases: further subjects for imagesTs/labelsTs. Subjects are named
     ``Ph<V><index:04d>``. Default name ``Phantom<V>``. Also writes ``cases.json`` and a
     patient-level ``splits_final.json`` in ``$nnUNet_preprocessed/DatasetXXX_<name>/`` (an
-    existing one is kept). Same arguments -> byte-identical files.
+    existing one is kept). labels: the structures to label (names of ``CARDIAC_LABELS``, e.g.
+    ``["LV", "MYO"]`` for a Sunnybrook-like dataset; None: all); the others stay in the images but
+    are background in the label maps and absent from ``dataset.json``. Same arguments ->
+    byte-identical files.
     """
     preset = get_vendor(vendor)
+    keep = dict(CARDIAC_LABELS) if labels is None else {}
+    for structure in labels or ():
+        if structure == "background" or structure not in CARDIAC_LABELS:
+            raise SDDMError(f"phantom labels: unknown structure {structure!r}; choose from "
+                            f"{', '.join(k for k in CARDIAC_LABELS if k != 'background')}")
+        keep[structure] = CARDIAC_LABELS[structure]
+    keep = {"background": 0, **{k: v for k, v in CARDIAC_LABELS.items() if k in keep and k != "background"}}
+    dropped = [v for k, v in CARDIAC_LABELS.items() if k not in keep]
     if int(n_cases) < 1 or int(n_test_cases) < 0:
         raise SDDMError(f"--cases must be >= 1 and --test-cases >= 0 (got {n_cases}, {n_test_cases})")
     if matrix is not None and int(matrix) < 32:
@@ -440,7 +451,9 @@ def generate_phantom_dataset(dataset_id: int, vendor: str, n_cases: int, n_test_
     name = name or f"Phantom{preset.name}"
     extra = {"phantom": {"vendor": preset.name, "like": preset.like, "seed": int(seed),
                          "matrix": matrix, "preset": asdict(preset)}}
-    with RawDatasetBuilder(dataset_id, name, overwrite=overwrite, extra_json=extra,
+    if dropped:
+        extra["phantom"]["labels"] = [k for k in keep if k != "background"]
+    with RawDatasetBuilder(dataset_id, name, overwrite=overwrite, extra_json=extra, labels=keep,
                            description=f"Synthetic short-axis cine phantoms, vendor {preset.name} "
                                        f"({preset.like}), seed {seed}") as b:
         total = int(n_cases) + int(n_test_cases)
@@ -453,7 +466,9 @@ def generate_phantom_dataset(dataset_id: int, vendor: str, n_cases: int, n_test_
                 ph = phases[phase]
                 case = f"{subject}_{phase}"
                 save_nifti(make_nifti(ph["image"], ph["spacing"], np.float32), b.image_path(case, split))
-                save_nifti(make_nifti(ph["label"], ph["spacing"], np.uint8), b.label_path(case, split))
+                label = np.where(np.isin(ph["label"], dropped), 0, ph["label"]).astype(np.uint8) if dropped \
+                    else ph["label"]
+                save_nifti(make_nifti(label, ph["spacing"], np.uint8), b.label_path(case, split))
                 b.add_record({"case": case, "subject": subject, "phase": phase, "split": split,
                               "vendor": preset.name, "centre": None, "group": None, "seed": int(seed),
                               "subject_index": i, "spacing": [float(s) for s in ph["spacing"]],

@@ -7,12 +7,14 @@
 ``provenance``   ``study.json``: configuration, software versions, hardware
 ``stages``       a small stage runner (fingerprints, skip when done, ``--from``, stage times)
 ``stage_*``      one module per stage: data, diffusion, synthesis (DG), adaptation (DA),
-                 preprocess, train, predict, evaluate, compare, figures, report
+                 alternatives (histogram matching, FDA), preprocess, train, predict, evaluate,
+                 compare, figures, report
 ``nnunet_steps`` nnU-Net's planning and training commands
 ``pipeline``     assembles the stages and runs them
 ``figures``, ``report``   the figures and ``report.md``
 """
 
 #: The stages of a study, in order (``--from`` / ``--until`` take these names).
-STAGE_NAMES = ("data", "diffusion", "synthesis", "adaptation", "preprocess", "train", "predict", "evaluate",
+STAGE_NAMES = ("data", "diffusion", "synthesis", "adaptation", "alternatives", "preprocess", "train", "predict",
+               "evaluate",
                "compare", "figures", "report")

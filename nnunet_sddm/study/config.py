@@ -50,10 +50,11 @@ from nnunet_sddm.data.phantoms import VENDORS
 from nnunet_sddm.diffusion.presets import PRESETS, apply_overrides, preset_config, validate_config
 from nnunet_sddm.evaluation.metrics import EmptyPolicy
 from nnunet_sddm.sampling.guided import SamplerSettings
-from nnunet_sddm.study.config_tree import (APPROACHES, SEGMENTERS, DatasetConfig, DiffusionConfig,
-                                           EvaluationConfig, FiguresConfig, NnunetConfig, SamplerConfig,
-                                           StudyConfig, SweepConfig, SynthesisConfig, diffusion_overrides,
-                                           read_only, trainer_name, trainer_of)
+from nnunet_sddm.data.raw_dataset import CARDIAC_LABELS
+from nnunet_sddm.study.config_tree import (APPROACHES, POSTPROCESSING, SEGMENTERS, TESTS, AlternativesConfig,
+                                           DatasetConfig, DiffusionConfig, EvaluationConfig, FiguresConfig,
+                                           NnunetConfig, SamplerConfig, StudyConfig, SweepConfig, SynthesisConfig,
+                                           diffusion_overrides, read_only, trainer_name, trainer_of)
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import read_json
 
@@ -63,9 +64,10 @@ __all__ = ["APPROACHES", "DEFAULTS", "QUICK", "SEGMENTERS", "StudyConfig", "buil
 DEFAULTS: Dict[str, Any] = {
     "name": "sddm-study",
     "output": "sddm_study",
-    "source": {"phantom": "A", "subjects": 20, "test_subjects": 0, "matrix": None, "seed": 0, "id": 970},
+    "source": {"phantom": "A", "subjects": 20, "test_subjects": 0, "matrix": None, "seed": 0, "id": 970,
+               "labels": None},
     "target": {"phantom": "B", "subjects": 10, "test_subjects": 0, "matrix": None, "seed": 1, "id": 971,
-               "split": "Tr"},
+               "labels": None, "split": "Tr"},
     "segmenters": ["2d", "3d_fullres", "vanilla"],
     "epochs": 250,
     "iterations_per_epoch": None,
@@ -77,9 +79,12 @@ DEFAULTS: Dict[str, Any] = {
     "synthesis": {"id": 972, "copies": 1},
     "device": "auto",
     "nnunet": {"folders": "study", "num_processes": 2, "step_size": 0.5},
-    "evaluation": {"alpha": 0.01, "empty_policy": "diagonal", "num_processes": None},
+    "alternatives": {"histmatch": True, "fda": True, "nnunet_aug": True, "fda_beta": 0.01},
+    "postprocess": "lcc",
+    "evaluation": {"alpha": 0.01, "empty_policy": "diagonal", "num_processes": None, "test": "wilcoxon"},
     "figures": {"sweep": {"D": [2, 4, 8], "N": [10, 25, 50], "tau": [0.0, 6.0, 20.0]}, "tsne": True},
     "seed": 0,
+    "repeats": 1,
 }
 
 #: ``--quick``: the embedded default on a 2-core CPU (phantoms A -> B, tiny diffusion model, short
@@ -129,7 +134,7 @@ def _check_keys(given: Mapping[str, Any], allowed: Mapping[str, Any], where: str
 
 def _check_unknown(cfg: Mapping[str, Any], origin: str) -> None:
     _check_keys(cfg, DEFAULTS, "the study configuration", origin)
-    for section in ("diffusion", "sampler", "synthesis", "nnunet", "evaluation", "figures"):
+    for section in ("diffusion", "sampler", "synthesis", "nnunet", "evaluation", "figures", "alternatives"):
         if section in cfg:
             if not isinstance(cfg[section], Mapping):
                 raise SDDMError(f"{origin}: {section!r} must be an object")
@@ -210,11 +215,22 @@ def _parse_side(side: str, d: Dict[str, Any], ck: _Check) -> DatasetConfig:
         ck.int(d, "id", side, lo=1)
         if d["id"] > 999:
             raise ck.fail(f"{side}.id must be in 1..999, got {d['id']}")
+        labels = d.get("labels")
+        if labels is not None:
+            known = [k for k in CARDIAC_LABELS if k != "background"]
+            if not isinstance(labels, list) or not labels or any(k not in known for k in labels) \
+                    or len(set(labels)) != len(labels):
+                raise ck.fail(f"{side}.labels must be null (all) or a list of distinct structures of "
+                              f"{', '.join(known)}, got {labels!r}")
+    elif d.get("labels") is not None:
+        raise ck.fail(f"{side}.labels applies to phantoms only (an existing dataset's labels are its "
+                      f"dataset.json's)")
     if side == "target" and d.get("split") not in ("Tr", "Ts"):
         raise ck.fail(f"target.split must be 'Tr' or 'Ts', got {d.get('split')!r}")
     return DatasetConfig(phantom=d["phantom"], dataset=d["dataset"], subjects=d.get("subjects"),
                          test_subjects=d.get("test_subjects"), matrix=d.get("matrix"), seed=d.get("seed"),
-                         id=d.get("id"), split=d.get("split"))
+                         id=d.get("id"), split=d.get("split"),
+                         labels=tuple(d["labels"]) if d.get("labels") else None)
 
 
 def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") -> StudyConfig:
@@ -353,7 +369,22 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
         empty_policy = EmptyPolicy(policy)
     except SDDMError as e:
         raise ck.fail(f"evaluation.empty_policy {policy!r}: {e}") from None
-    evaluation = EvaluationConfig(alpha=alpha, empty_policy=empty_policy, num_processes=ev["num_processes"])
+    if ev["test"] not in TESTS:
+        raise ck.fail(f"evaluation.test must be one of {', '.join(TESTS)}, got {ev['test']!r}")
+    evaluation = EvaluationConfig(alpha=alpha, empty_policy=empty_policy, num_processes=ev["num_processes"],
+                                  test=ev["test"])
+    alt = cfg["alternatives"]
+    for k in ("histmatch", "fda", "nnunet_aug"):
+        ck.bool(alt, k, "alternatives")
+    beta = ck.number(alt, "fda_beta", "alternatives")
+    if not 0 <= beta < 0.5:
+        raise ck.fail(f"alternatives.fda_beta must be in [0, 0.5) (the low-frequency window's half-width as a "
+                      f"fraction of the slice size), got {beta!r}")
+    alternatives = AlternativesConfig(histmatch=alt["histmatch"], fda=alt["fda"], nnunet_aug=alt["nnunet_aug"],
+                                      fda_beta=beta)
+    if cfg["postprocess"] is not None and cfg["postprocess"] not in POSTPROCESSING:
+        raise ck.fail(f"postprocess must be null or one of {', '.join(POSTPROCESSING)}, got {cfg['postprocess']!r}")
+    ck.int(cfg, "repeats", "study", lo=1)
     ck.int(cfg, "seed", "study")
     if not isinstance(cfg["output"], str) or not cfg["output"]:
         raise ck.fail("output must be a folder path")
@@ -361,4 +392,5 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
                        epochs=ep, iterations_per_epoch=its, trainers=read_only(trainers), fold=fold,
                        diffusion=diffusion, sampler=sampler, synthesis=synthesis, device=cfg["device"],
                        nnunet=nnunet, evaluation=evaluation, figures=figures, seed=cfg["seed"],
+                       repeats=cfg["repeats"], alternatives=alternatives, postprocess=cfg["postprocess"],
                        raw=read_only(cfg))

@@ -13,29 +13,61 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from nnunet_sddm.evaluation.metrics import EmptyPolicy
 from nnunet_sddm.sampling.guided import SamplerSettings
 
-#: Segmenter name -> (nnU-Net configuration, trainer family, name in tables).
+#: Segmenter name -> (nnU-Net configuration, trainer family without augmentation, name in tables,
+#: trainer family with nnU-Net's standard augmentation: the ``nnU-Net aug`` row).
 SEGMENTERS: Dict[str, tuple] = {
-    "2d": ("2d", "nnUNetTrainer_SDDM_NoDA", "2D nnU-Net"),
-    "3d_fullres": ("3d_fullres", "nnUNetTrainer_SDDM_NoDA", "3D nnU-Net"),
-    "vanilla": ("2d", "nnUNetTrainer_SDDM_VanillaUNet", "2D U-Net"),
+    "2d": ("2d", "nnUNetTrainer_SDDM_NoDA", "2D nnU-Net", "nnUNetTrainer_SDDM_Aug"),
+    "3d_fullres": ("3d_fullres", "nnUNetTrainer_SDDM_NoDA", "3D nnU-Net", "nnUNetTrainer_SDDM_Aug"),
+    "vanilla": ("2d", "nnUNetTrainer_SDDM_VanillaUNet", "2D U-Net", "nnUNetTrainer_SDDM_VanillaUNetAug"),
 }
+#: Trainer families whose 250-epoch class is the bare family name (the others: ``<family>_250ep``).
+_BARE_250 = ("nnUNetTrainer_SDDM_VanillaUNet", "nnUNetTrainer_SDDM_VanillaUNetAug")
 
-#: Approaches of Table 1 (+ the ensembles with the original image); name -> (trained on, input).
+#: What a segmenter is trained on: ``real`` (the source), ``synthetic`` (the DG dataset) and
+#: ``real_aug`` (the source, with nnU-Net's standard augmentation).
+KINDS = ("real", "synthetic", "real_aug")
+
+#: Every row a study can report (Table 1, the ensembles with the original image, and the
+#: alternatives a reviewer compares against); name -> (trained on, input). ``Approach`` rows of a
+#: configuration: :meth:`StudyConfig.approaches`.
 APPROACHES: Dict[str, tuple] = {
     "Baseline": ("real", "original"),
+    "nnU-Net aug": ("real_aug", "original"),
+    "HistMatch": ("real", "histmatch"),
+    "FDA": ("real", "fda"),
     "DA": ("real", "adapted"),
     "DG": ("synthetic", "original"),
     "Mixed": ("synthetic", "adapted"),
     "DA+ens": ("real", "ensemble"),
     "Mixed+ens": ("synthetic", "ensemble"),
 }
+#: Rows that exist only when their alternative is enabled (``alternatives.<key>``).
+OPTIONAL_APPROACHES = {"nnU-Net aug": "nnunet_aug", "HistMatch": "histmatch", "FDA": "fda"}
+#: Tests behind the table's marks (``evaluation.test``): paired Wilcoxon signed-rank, paired t, Welch (the paper's).
+TESTS = ("wilcoxon", "ttest_rel", "welch")
+#: Post-processing of predictions (``postprocess``): name -> suffix of its rows.
+POSTPROCESSING = {"lcc": "+LCC"}
+
+
+@dataclass(frozen=True)
+class Approach:
+    """One row type of the table: ``name`` (e.g. ``DA+LCC``), what its segmenter was trained on
+    (``kind``, one of ``KINDS``), the ``input`` it segments (``original``, ``adapted``,
+    ``histmatch``, ``fda`` or ``ensemble``) and the ``postprocess`` of its predictions (None or
+    ``lcc``)."""
+
+    name: str
+    kind: str
+    input: str
+    postprocess: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
     """``source`` or ``target``: phantoms the study generates (``phantom``: vendor letter, with
-    ``subjects``, ``test_subjects``, ``matrix``, ``seed`` and dataset ``id``) or an existing raw
-    dataset (``dataset``: id, name or folder). ``split``: ``Tr`` or ``Ts`` (the target's test images)."""
+    ``subjects``, ``test_subjects``, ``matrix``, ``seed``, dataset ``id`` and ``labels``: the
+    structures labelled, None = all) or an existing raw dataset (``dataset``: id, name or folder).
+    ``split``: ``Tr`` or ``Ts`` (the target's test images)."""
 
     phantom: Optional[str]
     dataset: Optional[Union[int, str]]
@@ -45,6 +77,7 @@ class DatasetConfig:
     seed: int
     id: int
     split: Optional[str] = None
+    labels: Optional[Tuple[str, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -95,12 +128,27 @@ class NnunetConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Significance level ``alpha`` in (0, 1), the distance metrics' ``empty_policy`` and the
-    evaluation's worker count (None: default)."""
+    """Significance level ``alpha`` in (0, 1), the distance metrics' ``empty_policy``, the
+    evaluation's worker count (None: default) and the ``test`` behind the table's marks
+    (``wilcoxon``, ``ttest_rel`` or ``welch``, the paper's)."""
 
     alpha: float
     empty_policy: EmptyPolicy
     num_processes: Optional[int]
+    test: str = "wilcoxon"
+
+
+@dataclass(frozen=True)
+class AlternativesConfig:
+    """The rows a reviewer compares SD-DM against: ``histmatch`` (Nyul landmark standardisation
+    of the target images to the source training set), ``fda`` (Fourier domain adaptation with
+    window ``fda_beta``), ``nnunet_aug`` (the segmenters trained with nnU-Net's standard
+    augmentation)."""
+
+    histmatch: bool
+    fda: bool
+    nnunet_aug: bool
+    fda_beta: float
 
 
 @dataclass(frozen=True)
@@ -145,6 +193,9 @@ class StudyConfig:
     evaluation: EvaluationConfig
     figures: FiguresConfig
     seed: int
+    repeats: int = 1
+    alternatives: AlternativesConfig = AlternativesConfig(histmatch=False, fda=False, nnunet_aug=False, fda_beta=0.01)
+    postprocess: Optional[str] = None
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -158,9 +209,29 @@ class StudyConfig:
         """``source`` or ``target``."""
         return {"source": self.source, "target": self.target}[side]
 
-    def trainer(self, segmenter: str) -> str:
-        """The nnU-Net trainer class name that trains ``segmenter``."""
-        return trainer_name(segmenter, self.trainers, self.epochs, self.iterations_per_epoch)
+    def trainer(self, segmenter: str, augmented: bool = False) -> str:
+        """The nnU-Net trainer class name that trains ``segmenter`` (``augmented``: with nnU-Net's
+        standard augmentation, the ``nnU-Net aug`` row)."""
+        return trainer_name(segmenter, self.trainers, self.epochs, self.iterations_per_epoch, augmented)
+
+    def seeds(self) -> Tuple[int, ...]:
+        """The segmenters' training seeds, one per repeat: ``seed .. seed + repeats - 1``."""
+        return tuple(self.seed + r for r in range(self.repeats))
+
+    def approaches(self) -> List[Approach]:
+        """The table's rows in order: the enabled ``APPROACHES``, then the same rows post-processed
+        (``postprocess``)."""
+        rows = [Approach(a, kind, inp) for a, (kind, inp) in APPROACHES.items()
+                if a not in OPTIONAL_APPROACHES or getattr(self.alternatives, OPTIONAL_APPROACHES[a])]
+        if self.postprocess is not None:
+            rows += [Approach(r.name + POSTPROCESSING[self.postprocess], r.kind, r.input, self.postprocess)
+                     for r in list(rows)]
+        return rows
+
+    def kinds(self) -> List[str]:
+        """What the segmenters are trained on (``KINDS`` the rows need)."""
+        used = {r.kind for r in self.approaches()}
+        return [k for k in KINDS if k in used]
 
     def configurations(self) -> List[str]:
         """nnU-Net configurations the segmenters need (for planning and preprocessing)."""
@@ -181,18 +252,19 @@ def trainer_of(cfg: Union[StudyConfig, Mapping[str, Any]], segmenter: str) -> st
 
 
 def trainer_name(segmenter: str, trainers: Mapping[str, str], epochs: Union[int, str],
-                  iterations_per_epoch: Optional[int]) -> str:
-    """The trainer class of ``segmenter``: ``trainers[segmenter]`` if given, else the plugin's
-    trainer family for ``epochs`` (``"quick"``: the ``_Quick`` test trainer) and
+                  iterations_per_epoch: Optional[int], augmented: bool = False) -> str:
+    """The trainer class of ``segmenter``: ``trainers[segmenter]`` if given (not for
+    ``augmented``), else the plugin's trainer family (``augmented``: the one with nnU-Net's
+    standard augmentation) for ``epochs`` (``"quick"``: the ``_Quick`` test trainer) and
     ``iterations_per_epoch`` (None: nnU-Net's 250)."""
-    if segmenter in trainers:
+    if segmenter in trainers and not augmented:
         return trainers[segmenter]
-    family = SEGMENTERS[segmenter][1]
+    family = SEGMENTERS[segmenter][3 if augmented else 1]
     if epochs == "quick":
         return f"{family}_Quick"
     if iterations_per_epoch is not None:
         return f"{family}_{int(epochs)}ep_{int(iterations_per_epoch)}it"
-    if family == "nnUNetTrainer_SDDM_VanillaUNet" and int(epochs) == 250:
+    if family in _BARE_250 and int(epochs) == 250:
         return family
     return f"{family}_{int(epochs)}ep"
 

@@ -4,18 +4,49 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from nnunet_sddm.diffusion.model_folder import resolve_model_dir
 from nnunet_sddm.study import nnunet_steps
-from nnunet_sddm.study.config_tree import APPROACHES, SEGMENTERS, StudyConfig
+from nnunet_sddm.study.config_tree import SEGMENTERS, Approach, StudyConfig
 from nnunet_sddm.utilities.devices import nnunet_device
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset, parse_dataset_folder_name
 
 NNUNET_VARIABLES = (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"), ("results", "nnUNet_results"))
+
+
+@dataclass(frozen=True)
+class Model:
+    """One trained segmenter: ``segmenter`` (a ``SEGMENTERS`` key), ``kind`` (what it was trained
+    on, ``KINDS``), its training ``seed`` (one per repeat) and its nnU-Net model ``folder``."""
+
+    segmenter: str
+    kind: str
+    seed: int
+    folder: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}__{self.segmenter}__seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the table: an ``approach`` with one ``segmenter``; ``name`` as in the tables
+    (``DA/2D nnU-Net``)."""
+
+    approach: Approach
+    segmenter: str
+    name: str
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a file-name part (``DA+ens`` -> ``DA_ens``, ``nnU-Net aug`` -> ``nnU_Net_aug``)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
 @dataclass
@@ -81,34 +112,63 @@ class StudyContext:
 
     @property
     def adapted(self) -> Path:
+        """The DA-adapted target test images."""
         return self.out / "adapted" / "target"
 
-    def segmenter_models(self) -> List[Tuple[str, str, Path]]:
-        """``(segmenter, trained_on, nnU-Net model folder)`` for every segmenter x {real, synthetic}."""
-        out = []
-        for s in self.cfg.segmenters:
-            for kind, side in (("real", "source"), ("synthetic", "synthetic")):
-                out.append((s, kind, nnunet_steps.model_folder(self.folders["results"], self.dataset_name(side),
-                                                               self.cfg.trainer(s), SEGMENTERS[s][0])))
-        return out
+    def input_images(self, inp: str) -> Path:
+        """The target test images a row segments: ``original``, ``adapted`` (SD-DM), ``histmatch``
+        or ``fda`` (``ensemble`` has no images: it averages the original's and the adapted's
+        probabilities)."""
+        if inp == "original":
+            return self.target_images
+        if inp == "adapted":
+            return self.adapted
+        if inp in ("histmatch", "fda"):
+            return self.out / "adapted" / inp
+        raise KeyError(inp)
 
-    def prediction_dir(self, kind: str, segmenter: str, inp: str) -> Path:
-        return self.out / "predictions" / f"{kind}__{segmenter}__{inp}"
+    def results_root(self, seed: int) -> Path:
+        """``nnUNet_results`` of the segmenters trained with ``seed``: the study's (or the user's)
+        for the first repeat, ``OUT/repeats/seed<S>/nnUNet_results`` for the others (nnU-Net has
+        one model folder per dataset, trainer and configuration)."""
+        if seed == self.cfg.seed:
+            return self.folders["results"]
+        return self.out / "repeats" / f"seed{seed}" / "nnUNet_results"
 
-    def entries(self) -> List[Tuple[str, str, str, Path]]:
-        """``(approach, segmenter, entry name, prediction folder)`` of every table row."""
-        out = []
-        for approach, (kind, inp) in APPROACHES.items():  # approach-major, as the paper's Table 1
-            for s in self.cfg.segmenters:
-                out.append((approach, s, f"{approach}/{SEGMENTERS[s][2]}", self.prediction_dir(kind, s, inp)))
-        return out
+    def models(self) -> List[Model]:
+        """Every segmenter to train: seeds (repeats) x segmenters x what the rows need it trained on."""
+        side = {"real": "source", "real_aug": "source", "synthetic": "synthetic"}
+        return [Model(s, kind, seed, nnunet_steps.model_folder(self.results_root(seed), self.dataset_name(side[kind]),
+                                                              self.cfg.trainer(s, augmented=kind == "real_aug"),
+                                                              SEGMENTERS[s][0]))
+                for seed in self.cfg.seeds() for s in self.cfg.segmenters for kind in self.cfg.kinds()]
 
-    def evaluation_dir(self, approach: str, segmenter: str) -> Path:
-        return self.out / "evaluation" / f"{approach.replace('+', '_')}__{segmenter}"
+    def model_side(self, model: Model) -> str:
+        """The dataset side a model trains on (``source`` or ``synthetic``)."""
+        return "synthetic" if model.kind == "synthetic" else "source"
 
-    def nnunet_env(self, training: bool = False) -> Dict[str, str]:
-        return nnunet_steps.nnunet_env(self.folders, self.device, training=training, base=self.user_env,
-                                       num_processes=self.cfg.nnunet.num_processes, seed=self.cfg.seed)
+    def prediction_dir(self, kind: str, segmenter: str, inp: str, seed: int, postprocess: Optional[str] = None) -> Path:
+        name = f"{kind}__{segmenter}__{inp}" + (f"__{postprocess}" if postprocess else "")
+        return self.out / "predictions" / f"seed{seed}" / name
+
+    def entries(self) -> List[Entry]:
+        """Every table row: approach-major, as the paper's Table 1."""
+        return [Entry(a, s, f"{a.name}/{SEGMENTERS[s][2]}") for a in self.cfg.approaches() for s in self.cfg.segmenters]
+
+    def entry_predictions(self, entry: Entry, seed: int) -> Path:
+        a = entry.approach
+        return self.prediction_dir(a.kind, entry.segmenter, a.input, seed, a.postprocess)
+
+    def evaluation_dir(self, approach: str, segmenter: str, seed: int) -> Path:
+        return self.out / "evaluation" / f"seed{seed}" / f"{safe_name(approach)}__{segmenter}"
+
+    def nnunet_env(self, training: bool = False, seed: Optional[int] = None) -> Dict[str, str]:
+        """The environment of an nnU-Net subprocess; ``seed``: the training seed (None: the study's)
+        and its results folder (``results_root``)."""
+        seed = self.cfg.seed if seed is None else seed
+        folders = dict(self.folders, results=self.results_root(seed))
+        return nnunet_steps.nnunet_env(folders, self.device, training=training, base=self.user_env,
+                                       num_processes=self.cfg.nnunet.num_processes, seed=seed)
 
 
 def make_context(cfg: StudyConfig, progress: bool = True, log: Callable[[str], None] = print) -> StudyContext:

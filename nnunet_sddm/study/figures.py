@@ -3,11 +3,12 @@
 * ``sweep.png``: the paper's Fig. 3-5 grid (``adaptation.sweep.sweep_grid``) of the middle slice of
   one target test image over the configured D, N and tau values;
 * ``domain_shift/``: 22 DSMRI features, t-SNE and random-forest separability
-  (``evaluation.domain_shift``) of the real source, the synthetic source (DG), the target and the
-  adapted target (DA) images, plus the pairwise separability source vs target and source vs
-  adapted target (lower = closer to the source domain);
-* ``ci_<segmenter>_<metric>.png``: Fig.-7-style bars (mean, 95% CI, per structure) of every approach
-  for one segmenter (``evaluation.figures.bar_chart_ci``).
+  (``evaluation.domain_shift``) of the real source, the synthetic source (DG), the target, the
+  adapted target (DA) and the target standardised by the alternatives (histogram matching, FDA),
+  plus the pairwise separability of each from the source (lower = closer to the source domain);
+* ``ci_<segmenter>_<metric>.png``: Fig.-7-style bars (mean, 95% CI, per structure) of every row
+  without post-processing for one segmenter (``evaluation.figures.bar_chart_ci``; empty-mask
+  penalties counted above the bars, not averaged into them).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from nnunet_sddm.adaptation.sweep import sweep_grid
 from nnunet_sddm.data.raw_dataset import list_images
+from nnunet_sddm.evaluation.compare import Entry
 from nnunet_sddm.evaluation.domain_shift import domain_shift, separability
 from nnunet_sddm.evaluation.evaluate import load_results
 from nnunet_sddm.evaluation.figures import bar_chart_ci
@@ -48,13 +50,16 @@ def domain_shift_figure(ctx, out_dir: Path) -> Dict[str, Any]:
     sets = {"source": ctx.raw("source") / "imagesTr",
             "synthetic source (DG)": ctx.folders["raw"] / ctx.dataset_name("synthetic") / "imagesTr",
             "target": ctx.target_images,
-            "adapted target (DA)": ctx.adapted}
+            "adapted target (DA)": ctx.adapted,
+            "target, histogram-matched": ctx.input_images("histmatch"),
+            "target, FDA": ctx.input_images("fda")}
     sets = {k: v for k, v in sets.items() if Path(v).is_dir()}
     res = domain_shift(sets, out_dir=out_dir, overwrite=True, seed=ctx.cfg.seed,
                        num_processes=ctx.cfg.evaluation.num_processes, progress=ctx.progress)
     rows = res["features"]
     pairs = {}
-    for a, b in (("source", "target"), ("source", "adapted target (DA)"), ("source", "synthetic source (DG)")):
+    for a, b in (("source", "target"), ("source", "adapted target (DA)"), ("source", "synthetic source (DG)"),
+                 ("source", "target, histogram-matched"), ("source", "target, FDA")):
         sel = [r for r in rows if r["domain"] in (a, b)]
         if len({r["domain"] for r in sel}) < 2:
             continue
@@ -75,14 +80,21 @@ def _subject(case: str):
 
 
 def ci_bars(ctx, out_dir: Path) -> List[str]:
-    """One bar chart per segmenter and metric in ``BAR_METRICS``: every approach, per structure."""
+    """One bar chart per segmenter and metric in ``BAR_METRICS``: every row without post-processing,
+    per structure; per-case values are means over the repeats; cases with an empty-mask penalty are
+    counted above their bar instead of entering its mean (``bar_chart_ci``)."""
     files = []
     for seg in ctx.cfg.segmenters:
-        results = {a: load_results(ctx.evaluation_dir(a, s)) for a, s, _, _ in ctx.entries() if s == seg}
+        entries = [Entry(name=e.approach.name, approach=e.approach.name, model=SEGMENTERS[seg][2],
+                         repeats=[load_results(ctx.evaluation_dir(e.approach.name, seg, s)) for s in ctx.cfg.seeds()])
+                   for e in ctx.entries() if e.segmenter == seg and e.approach.postprocess is None]
+        structures = entries[0].repeats[0].structures
         for metric in BAR_METRICS:
-            samples = {a: {st: r.values(st, metric) for st in r.structures} for a, r in results.items()}
+            samples = {e.name: {st: e.pooled(st, metric)[1] for st in structures} for e in entries}
+            penalised = {e.name: {st: e.penalised(st, metric) for st in structures} for e in entries}
             out = out_dir / f"ci_{seg}_{metric}.png"
-            bar_chart_ci(samples, metric, out, title=f"{SEGMENTERS[seg][2]}: {metric} per structure "
-                                                     f"(mean, 95% CI)")
+            repeats = f", mean over {ctx.cfg.repeats} repeats" if ctx.cfg.repeats > 1 else ""
+            bar_chart_ci(samples, metric, out, penalised=penalised,
+                         title=f"{SEGMENTERS[seg][2]}: {metric} per structure (mean, 95% CI{repeats})")
             files.append(str(out))
     return files

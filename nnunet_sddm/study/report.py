@@ -13,20 +13,31 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-from nnunet_sddm.study.config_tree import APPROACHES, SEGMENTERS
+from nnunet_sddm.study.config_tree import SEGMENTERS
 from nnunet_sddm.utilities.files import write_text
 
 SURFACE = ("ASD", "ASSD", "HD", "HD95")
 
 _APPROACH_TEXT = {
-    "Baseline": "trained on the real source, applied to the original target images",
-    "DA": "trained on the real source, applied to the adapted target images (test-time adaptation)",
+    "Baseline": "trained on the real source without augmentation, applied to the original target images",
+    "nnU-Net aug": "the same segmenter trained with nnU-Net's standard augmentation (same schedule), applied to the "
+                   "original target images",
+    "HistMatch": "the baseline segmenter applied to the target images after histogram matching to the source "
+                 "training set (Nyul landmark standardisation)",
+    "FDA": "the baseline segmenter applied to the target images after Fourier domain adaptation (low-frequency "
+           "amplitude of a source training slice)",
+    "DA": "the baseline segmenter applied to the SD-DM-adapted target images (test-time adaptation)",
     "DG": "trained on the synthetic source (DG dataset), applied to the original target images",
     "Mixed": "trained on the synthetic source, applied to the adapted target images",
-    "DA+ens": "trained on the real source; class probabilities of the original and the adapted image averaged "
+    "DA+ens": "the baseline segmenter; class probabilities of the original and the adapted image averaged "
               "(--ensemble-original)",
     "Mixed+ens": "trained on the synthetic source; probabilities of the original and the adapted image averaged",
 }
+_POST_TEXT = {"lcc": "the same rows with the largest connected component of each structure kept (post-processing)"}
+_TEST_TEXT = {"wilcoxon": "the Wilcoxon signed-rank test", "ttest_rel": "the paired t-test",
+              "welch": "Welch's unpaired t-test (the paper's)"}
+#: The rows the "in words" summary describes, in order.
+_SUMMARY_METRICS = ("DSC",) + SURFACE
 
 
 def _rel(ctx, p: Path) -> str:
@@ -43,55 +54,115 @@ def _fmt_seconds(s) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def welch_rows(ctx) -> List[Dict[str, Any]]:
-    path = ctx.out / "comparison" / "welch.csv"
+def _read_csv(path: Path) -> List[Dict[str, Any]]:
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def test_rows(ctx) -> List[Dict[str, Any]]:
+    """``comparison/tests.csv`` with numbers and booleans parsed."""
+    rows = _read_csv(ctx.out / "comparison" / "tests.csv")
     for r in rows:
-        for k in ("mean_candidate", "mean_baseline", "p"):
-            r[k] = float(r[k])
-        r["significant"] = r["significant"] == "True"
-        r["candidate_better"] = r["candidate_better"] == "True"
+        for k, v in r.items():
+            if v in ("True", "False"):
+                r[k] = v == "True"
+            elif k not in ("candidate", "baseline", "structure", "metric"):
+                try:
+                    r[k] = float(v)
+                except ValueError:
+                    pass
     return rows
 
 
+def _p(v: float) -> str:
+    return "n/a" if not (isinstance(v, float) and math.isfinite(v)) else f"{v:.2g}"
+
+
 def improvement_summary(ctx) -> List[str]:
-    """Markdown lines: per segmenter and candidate approach, which surface metrics (per-case means
-    over the structures) changed significantly against the baseline, and the Dice change."""
-    rows = [r for r in welch_rows(ctx) if r["structure"] == "all"]
-    alpha = float(ctx.cfg.evaluation.alpha)
-    lines = [f"Welch's t-test against the baseline of the same segmenter over per-case values (each case's "
-             f"mean over its structures; n = cases), significance p < {alpha:g}. Surface metrics: lower is "
-             f"better. Distances when exactly one of prediction and reference is empty: "
-             f"{ctx.cfg.evaluation.empty_policy.one_empty}.", "",
-             "| candidate | " + " | ".join(SURFACE) + " | DSC |", "|---" * (len(SURFACE) + 2) + "|"]
+    """Markdown lines: per candidate row, the change against its segmenter's baseline in every
+    metric (cases pooled over structures), the test behind the verdict after Holm's correction,
+    the bootstrap CI of the mean paired difference and, with repeats, their agreement; then the
+    same in words for every approach."""
+    cfg = ctx.cfg
+    rows = [r for r in test_rows(ctx) if r["structure"] == "all"]
+    alpha, test = float(cfg.evaluation.alpha), cfg.evaluation.test
+    R = cfg.repeats
+    lines = [f"Each row against the baseline of the same segmenter on the same target cases (each case's mean "
+             f"over its structures; n = cases with a finite value in both{', mean over ' + str(R) + ' repeats' if R > 1 else ''}). "
+             f"Cell: mean paired difference (candidate - baseline) [bootstrap 95% CI]; verdict by "
+             f"{_TEST_TEXT[test]}, Holm-corrected over the comparisons of the table, p_holm < {alpha:g}"
+             + (f"; k/{R}: repeats whose change has the same sign and is significant on their own (Wilcoxon, "
+                f"uncorrected)" if R > 1 else "") + ". DSC: higher is better; distances (mm): lower is better. "
+             f"Distances when exactly one of prediction and reference is empty: "
+             f"{cfg.evaluation.empty_policy.one_empty} (the NaN-policy table below leaves those cases out).", "",
+             "| row | " + " | ".join(_SUMMARY_METRICS) + " |", "|---" * (len(_SUMMARY_METRICS) + 1) + "|"]
     by_cand: Dict[str, Dict[str, dict]] = {}
     for r in rows:
         by_cand.setdefault(r["candidate"], {})[r["metric"]] = r
     for cand, ms in by_cand.items():
         cells = []
-        for m in SURFACE + ("DSC",):
+        for m in _SUMMARY_METRICS:
             r = ms.get(m)
-            if r is None:
-                cells.append("-")
+            if r is None or not math.isfinite(r["mean_diff"]):
+                cells.append("n/a")
                 continue
-            d = r["mean_candidate"] - r["mean_baseline"]
-            tag = ("**better**" if r["candidate_better"] else "worse") if r["significant"] else "n.s."
-            p = "n/a" if not math.isfinite(r["p"]) else f"{r['p']:.2g}"
-            cells.append(f"{d:+.3g} ({tag}, p={p})")
+            tag = ("**better**" if r["candidate_better"] else "**worse**") if r["significant"] else "n.s."
+            rep = (f", {int(r['repeats_same_sign_significant'])}/{int(r['repeats'])}" if R > 1 else "")
+            cells.append(f"{r['mean_diff']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}] {tag} "
+                         f"(p_holm={_p(r['p_holm'])}{rep})")
         lines.append(f"| {cand} | " + " | ".join(cells) + " |")
-    verdicts = []
-    for seg in ctx.cfg.segmenters:
-        label = SEGMENTERS[seg][2]
-        for a in ("DA", "Mixed", "DA+ens", "Mixed+ens"):
-            ms = by_cand.get(f"{a}/{label}", {})
-            better = [m for m in SURFACE if m in ms and ms[m]["significant"] and ms[m]["candidate_better"]]
-            worse = [m for m in SURFACE if m in ms and ms[m]["significant"] and not ms[m]["candidate_better"]]
-            lower = [m for m in SURFACE if m in ms and ms[m]["candidate_better"]]
-            verdicts.append(f"- {a} / {label}: significantly better {', '.join(better) or 'none'}; significantly "
-                            f"worse {', '.join(worse) or 'none'}; lower mean in {len(lower)}/{len(SURFACE)} "
-                            f"surface metrics.")
-    return lines + ["", "In words:", ""] + verdicts
+    words = []
+    for a in cfg.approaches():
+        if a.name == "Baseline":
+            continue
+        for seg in cfg.segmenters:
+            ms = by_cand.get(f"{a.name}/{SEGMENTERS[seg][2]}", {})
+            better = [m for m in _SUMMARY_METRICS if m in ms and ms[m]["significant"] and ms[m]["candidate_better"]]
+            worse = [m for m in _SUMMARY_METRICS if m in ms and ms[m]["significant"] and not ms[m]["candidate_better"]]
+            lower = [m for m in _SUMMARY_METRICS if m in ms and ms[m]["candidate_better"]]
+            words.append(f"- {a.name} / {SEGMENTERS[seg][2]}: significantly better in {', '.join(better) or 'none'}; "
+                         f"significantly worse in {', '.join(worse) or 'none'}; better mean in "
+                         f"{len(lower)}/{len(_SUMMARY_METRICS)} metrics.")
+    return lines + ["", "In words (every approach, every segmenter):", ""] + words
+
+
+def scope_lines(ctx, data: Dict[str, Any]) -> List[str]:
+    """What this run can and cannot show: cases, repeats, training length, tests."""
+    cfg = ctx.cfg
+    n_t = data.get("target_test_cases", "?")
+    subjects = cfg.target.subjects if cfg.target.phantom else None
+    epochs = ("the quick test schedule (2 epochs x 5 iterations)" if cfg.epochs == "quick" else
+              f"{cfg.epochs} epoch(s) x {cfg.iterations_per_epoch or 250} iterations")
+    paper = cfg.epochs != "quick" and int(cfg.epochs) >= 250 and (cfg.iterations_per_epoch or 250) >= 250
+    structures = data.get("structures", {})
+    lines = [f"- **Cases.** {n_t} target test cases" + (f" ({subjects} subjects, ED and ES of each: the two phases "
+                                                        f"of a subject are not independent)" if subjects else "")
+             + ". Every row is evaluated on the same cases, so the comparisons are paired; with few cases only "
+               "large effects can reach significance, and a non-significant change is not evidence of no change.",
+             f"- **Repeats.** {cfg.repeats} training seed(s) per segmenter ({', '.join(map(str, cfg.seeds()))}). "
+             + ("With one repeat the table shows one training run: the variation between training runs, which "
+                "can exceed the differences between rows, is not measured." if cfg.repeats == 1 else
+                "The diffusion model and the DG dataset are the same in every repeat; only the segmenters are "
+                "retrained."),
+             f"- **Training length.** Segmenters: {epochs}" + ("" if paper else
+                                                            " (shorter than the paper's 250 x 250: the absolute "
+                                                            "numbers are not the paper's)") + ".",
+             f"- **Tests.** Marks and verdicts use {_TEST_TEXT[cfg.evaluation.test]} with Holm's correction over "
+             f"the comparisons of one table, at alpha = {cfg.evaluation.alpha:g}; Welch's p (the paper's test) is "
+             f"kept in [comparison/welch.csv](comparison/welch.csv) and [comparison/tests.csv](comparison/tests.csv)."]
+    skipped = structures.get("source_only", []) + structures.get("target_only", [])
+    if skipped:
+        lines.append(f"- **Structures.** Evaluated: {', '.join(structures.get('shared', []))}; skipped (labelled in "
+                     f"only one of the datasets): {', '.join(skipped)}.")
+    return lines
+
+
+def missing_lines(ctx) -> List[str]:
+    """The missing/spurious structure table (``comparison/missing.md``) and its figure."""
+    md = ctx.out / "comparison" / "missing.md"
+    if not md.is_file():
+        return []
+    return [md.read_text().strip(), "", "![missing and spurious structures](comparison/fig_missing.png)", ""]
 
 
 def write_report(ctx) -> Path:
@@ -118,16 +189,24 @@ def write_report(ctx) -> Path:
           f"model, original labels, {cfg.synthesis.copies} cop{'y' if cfg.synthesis.copies == 1 else 'ies'}).",
           "- Segmenters: " + "; ".join(f"{SEGMENTERS[s][2]} (`{SEGMENTERS[s][0]}`, `{cfg.trainer(s)}`, fold "
                                          f"{cfg.fold})" for s in cfg.segmenters) + ".",
-          "- Approaches: " + "; ".join(f"**{a}**: {_APPROACH_TEXT[a]}" for a in APPROACHES) + ".", ""]
+          "- Rows: " + "; ".join(f"**{a.name}**: {_APPROACH_TEXT[a.name]}" for a in cfg.approaches()
+                                 if a.postprocess is None)
+          + (f"; **+{cfg.postprocess.upper()}**: {_POST_TEXT[cfg.postprocess]}" if cfg.postprocess else "") + ".", "",
+          "## What this run can and cannot show", ""] + scope_lines(ctx, data) + [""]
 
     # ---- the table
-    table = out / "comparison" / "table.md"
-    L += ["## Results (Table 1)", "", table.read_text().strip(), "",
+    comp = out / "comparison"
+    L += ["## Results (Table 1)", "", (comp / "table.md").read_text().strip(), "",
           "Per structure: " + ", ".join(f"[{p.stem.replace('table_', '')}](comparison/{p.name})"
-                                        for p in sorted((out / "comparison").glob("table_*.md"))) +
-          "; CSV and LaTeX next to them; per-case values in `evaluation/<approach>__<segmenter>/per_case.csv`; "
-          "all t-tests in [comparison/welch.csv](comparison/welch.csv).", ""]
-    L += ["## Did adaptation improve the surface metrics?", ""] + improvement_summary(ctx) + [""]
+                                        for p in sorted(comp.glob("table_*.md")) if "finite" not in p.stem) +
+          "; CSV and LaTeX next to them; per-case values in `evaluation/seed<S>/<approach>__<segmenter>/per_case.csv`; "
+          "every test in [comparison/tests.csv](comparison/tests.csv).", ""]
+    if (comp / "table_finite.md").is_file():
+        L += ["### The same with the NaN policy", "",
+              "Distances of a structure missing from the prediction (or spurious) are left out instead of the "
+              "penalty; each cell shows how many cases remain.", "", (comp / "table_finite.md").read_text().strip(), ""]
+    L += ["### Missing and spurious structures", ""] + missing_lines(ctx)
+    L += ["## Which rows changed against the baseline?", ""] + improvement_summary(ctx) + [""]
 
     # ---- figures
     figs = state.get("figures", {}).get("result", {})
@@ -182,8 +261,12 @@ def write_report(ctx) -> Path:
         d = cfg.side(side)
         if d.phantom:
             seeds.append(f"{side} phantoms: vendor {d.phantom}, seed {d.seed}")
-    seeds.append(f"segmenter training seed {cfg.seed} (nnUNet_sddm_seed: network initialisation and data loading; "
-                 f"bit-identical on the CPU with single-threaded augmentation, not on CUDA)")
+    seeds.append(f"segmenter training seed(s) {', '.join(map(str, cfg.seeds()))} (one per repeat; nnUNet_sddm_seed: "
+                 f"network initialisation, data loading and augmentation; bit-identical on the CPU with "
+                 f"single-threaded augmentation, not on CUDA)")
+    if cfg.alternatives.fda:
+        seeds.append(f"FDA: source slice choices seeded with {cfg.seed} and the case id "
+                     f"(`adapted/fda/adaptation.json` lists them)")
     try:
         dcfg = json.loads((ctx.model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):

@@ -1,5 +1,8 @@
-"""Stage ``compare``: Welch's t-tests of every approach against its segmenter's baseline, Table 1
-(Markdown, CSV, LaTeX) and CI bar charts, into ``OUT/comparison/``."""
+"""Stage ``compare``: every row against its segmenter's baseline, over the same target cases and
+the mean over repeats: paired tests (Wilcoxon signed-rank, paired t), Holm correction over the
+comparisons of one table, mean paired differences with seeded bootstrap 95% CIs, the agreement
+between repeats, Welch's test (the paper's), missing/spurious structure counts, Table 1 (Markdown,
+CSV, LaTeX; also with the NaN policy) and bar charts, into ``OUT/comparison/``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,38 +14,40 @@ from nnunet_sddm.study.stages import Stage
 
 
 def run_compare(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
-    """Welch's t-tests of every approach against its segmenter's baseline; Table 1; CI bars."""
-    entries = ctx.entries()
-    baselines = [(name, ctx.evaluation_dir(a, s)) for a, s, name, _ in entries if a == "Baseline"]
-    candidates = [(name, ctx.evaluation_dir(a, s)) for a, s, name, _ in entries if a != "Baseline"]
-    out = compare_results(baselines, candidates, out_dir=ctx.out / "comparison",
-                          alpha=float(ctx.cfg.evaluation.alpha), overwrite=True)
-    return {"improvements": surface_verdicts(out["welch"])}
+    """Tests of every row against its baseline; the tables; the missing-structure counts."""
+    ev = ctx.cfg.evaluation
+    sources = [(e.name, [ctx.evaluation_dir(e.approach.name, e.segmenter, s) for s in ctx.cfg.seeds()])
+               for e in ctx.entries()]
+    baselines = [(n, s) for n, s in sources if n.startswith("Baseline/")]
+    candidates = [(n, s) for n, s in sources if not n.startswith("Baseline/")]
+    out = compare_results(baselines, candidates, out_dir=ctx.out / "comparison", alpha=float(ev.alpha),
+                          overwrite=True, test=ev.test, seed=ctx.cfg.seed)
+    return {"improvements": surface_verdicts(out["tests"])}
 
 
-def surface_verdicts(welch_rows: List[dict]) -> Dict[str, Dict[str, str]]:
-    """For each candidate, per metric (all structures pooled): ``better (p=...)``,
-    ``worse (p=...)`` or ``n.s. (p=...)`` against its baseline at the study's alpha."""
+def surface_verdicts(test_rows: List[dict]) -> Dict[str, Dict[str, str]]:
+    """For each candidate, per metric (all structures pooled): ``better``, ``worse`` or ``n.s.``
+    against its baseline by the table's test after Holm's correction, with the adjusted p."""
     out: Dict[str, Dict[str, str]] = {}
-    for r in welch_rows:
+    for r in test_rows:
         if r["structure"] != "all":
             continue
-        p = r["p"]
+        p = r["p_holm"]
         if r["significant"]:
             verdict = "better" if r["candidate_better"] else "worse"
         else:
             verdict = "n.s. " + ("(better mean)" if r["candidate_better"] else "(worse mean)")
-        out.setdefault(r["candidate"], {})[r["metric"]] = f"{verdict}, p={p:.2g}" if p == p else verdict
+        out.setdefault(r["candidate"], {})[r["metric"]] = f"{verdict}, p_holm={p:.2g}" if p == p else verdict
     return out
 
 
 def compare_inputs(ctx: StudyContext) -> Any:
-    return {"alpha": ctx.cfg.evaluation.alpha}
+    return {"alpha": ctx.cfg.evaluation.alpha, "test": ctx.cfg.evaluation.test, "seed": ctx.cfg.seed}
 
 
 def compare_outputs(ctx: StudyContext) -> List[Path]:
     return [ctx.out / "comparison"]
 
 
-STAGE = Stage("compare", "Welch's t-tests against each baseline, Table 1", run_compare, compare_inputs,
-              compare_outputs, ("evaluate",))
+STAGE = Stage("compare", "paired tests against each baseline (Holm), Table 1, missing structures", run_compare,
+              compare_inputs, compare_outputs, ("evaluate",))

@@ -1,5 +1,5 @@
 """Stage ``data``: generate the phantom datasets, or link the user's datasets into the study's
-``nnUNet_raw``; check both are labelled with the same label map."""
+``nnUNet_raw``; check their label maps agree on the structures both name."""
 from __future__ import annotations
 
 import json
@@ -72,20 +72,26 @@ def check_labelled(images: Path, labels: Path, what: str) -> int:
     return len(imgs)
 
 
-def check_same_labels(source: Path, target: Path) -> None:
-    """``SDDMError`` naming both ``dataset.json`` files and the differing labels unless the source
-    and the target datasets have the same ``labels`` (predictions carry the source's label values
-    and are scored with the target's)."""
+def check_compatible_labels(source: Path, target: Path) -> Dict[str, List[str]]:
+    """The structures the source and the target datasets both label (``shared``) and those only
+    one of them labels (``source_only``, ``target_only``: skipped by the evaluation). ``SDDMError``
+    naming both ``dataset.json`` files if the label maps conflict (a name with two values, a value
+    with two names) or share no structure (predictions carry the source's label values and are
+    scored with the target's)."""
     a, b = load_dataset_json(source).get("labels"), load_dataset_json(target).get("labels")
-    if a == b:
-        return
-    a, b = a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}
-    diff = [f"{k}: {a[k]!r} (source) vs {b[k]!r} (target)" for k in a if k in b and a[k] != b[k]]
-    diff += [f"{k}: only in the source ({a[k]!r})" for k in a if k not in b]
-    diff += [f"{k}: only in the target ({b[k]!r})" for k in b if k not in a]
-    raise SDDMError(f"{source / 'dataset.json'} and {target / 'dataset.json'}: the source and the target "
-                    f"datasets have different labels ({'; '.join(diff) or 'not a labels object'}); the study "
-                    f"compares structures by label value, so both must use the same label map")
+    a, b = (dict(x) if isinstance(x, dict) else {} for x in (a, b))
+    a.pop("background", None), b.pop("background", None)
+    conflicts = [f"{k}: {a[k]!r} (source) vs {b[k]!r} (target)" for k in a if k in b and a[k] != b[k]]
+    by_value = {v: k for k, v in a.items()}
+    conflicts += [f"value {v!r}: {by_value[v]} (source) vs {k} (target)" for k, v in b.items()
+                  if v in by_value and by_value[v] != k]
+    shared = [k for k in a if k in b and a[k] == b[k]]
+    if conflicts or not shared:
+        raise SDDMError(f"{source / 'dataset.json'} and {target / 'dataset.json'}: the source's and the target's "
+                        f"label maps {'conflict (' + '; '.join(conflicts) + ')' if conflicts else 'share no structure'}"
+                        f"; the study compares structures by name and value, so a structure both datasets label "
+                        f"must have the same value in both")
+    return {"shared": shared, "source_only": [k for k in a if k not in b], "target_only": [k for k in b if k not in a]}
 
 
 def run_data(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
@@ -100,7 +106,7 @@ def run_data(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
             else:
                 name = parse_dataset_folder_name(final.name)[1]
                 generate_phantom_dataset(d.id, d.phantom, d.subjects, d.test_subjects, seed=d.seed, name=name,
-                                         overwrite=False, matrix=d.matrix)
+                                         overwrite=False, matrix=d.matrix, labels=d.labels)
         elif not ctx.environment_mode:
             src = ctx.user_datasets[side]
             if final.is_symlink() or final.exists():
@@ -112,7 +118,7 @@ def run_data(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(splits, dst)
         result[side] = final.name
-    check_same_labels(ctx.raw("source"), ctx.raw("target"))
+    result["structures"] = check_compatible_labels(ctx.raw("source"), ctx.raw("target"))
     n_src = check_labelled(ctx.raw("source") / "imagesTr", ctx.raw("source") / "labelsTr", "source dataset")
     n_tgt = check_labelled(ctx.target_images, ctx.target_labels, "target test set")
     syn = ctx.folders["raw"] / ctx.dataset_name("synthetic")

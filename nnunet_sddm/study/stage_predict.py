@@ -1,14 +1,18 @@
-"""Stage ``predict``: every trained model segments the target test images as they are
-(``original``), as the adaptation stage adapted them (``adapted``), and the ensemble of both
-(``ensemble``: mean class probabilities).
+"""Stage ``predict``: every trained model segments the target test images its rows need: as they
+are (``original``), as SD-DM adapted them (``adapted``), as the alternatives standardised them
+(``histmatch``, ``fda``), the ensemble of original and adapted (``ensemble``: mean class
+probabilities), and, with ``postprocess``, the same segmentations post-processed (``__lcc``:
+the largest connected component per structure).
 
 The predictions run through the same code as ``nnUNetv2_sddm_predict``
-(``nnunet_sddm.adaptation.predictor``): the model is loaded once per segmenter by
-``load_nnunet_predictor`` (nnUNetv2_predict's predictor and thread settings), each folder is
-predicted by ``predict_folder`` (sequential, no worker processes, with class probabilities) and
-the ensemble is nnU-Net's ``merge_files`` through ``ensemble_folders``, as
-``--ensemble-original``. Each output folder is built under a temporary name and renamed when
-complete, so a folder that exists is finished.
+(``nnunet_sddm.adaptation.predictor``): the model is loaded once per model by
+``load_nnunet_predictor`` (nnUNetv2_predict's predictor and thread settings; mirroring test-time
+augmentation where the checkpoint allows it, i.e. for the models trained with nnU-Net's
+augmentation), each folder is predicted by ``predict_folder`` (sequential, no worker processes)
+and the ensemble is nnU-Net's ``merge_files`` through ``ensemble_folders``, as
+``--ensemble-original``; post-processing is ``--postprocess``'s ``postprocess_folder``. Each
+output folder is built under a temporary name and renamed when complete, so a folder that exists
+is finished.
 """
 from __future__ import annotations
 
@@ -21,52 +25,65 @@ from typing import Any, Dict, List
 import torch
 
 from nnunet_sddm.adaptation import predictor as nnunet_prediction
-from nnunet_sddm.study.context import StudyContext
+from nnunet_sddm.adaptation.postprocess import postprocess_folder
+from nnunet_sddm.study.context import Model, StudyContext
 from nnunet_sddm.study.stages import Stage
 from nnunet_sddm.study.stage_train import segmenter_inputs
 from nnunet_sddm.utilities.files import staging_dir
 
-INPUTS = ("original", "adapted", "ensemble")
+#: Inputs with images of their own (``ensemble`` merges the probabilities of original and adapted).
+IMAGE_INPUTS = ("original", "adapted", "histmatch", "fda")
 
 
 def run_predict(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
-    """Segment the target test images, original and adapted, with every trained model, and the
-    ensemble of both (mean class probabilities)."""
+    """Segment the target test images every row needs with every trained model."""
     threads = torch.get_num_threads()  # nnUNetv2_predict's thread settings hold for this stage only
     try:
-        return _predict_all(ctx, resume)
+        return {m.key: _predict_model(ctx, m, resume) for m in ctx.models()}
     finally:
         torch.set_num_threads(threads)
 
 
-def _predict_all(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
-    result = {}
-    for seg, kind, mdir in ctx.segmenter_models():
-        dirs = {inp: ctx.prediction_dir(kind, seg, inp) for inp in INPUTS}
-        if resume and all(d.is_dir() for d in dirs.values()):
-            continue
-        t0 = time.perf_counter()
+def _predict_model(ctx: StudyContext, m: Model, resume: bool) -> Dict[str, Any]:
+    rows = [a for a in ctx.cfg.approaches() if a.kind == m.kind]
+    inputs = list(dict.fromkeys(a.input for a in rows))
+    ensemble = "ensemble" in inputs
+    if ensemble:
+        inputs = list(dict.fromkeys(["original", "adapted"] + inputs))
+    posts = [(a.input, a.postprocess) for a in rows if a.postprocess]
+    dirs = {inp: ctx.prediction_dir(m.kind, m.segmenter, inp, m.seed) for inp in inputs}
+    t0 = time.perf_counter()
+    todo = [inp for inp in inputs if not (resume and dirs[inp].is_dir())]
+    if todo:
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints its trainer lookup and every case
             predictor = nnunet_prediction.load_nnunet_predictor(
-                mdir, [ctx.cfg.fold], device=ctx.device, step_size=ctx.cfg.nnunet.step_size, allow_tqdm=False)
-            for inp, images in (("original", ctx.target_images), ("adapted", ctx.adapted)):
-                if not (resume and dirs[inp].is_dir()):
-                    with staging_dir(dirs[inp], overwrite=True) as tmp:
-                        nnunet_prediction.predict_folder(predictor, images, tmp, save_probabilities=True)
-            with staging_dir(dirs["ensemble"], overwrite=True) as tmp:
-                cases = nnunet_prediction.ensemble_folders(predictor, [dirs["original"], dirs["adapted"]], tmp)
-        result[f"{kind}__{seg}"] = {"cases": len(cases), "seconds": round(time.perf_counter() - t0, 1)}
-        ctx.log(f"[study]   predicted with {kind}__{seg}: {len(cases)} cases x 3 inputs")
-    return result
+                m.folder, [ctx.cfg.fold], device=ctx.device, step_size=ctx.cfg.nnunet.step_size, allow_tqdm=False)
+            for inp in todo:
+                with staging_dir(dirs[inp], overwrite=True) as tmp:
+                    if inp == "ensemble":
+                        nnunet_prediction.ensemble_folders(predictor, [dirs["original"], dirs["adapted"]], tmp)
+                    else:
+                        nnunet_prediction.predict_folder(predictor, ctx.input_images(inp), tmp,
+                                                         save_probabilities=ensemble and inp in ("original",
+                                                                                                 "adapted"))
+    for inp, post in posts:
+        out = ctx.prediction_dir(m.kind, m.segmenter, inp, m.seed, post)
+        if not (resume and out.is_dir()):
+            postprocess_folder(dirs[inp], out, overwrite=True, progress=False)
+    cases = len(list(dirs[inputs[0]].glob("*.nii.gz")))
+    ctx.log(f"[study]   predicted with {m.key}: {cases} cases x {len(inputs)} inputs"
+            + (f", {len(posts)} post-processed" if posts else ""))
+    return {"cases": cases, "inputs": inputs, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def predict_inputs(ctx: StudyContext) -> Any:
-    return {**segmenter_inputs(ctx), "step_size": ctx.cfg.nnunet.step_size}
+    return {**segmenter_inputs(ctx), "step_size": ctx.cfg.nnunet.step_size,
+            "rows": [[a.kind, a.input, a.postprocess] for a in ctx.cfg.approaches()]}
 
 
 def predict_outputs(ctx: StudyContext) -> List[Path]:
     return [ctx.out / "predictions"]
 
 
-STAGE = Stage("predict", "predict the target test set (original, adapted, ensemble)", run_predict, predict_inputs,
-              predict_outputs, ("data", "adaptation", "train"))
+STAGE = Stage("predict", "predict the target test set (every input and post-processing the rows need)",
+              run_predict, predict_inputs, predict_outputs, ("data", "adaptation", "alternatives", "train"))

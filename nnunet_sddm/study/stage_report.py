@@ -22,5 +22,5 @@ def report_outputs(ctx: StudyContext) -> List[Path]:
 
 
 STAGE = Stage("report", "report.md", run_report, report_inputs, report_outputs,
-              ("data", "diffusion", "synthesis", "adaptation", "preprocess", "train", "predict", "evaluate",
-               "compare", "figures"))
+              ("data", "diffusion", "synthesis", "adaptation", "alternatives", "preprocess", "train", "predict",
+               "evaluate", "compare", "figures"))

@@ -1,5 +1,7 @@
-"""Stage ``train``: every segmenter trained on the real and on the synthetic source
-(``nnUNetv2_train`` in a subprocess; logs in ``OUT/logs/train_<kind>__<segmenter>.log``)."""
+"""Stage ``train``: every segmenter the table's rows need, for every repeat's seed: trained on the
+real source without augmentation, on the synthetic source (DG), and on the real source with
+nnU-Net's standard augmentation (the ``nnU-Net aug`` row); ``nnUNetv2_train`` in a subprocess,
+logs in ``OUT/logs/train_<kind>__<segmenter>__seed<S>.log``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,21 +13,24 @@ from nnunet_sddm.study.context import StudyContext
 from nnunet_sddm.study.ownership import clean_study_outputs, guard_user_outputs
 from nnunet_sddm.study.stages import Stage
 
+_TRAINED_ON = {"real": "the real source", "synthetic": "the synthetic source",
+               "real_aug": "the real source with nnU-Net's augmentation"}
+
 
 def segmenter_inputs(ctx: StudyContext) -> Dict[str, Any]:
-    """The segmenters, their trainers, the fold and the training seed (what the trained models depend on)."""
-    return {"segmenters": list(ctx.cfg.segmenters), "trainers": {s: ctx.cfg.trainer(s) for s in ctx.cfg.segmenters},
-            "fold": ctx.cfg.fold, "seed": ctx.cfg.seed}
+    """The trained models and what they depend on: segmenters, trainers, kinds, fold and seeds."""
+    return {"models": [[m.segmenter, m.kind, m.seed, ctx.cfg.trainer(m.segmenter, m.kind == "real_aug")]
+                       for m in ctx.models()], "fold": ctx.cfg.fold}
 
 
 def train_outputs(ctx: StudyContext) -> List[Path]:
-    return [nnunet_steps.fold_folder(m, ctx.cfg.fold) / "checkpoint_final.pth" for _, _, m in ctx.segmenter_models()]
+    return [nnunet_steps.fold_folder(m.folder, ctx.cfg.fold) / "checkpoint_final.pth" for m in ctx.models()]
 
 
 def train_clean(ctx: StudyContext) -> None:
     """Remove the study's old models; with a fold number, also claim the splits file nnU-Net
     writes when a dataset has none (an existing one is the user's: used, never deleted)."""
-    clean_study_outputs(ctx, "train", [m for _, _, m in ctx.segmenter_models()])
+    clean_study_outputs(ctx, "train", [m.folder for m in ctx.models()])
     if ctx.cfg.fold != "all":
         splits = [ctx.folders["preprocessed"] / ctx.dataset_name(side) / "splits_final.json"
                   for side in ("source", "synthetic")]
@@ -33,24 +38,23 @@ def train_clean(ctx: StudyContext) -> None:
 
 
 def run_train(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
-    """Train every segmenter on the real and on the synthetic source (nnUNetv2_train)."""
+    """Train every model of ``ctx.models()`` (nnUNetv2_train)."""
     fold = ctx.cfg.fold
     result = {}
-    for seg, kind, mdir in ctx.segmenter_models():
-        key = f"{kind}__{seg}"
-        if resume and nnunet_steps.is_trained(mdir, fold):
-            ctx.log(f"[study]   {key}: trained before the interruption - kept")
+    for m in ctx.models():
+        if resume and nnunet_steps.is_trained(m.folder, fold):
+            ctx.log(f"[study]   {m.key}: trained before the interruption - kept")
             continue
-        side = "source" if kind == "real" else "synthetic"
-        configuration, trainer = SEGMENTERS[seg][0], ctx.cfg.trainer(seg)
-        ctx.log(f"[study]   training {SEGMENTERS[seg][2]} on the {kind} source ({trainer}, {configuration}, "
-                f"fold {fold})")
-        cont = resume and (nnunet_steps.fold_folder(mdir, fold) / "checkpoint_latest.pth").is_file()
-        seconds = nnunet_steps.train(ctx.dataset_id(side), configuration, fold, trainer, ctx.device,
-                                     ctx.nnunet_env(training=True), ctx.out / "logs" / f"train_{key}.log", resume=cont)
-        result[key] = {"model": str(mdir), "trainer": trainer, "seconds": round(seconds, 1)}
+        configuration, trainer = SEGMENTERS[m.segmenter][0], ctx.cfg.trainer(m.segmenter, m.kind == "real_aug")
+        ctx.log(f"[study]   training {SEGMENTERS[m.segmenter][2]} on {_TRAINED_ON[m.kind]} ({trainer}, "
+                f"{configuration}, fold {fold}, seed {m.seed})")
+        cont = resume and (nnunet_steps.fold_folder(m.folder, fold) / "checkpoint_latest.pth").is_file()
+        seconds = nnunet_steps.train(ctx.dataset_id(ctx.model_side(m)), configuration, fold, trainer, ctx.device,
+                                     ctx.nnunet_env(training=True, seed=m.seed),
+                                     ctx.out / "logs" / f"train_{m.key}.log", resume=cont)
+        result[m.key] = {"model": str(m.folder), "trainer": trainer, "seconds": round(seconds, 1)}
     return result
 
 
-STAGE = Stage("train", "train every segmenter on real and synthetic source", run_train, segmenter_inputs,
-              train_outputs, ("preprocess",), train_clean)
+STAGE = Stage("train", "train every segmenter (real, synthetic, augmented; every seed)", run_train,
+              segmenter_inputs, train_outputs, ("preprocess",), train_clean)
