@@ -88,3 +88,53 @@ def test_sampler_guidance_key():
     assert cfg.sampler.inputs()["settings"]["guidance"] == "projection"  # part of the sampling stages' fingerprint
     with pytest.raises(SDDMError, match="sampler.*guidance"):
         build_config({"sampler": {"guidance": "ilvr"}})
+
+
+def test_the_study_json_reference_lists_every_default():
+    """docs/reference/study_json.md's "All keys and their defaults" block is DEFAULTS, key for key."""
+    import json
+    import re
+    from pathlib import Path
+
+    from nnunet_sddm.study.config import DEFAULTS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "study_json.md").read_text()
+    block = re.search(r"## All keys and their defaults\s+```json\n(.*?)```", doc, re.S).group(1)
+    assert json.loads(block) == json.loads(json.dumps(DEFAULTS))
+
+
+def test_rows_repeats_and_alternatives():
+    """The table's rows follow alternatives and postprocess; repeats give consecutive seeds; the
+    nnU-Net aug row trains the augmented families under the same schedule."""
+    cfg = build_config({"repeats": 3, "seed": 5}, quick=True)
+    assert cfg.seeds() == (5, 6, 7)
+    names = [a.name for a in cfg.approaches()]
+    assert names[:9] == ["Baseline", "nnU-Net aug", "HistMatch", "FDA", "DA", "DG", "Mixed", "DA+ens", "Mixed+ens"]
+    assert names[9:] == [n + "+LCC" for n in names[:9]]
+    assert cfg.kinds() == ["real", "synthetic", "real_aug"]
+    assert cfg.trainer("2d", augmented=True) == "nnUNetTrainer_SDDM_Aug_1ep_150it"
+    assert cfg.trainer("vanilla", augmented=True) == "nnUNetTrainer_SDDM_VanillaUNetAug_1ep_150it"
+    full = build_config({})
+    assert (full.trainer("3d_fullres", True), full.trainer("vanilla", True)) == (
+        "nnUNetTrainer_SDDM_Aug_250ep", "nnUNetTrainer_SDDM_VanillaUNetAug")
+    paper = build_config({"alternatives": {"histmatch": False, "fda": False, "nnunet_aug": False},
+                          "postprocess": None})
+    assert [a.name for a in paper.approaches()] == ["Baseline", "DA", "DG", "Mixed", "DA+ens", "Mixed+ens"]
+    assert paper.kinds() == ["real", "synthetic"]
+    lvmyo = build_config({"target": {"labels": ["LV", "MYO"]}})
+    assert lvmyo.target.labels == ("LV", "MYO") and lvmyo.source.labels is None
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"repeats": 0}, r"repeats must be an integer >= 1"),
+    ({"alternatives": {"fda_beta": 0.5}}, r"alternatives.fda_beta must be in \[0, 0.5\)"),
+    ({"alternatives": {"histmatch": "yes"}}, r"alternatives.histmatch must be true or false"),
+    ({"alternatives": {"cyclegan": True}}, r"unknown key\(s\) 'cyclegan' in 'alternatives'"),
+    ({"postprocess": "crf"}, r"postprocess must be null or one of lcc"),
+    ({"evaluation": {"test": "mannwhitney"}}, r"evaluation.test must be one of wilcoxon, ttest_rel, welch"),
+    ({"target": {"labels": ["LV", "LA"]}}, r"target.labels must be null \(all\) or a list of distinct structures"),
+    ({"target": {"dataset": "27", "labels": ["LV"]}}, r"target.labels applies to phantoms only"),
+])
+def test_new_keys_are_validated(bad, match):
+    with pytest.raises(SDDMError, match=match):
+        build_config(bad)
