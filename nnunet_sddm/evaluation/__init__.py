@@ -4,8 +4,10 @@
 ``metrics``         DSC, IoU, ASD, ASSD, HD, HD95 per structure; empty-mask policy; per-slice mode
 ``io``              label-map reading and geometry checks (no torch / nnU-Net imports)
 ``evaluate``        folders of predictions vs references -> per_case.csv, summary.json, summary.md
-``statistics``      mean/std/median/95% CI, Welch's t-test
-``compare``         Welch's tests vs the baseline, Table-1 tables (``tables``), CI bar charts (``figures``)
+                    (the structures both label maps name)
+``statistics``      mean/std/median/95% CI; paired tests (Wilcoxon, paired t), bootstrap CIs, Holm; Welch
+``compare``         every row vs its baseline (paired tests, Holm, repeats, Welch), Table-1 tables
+                    (``tables``), missing/spurious structure counts, CI bar charts (``figures``)
 ``image_features``  the 22 DSMRI image features per slice/volume
 ``domain_shift``    features of image sets, t-SNE, random-forest domain separability
 

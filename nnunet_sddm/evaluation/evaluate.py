@@ -149,6 +149,19 @@ def parse_label_args(items: Sequence[str], option: str = "--labels") -> Dict[str
     return out
 
 
+def read_dataset_json(path: Path) -> dict:
+    """The JSON object of a ``dataset.json`` file; ``SDDMError`` naming it if missing or invalid."""
+    if not path.is_file():
+        raise SDDMError(f"{path}: dataset.json not found")
+    try:
+        dj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SDDMError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(dj, dict):
+        raise SDDMError(f"{path}: expected a JSON object")
+    return dj
+
+
 def resolve_prediction_labels(prediction_labels: Optional[Union[Mapping[str, int], Sequence[str]]] = None,
                               prediction_dataset_json: Optional[PathLike] = None) -> Optional[Dict[str, int]]:
     """The model's label map: ``prediction_labels`` (mapping or ``NAME=VALUE`` strings), else the
@@ -165,15 +178,7 @@ def resolve_prediction_labels(prediction_labels: Optional[Union[Mapping[str, int
         return parse_label_args(prediction_labels, "--prediction-labels")
     if prediction_dataset_json:
         p = Path(prediction_dataset_json)
-        if not p.is_file():
-            raise SDDMError(f"{p}: dataset.json not found")
-        try:
-            dj = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SDDMError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(dj, dict):
-            raise SDDMError(f"{p}: expected a JSON object")
-        return labels_from_dataset_json(dj, str(p))
+        return labels_from_dataset_json(read_dataset_json(p), str(p))
     return None
 
 
@@ -190,16 +195,7 @@ def resolve_labels(labels: Optional[Union[Mapping[str, int], Sequence[str]]] = N
     if dj_path is None:
         dj_path = next((Path(d) / "dataset.json" for d in search_dirs if (Path(d) / "dataset.json").is_file()),
                        None)
-    dj = None
-    if dj_path is not None:
-        if not dj_path.is_file():
-            raise SDDMError(f"{dj_path}: dataset.json not found")
-        try:
-            dj = json.loads(dj_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SDDMError(f"{dj_path}: not valid JSON ({e})") from None
-        if not isinstance(dj, dict):
-            raise SDDMError(f"{dj_path}: expected a JSON object")
+    dj = read_dataset_json(dj_path) if dj_path is not None else None
     ending = dj.get("file_ending") if dj else None
     if labels:
         lab = dict(labels) if isinstance(labels, Mapping) else parse_label_args(labels)
