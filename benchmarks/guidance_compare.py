@@ -70,8 +70,10 @@ def da_rows(ctx, adapted: Path, out: Path) -> Dict[str, dict]:
 
     ev = ctx.cfg.evaluation
     rows = {}
-    for seg, kind, mdir in ctx.segmenter_models():
-        if kind != "real" or not (mdir / f"fold_{ctx.cfg.fold}" / "checkpoint_final.pth").is_file():
+    for m in ctx.models():
+        seg, mdir = m.segmenter, m.folder
+        if m.kind != "real" or m.seed != ctx.cfg.seed or \
+                not (mdir / f"fold_{ctx.cfg.fold}" / "checkpoint_final.pth").is_file():
             continue
         pred = out / f"pred_{seg}"
         with contextlib.redirect_stdout(io.StringIO()):
@@ -86,10 +88,11 @@ def da_rows(ctx, adapted: Path, out: Path) -> Dict[str, dict]:
 
 
 def study_rows(ctx, approach: str) -> Dict[str, dict]:
-    """The study's own row ``approach`` (e.g. Baseline, DA) per segmenter, from its evaluation folders."""
+    """The study's own row ``approach`` (e.g. Baseline, DA) per segmenter, from its evaluation folders
+    (the first repeat's, trained with the study seed, as ``da_rows``)."""
     rows = {}
     for seg in ctx.cfg.segmenters:
-        summary = ctx.evaluation_dir(approach, seg) / "summary.json"
+        summary = ctx.evaluation_dir(approach, seg, ctx.cfg.seed) / "summary.json"
         if summary.is_file():
             metrics = json.loads(summary.read_text())["structures"]["all"]["metrics"]
             rows[seg] = {m: d["mean"] for m, d in metrics.items()}
