@@ -3,9 +3,10 @@
 A reviewer's first question about a domain-adaptation result is "versus nnU-Net's own
 augmentation?" (the M&Ms 2020 winners relied on it). These trainers are the stock
 ``nnUNetTrainer`` recipe (spatial, intensity, noise, blur, gamma, low-resolution and mirroring
-augmentation; mirroring test-time augmentation at inference, as ``nnUNetv2_predict`` does for the
-stock trainer) with the SAME schedule and seeding as the study's no-augmentation trainers, so the
-only difference between a ``Baseline`` and an ``nnU-Net aug`` row is the augmentation.
+augmentation; the checkpoint allows mirroring test-time augmentation, which ``nnUNetv2_predict``
+then uses by default) with the SAME schedule and seeding as the study's no-augmentation trainers.
+The study predicts every row without mirroring, so the only difference between a ``Baseline`` and
+an ``nnU-Net aug`` row is the training augmentation.
 
 Names: ``nnUNetTrainer_SDDM_Aug_250ep`` (nnU-Net's planned network) and
 ``nnUNetTrainer_SDDM_VanillaUNetAug`` (the paper's vanilla 2D U-Net, 250 epochs), any

@@ -195,6 +195,12 @@ def test_target_with_fewer_labels_than_the_model(tmp_path, capsys):
     evaluate_main(["-ref", str(ref), "-pred", str(pred), "--labels", "LV=1", "MYO=2", "--prediction-labels",
                    "LV=1", "MYO=2", "RV=3", "-o", str(tmp_path / "o3"), "-np", "1", "--quiet"])
     assert load_results(tmp_path / "o3").structures == ["LV", "MYO"]
+    # nnU-Net copies the MODEL's dataset.json into its prediction folder: with the model's labels given,
+    # the reference's are not taken from there (they come from the reference side)
+    (pred / "dataset.json").write_text(dj.read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "LV": 1, "MYO": 2}}))
+    res = evaluate_folders(ref, pred, prediction_dataset_json=dj, num_processes=1, progress=False)
+    assert res.structures == ["LV", "MYO"] and list(res.skipped_structures) == ["RV"]
     # conflicting maps are refused: one name with two values, one value with two names
     with pytest.raises(SDDMError, match="conflicting label maps.*LV=1.*LV=2"):
         evaluate_folders(ref, pred, labels=target, prediction_labels={"LV": 2, "MYO": 1}, progress=False)

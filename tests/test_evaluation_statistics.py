@@ -253,3 +253,16 @@ def test_chart_bars_leave_penalties_out_and_clip_cis(tmp_path):
            "DA/2d": {"LV": [False] * 4, "RV": [True, False, False, True]}}
     png = bar_chart_ci(samples, "HD95", tmp_path / "hd95.png", penalised=pen)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdict_direction_follows_the_paired_difference():
+    """With NaNs in different cases the unpaired means and the paired difference can disagree in
+    sign; a paired test's verdict takes the paired difference's (Welch's: the means')."""
+    base = res_of({"a": 0.2, "b": 0.9, "c": 0.3})
+    cand = res_of({"a": 0.25, "b": math.nan, "c": 0.35})  # +0.05 where both are finite; lower mean overall
+    for test, better in (("wilcoxon", True), ("ttest_rel", True), ("welch", False)):
+        out = compare_results(("Baseline", base), [("X", cand)], test=test, n_boot=100)
+        row = [r for r in out["tests"] if r["structure"] == "all" and r["metric"] == "DSC"][0]
+        assert row["mean_diff"] == pytest.approx(0.05) and row["candidate_better"] is better, test
+        hd = [r for r in out["tests"] if r["structure"] == "all" and r["metric"] == "HD"][0]
+        assert hd["candidate_better"] is (not better), test  # distances: lower is better

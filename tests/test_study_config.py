@@ -138,3 +138,12 @@ def test_rows_repeats_and_alternatives():
 def test_new_keys_are_validated(bad, match):
     with pytest.raises(SDDMError, match=match):
         build_config(bad)
+
+
+def test_the_augmented_row_refuses_trainer_overrides():
+    """nnU-Net aug trains the plugin's augmented family with epochs / iterations_per_epoch: with a
+    trainer override for a segmenter the two rows would not share a schedule."""
+    with pytest.raises(SDDMError, match=r"trainers gives its own trainer for 2d, but the nnU-Net aug row"):
+        build_config({"trainers": {"2d": "nnUNetTrainer_SDDM_NoDA_50ep"}})
+    cfg = build_config({"trainers": {"2d": "nnUNetTrainer_SDDM_NoDA_50ep"}, "alternatives": {"nnunet_aug": False}})
+    assert cfg.trainer("2d") == "nnUNetTrainer_SDDM_NoDA_50ep" and "real_aug" not in cfg.kinds()

@@ -133,6 +133,8 @@ def overrides_from_args(a: argparse.Namespace) -> Dict[str, Any]:
     put("fold", a.fold)
     put("repeats", a.repeats)
     if a.method is not None:
+        if "none" in a.method and len(a.method) > 1:
+            raise SDDMError(f"--method {' '.join(a.method)}: 'none' cannot be combined with a method")
         for k in ("histmatch", "fda", "nnunet_aug"):
             put(f"alternatives.{k}", k in a.method)
     put("alternatives.fda_beta", a.fda_beta)

@@ -138,6 +138,12 @@ class Entry:
                     spread=float(rm.std(ddof=1)) if rm.size >= 2 else math.nan, repeats=len(self.repeats))
 
 
+def _better(metric: str, change: float) -> bool:
+    """Whether a change (candidate - baseline) of ``metric`` is an improvement; the direction of a
+    paired test's verdict is the sign of the mean PAIRED difference, Welch's of the means."""
+    return bool(change > 0) if HIGHER_IS_BETTER[metric] else bool(change < 0)
+
+
 def paired_values(a: Tuple[List[str], np.ndarray], b: Tuple[List[str], np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """Values of two ``(case ids, values)`` samples on their common cases, in sorted case order
     (so the pairing, and the bootstrap, do not depend on the row order of the inputs)."""
@@ -223,7 +229,7 @@ def _comparisons(entries: Dict[str, Entry], pairs: Sequence[Tuple[str, str]], gr
                     "n": pt["n"], "mean_diff": pt["mean_diff"], "ci_low": pt["ci_low"], "ci_high": pt["ci_high"],
                     "t_welch": w["t"], "p_welch": w["p"], "t_ttest_rel": pt["t"], "p_ttest_rel": pt["p_ttest_rel"],
                     "p_wilcoxon": pt["p_wilcoxon"], "test": test, "p_holm": math.nan, "significant": False,
-                    "candidate_better": bool((cm > bm) if HIGHER_IS_BETTER[m] else (cm < bm)),
+                    "candidate_better": _better(m, cm - bm if test == "welch" else pt["mean_diff"]),
                     "repeats": len(c.repeats), "repeats_same_sign_significant": agree if agreement else -1})
     key = {"welch": "p_welch", "ttest_rel": "p_ttest_rel", "wilcoxon": "p_wilcoxon"}[test]
     for s in groups:

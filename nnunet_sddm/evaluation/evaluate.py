@@ -406,8 +406,11 @@ def evaluate_folders(ref_dir: PathLike, pred_dir: PathLike,
     policy = empty_policy if isinstance(empty_policy, EmptyPolicy) else EmptyPolicy(empty_policy, both_empty)
     if out_dir is not None and Path(out_dir).exists() and not overwrite:
         raise SDDMError(f"{out_dir}: output folder exists (use --overwrite to replace it)")
-    ref_lab, lab_source, ending = resolve_labels(labels, dataset_json, (pred_dir, ref_dir, ref_dir.parent))
     pred_lab = resolve_prediction_labels(prediction_labels, prediction_dataset_json)
+    # nnU-Net copies the MODEL's dataset.json into its prediction folders: when the model's labels
+    # are given separately, the reference's are never read from there
+    search = (ref_dir, ref_dir.parent) if pred_lab is not None else (pred_dir, ref_dir, ref_dir.parent)
+    ref_lab, lab_source, ending = resolve_labels(labels, dataset_json, search)
     lab, skipped = combine_labels(ref_lab, pred_lab) if pred_lab is not None else (ref_lab, {})
     allowed = (tuple(ref_lab.values()), tuple((pred_lab or ref_lab).values()))
     pairs, missing = match_cases(ref_dir, pred_dir, ending, allow_missing)

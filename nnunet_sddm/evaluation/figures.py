@@ -52,7 +52,8 @@ def bar_stats(values: Sequence[float], penalised: Optional[Sequence[bool]] = Non
     lo, hi = confidence_interval(a)
     if np.isfinite(lo):
         lo, hi = float(np.clip(lo, *valid_range)), float(np.clip(hi, *valid_range))
-    return {"mean": m, "ci_low": lo, "ci_high": hi, "n": int(a.size), "n_penalised": int(pen.sum())}
+    # a one-empty case counts as penalised only where it has a value (under the NaN policy it has none)
+    return {"mean": m, "ci_low": lo, "ci_high": hi, "n": int(a.size), "n_penalised": int((pen & np.isfinite(v)).sum())}
 
 
 def bar_chart_ci(samples: Mapping[str, Mapping[str, Sequence[float]]], metric: str,

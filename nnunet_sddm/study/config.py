@@ -382,6 +382,12 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
                       f"fraction of the slice size), got {beta!r}")
     alternatives = AlternativesConfig(histmatch=alt["histmatch"], fda=alt["fda"], nnunet_aug=alt["nnunet_aug"],
                                       fda_beta=beta)
+    overridden = sorted(s for s in trainers if s in segs)
+    if alternatives.nnunet_aug and overridden:
+        raise ck.fail(f"trainers gives its own trainer for {', '.join(overridden)}, but the nnU-Net aug row trains "
+                      f"the plugin's augmented family with epochs/iterations_per_epoch, which would not be the same "
+                      f"schedule; set alternatives.nnunet_aug to false (--method without nnunet_aug) or set the "
+                      f"schedule with epochs and iterations_per_epoch instead of trainers")
     if cfg["postprocess"] is not None and cfg["postprocess"] not in POSTPROCESSING:
         raise ck.fail(f"postprocess must be null or one of {', '.join(POSTPROCESSING)}, got {cfg['postprocess']!r}")
     ck.int(cfg, "repeats", "study", lo=1)

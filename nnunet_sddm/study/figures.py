@@ -51,9 +51,9 @@ def domain_shift_figure(ctx, out_dir: Path) -> Dict[str, Any]:
             "synthetic source (DG)": ctx.folders["raw"] / ctx.dataset_name("synthetic") / "imagesTr",
             "target": ctx.target_images,
             "adapted target (DA)": ctx.adapted,
-            "target, histogram-matched": ctx.input_images("histmatch"),
-            "target, FDA": ctx.input_images("fda")}
-    sets = {k: v for k, v in sets.items() if Path(v).is_dir()}
+            "target, histogram-matched": ctx.input_images("histmatch") if ctx.cfg.alternatives.histmatch else None,
+            "target, FDA": ctx.input_images("fda") if ctx.cfg.alternatives.fda else None}
+    sets = {k: v for k, v in sets.items() if v is not None and Path(v).is_dir()}
     res = domain_shift(sets, out_dir=out_dir, overwrite=True, seed=ctx.cfg.seed,
                        num_processes=ctx.cfg.evaluation.num_processes, progress=ctx.progress)
     rows = res["features"]

@@ -135,8 +135,9 @@ def scope_lines(ctx, data: Dict[str, Any]) -> List[str]:
               f"{cfg.epochs} epoch(s) x {cfg.iterations_per_epoch or 250} iterations")
     paper = cfg.epochs != "quick" and int(cfg.epochs) >= 250 and (cfg.iterations_per_epoch or 250) >= 250
     structures = data.get("structures", {})
-    lines = [f"- **Cases.** {n_t} target test cases" + (f" ({subjects} subjects, ED and ES of each: the two phases "
-                                                        f"of a subject are not independent)" if subjects else "")
+    plural = "s" if subjects != 1 else ""
+    lines = [f"- **Cases.** {n_t} target test cases" + (f" ({subjects} subject{plural}, ED and ES of each: the two "
+                                                        f"phases of a subject are not independent)" if subjects else "")
              + ". Every row is evaluated on the same cases, so the comparisons are paired; with few cases only "
                "large effects can reach significance, and a non-significant change is not evidence of no change.",
              f"- **Repeats.** {cfg.repeats} training seed(s) per segmenter ({', '.join(map(str, cfg.seeds()))}). "
@@ -187,8 +188,11 @@ def write_report(ctx) -> Path:
           f"labels{cfg.target.split} ({data.get('target_test_cases', '?')} cases).",
           f"- DG dataset: `{ctx.dataset_name('synthetic')}` (source training images adapted by the diffusion "
           f"model, original labels, {cfg.synthesis.copies} cop{'y' if cfg.synthesis.copies == 1 else 'ies'}).",
-          "- Segmenters: " + "; ".join(f"{SEGMENTERS[s][2]} (`{SEGMENTERS[s][0]}`, `{cfg.trainer(s)}`, fold "
-                                         f"{cfg.fold})" for s in cfg.segmenters) + ".",
+          "- Segmenters: " + "; ".join(f"{SEGMENTERS[s][2]} (`{SEGMENTERS[s][0]}`, `{cfg.trainer(s)}`"
+                                         + (f", with augmentation `{cfg.trainer(s, augmented=True)}`"
+                                            if "real_aug" in cfg.kinds() else "") + f", fold {cfg.fold})"
+                                         for s in cfg.segmenters)
+          + ". At inference no row uses mirroring test-time augmentation.",
           "- Rows: " + "; ".join(f"**{a.name}**: {_APPROACH_TEXT[a.name]}" for a in cfg.approaches()
                                  if a.postprocess is None)
           + (f"; **+{cfg.postprocess.upper()}**: {_POST_TEXT[cfg.postprocess]}" if cfg.postprocess else "") + ".", "",

@@ -10,7 +10,9 @@ from typing import Any, Dict, List
 
 from nnunet_sddm.adaptation.methods import adapt_folder_classical
 from nnunet_sddm.study.context import StudyContext
-from nnunet_sddm.study.stages import Stage
+from nnunet_sddm.study.stages import Stage, remove_paths
+
+ALL_METHODS = ("histmatch", "fda")
 
 
 def methods(ctx: StudyContext) -> List[str]:
@@ -42,5 +44,10 @@ def alternatives_outputs(ctx: StudyContext) -> List[Path]:
     return [ctx.input_images(m) for m in methods(ctx)]
 
 
+def alternatives_clean(ctx: StudyContext) -> None:
+    """Remove the folders of both methods (a disabled method's old images must not linger)."""
+    remove_paths([ctx.input_images(m) for m in ALL_METHODS])
+
+
 STAGE = Stage("alternatives", "histogram matching and FDA of the target test images", run_alternatives,
-              alternatives_inputs, alternatives_outputs, ("data",))
+              alternatives_inputs, alternatives_outputs, ("data",), alternatives_clean)

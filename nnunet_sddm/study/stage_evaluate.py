@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from nnunet_sddm.data.raw_dataset import load_dataset_json
-from nnunet_sddm.evaluation.evaluate import evaluate_folders
+from nnunet_sddm.evaluation.evaluate import evaluate_folders, load_results
 from nnunet_sddm.study.context import StudyContext
 from nnunet_sddm.study.stages import Stage
 
@@ -17,20 +16,21 @@ from nnunet_sddm.study.stages import Stage
 def run_evaluate(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     """The paper's metrics of every table row and repeat (pooled means in the result)."""
     ev = ctx.cfg.evaluation
-    predicted = {k: int(v) for k, v in load_dataset_json(ctx.raw("source"))["labels"].items() if k != "background"}
     result: Dict[str, Any] = {}
     skipped: List[str] = []
     for seed in ctx.cfg.seeds():
         for entry in ctx.entries():
             out = ctx.evaluation_dir(entry.approach.name, entry.segmenter, seed)
-            if resume and (out / "per_case.csv").is_file():
-                continue
-            res = evaluate_folders(ctx.target_labels, ctx.entry_predictions(entry, seed),
-                                   dataset_json=ctx.raw("target") / "dataset.json", prediction_labels=predicted,
-                                   num_processes=ev.num_processes, empty_policy=ev.empty_policy, out_dir=out,
-                                   overwrite=True, progress=False)
-            skipped = sorted(res.summary.get("skipped_structures", {}))
-            pooled = res.summary["structures"]["all"]["metrics"]
+            if resume and (out / "summary.json").is_file():  # evaluated before the interruption (staged folder)
+                summary = load_results(out).summary
+            else:
+                summary = evaluate_folders(ctx.target_labels, ctx.entry_predictions(entry, seed),
+                                           dataset_json=ctx.raw("target") / "dataset.json",
+                                           prediction_dataset_json=ctx.raw("source") / "dataset.json",
+                                           num_processes=ev.num_processes, empty_policy=ev.empty_policy,
+                                           out_dir=out, overwrite=True, progress=False).summary
+            skipped = sorted(summary.get("skipped_structures", {}))
+            pooled = summary["structures"]["all"]["metrics"]
             result[f"{entry.name}@seed{seed}"] = {m: (d["mean"] if d["mean"] == d["mean"] else None)
                                                   for m, d in pooled.items()}
     result["skipped_structures"] = skipped
@@ -38,8 +38,10 @@ def run_evaluate(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
 
 
 def evaluate_inputs(ctx: StudyContext) -> Any:
-    """The evaluation settings that change the numbers (not the worker count)."""
-    return {"evaluation": {k: v for k, v in ctx.cfg["evaluation"].items() if k != "num_processes"}}
+    """The evaluation settings that change the numbers (not the worker count, nor what only the
+    comparison uses: alpha and the test)."""
+    return {"evaluation": {k: v for k, v in ctx.cfg["evaluation"].items() if k not in ("num_processes", "alpha",
+                                                                                    "test")}}
 
 
 def evaluate_outputs(ctx: StudyContext) -> List[Path]:

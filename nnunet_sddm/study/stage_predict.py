@@ -6,9 +6,10 @@ the largest connected component per structure).
 
 The predictions run through the same code as ``nnUNetv2_sddm_predict``
 (``nnunet_sddm.adaptation.predictor``): the model is loaded once per model by
-``load_nnunet_predictor`` (nnUNetv2_predict's predictor and thread settings; mirroring test-time
-augmentation where the checkpoint allows it, i.e. for the models trained with nnU-Net's
-augmentation), each folder is predicted by ``predict_folder`` (sequential, no worker processes)
+``load_nnunet_predictor`` (nnUNetv2_predict's predictor and thread settings; no mirroring
+test-time augmentation for any row, also not for the models trained with nnU-Net's augmentation,
+whose checkpoints allow it: the nnU-Net aug row then differs from the Baseline by the training
+augmentation alone), each folder is predicted by ``predict_folder`` (sequential, no worker processes)
 and the ensemble is nnU-Net's ``merge_files`` through ``ensemble_folders``, as
 ``--ensemble-original``; post-processing is ``--postprocess``'s ``postprocess_folder``. Each
 output folder is built under a temporary name and renamed when complete, so a folder that exists
@@ -57,7 +58,8 @@ def _predict_model(ctx: StudyContext, m: Model, resume: bool) -> Dict[str, Any]:
     if todo:
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints its trainer lookup and every case
             predictor = nnunet_prediction.load_nnunet_predictor(
-                m.folder, [ctx.cfg.fold], device=ctx.device, step_size=ctx.cfg.nnunet.step_size, allow_tqdm=False)
+                m.folder, [ctx.cfg.fold], device=ctx.device, step_size=ctx.cfg.nnunet.step_size, allow_tqdm=False,
+                use_mirroring=False)
             for inp in todo:
                 with staging_dir(dirs[inp], overwrite=True) as tmp:
                     if inp == "ensemble":
