@@ -13,7 +13,7 @@ from nnunet_sddm.evaluation.compare import Entry, compare_results, structure_cou
 from nnunet_sddm.evaluation.evaluate import EvaluationResults, load_results, nan_policy_view, write_per_case_csv
 from nnunet_sddm.evaluation.figures import bar_chart_ci, bar_stats
 from nnunet_sddm.evaluation.metrics import METRICS
-from nnunet_sddm.evaluation.statistics import bootstrap_mean_ci, holm, paired_tests
+from nnunet_sddm.evaluation.statistics import bootstrap_mean_ci, holm, paired_tests, wilcoxon_method
 from nnunet_sddm.utilities.errors import SDDMError
 
 
@@ -47,6 +47,11 @@ def test_paired_tests_equal_scipy():
     assert (z["p_wilcoxon"], z["p_ttest_rel"], z["t"], z["mean_diff"]) == (1.0, 1.0, 0.0, 0.0)
     k = paired_tests(b + 0.1, b)
     assert k["t"] == math.inf and k["p_ttest_rel"] == 0.0 and k["p_wilcoxon"] < 1e-5
+    # ties among |d| (DSC 0 against DSC 0.1, the same penalty twice): the normal approximation, not
+    # SciPy's "auto" permutation test (seconds per table row); without ties: the exact distribution
+    tied = np.array([0.1, 0.1, -0.05, 0.1, 0.2, 0.0, 0.1, 0.3, 0.3, 0.1])
+    assert wilcoxon_method(tied) == "approx" and wilcoxon_method(c - b) == "exact"
+    assert paired_tests(tied, np.zeros(10))["p_wilcoxon"] == stats.wilcoxon(tied, method="approx").pvalue
     one = paired_tests([1.0, np.nan], [0.5, 0.2])
     assert one["n"] == 1 and one["mean_diff"] == 0.5
     assert all(math.isnan(one[key]) for key in ("p_wilcoxon", "p_ttest_rel", "t", "ci_low", "ci_high"))
