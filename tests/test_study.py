@@ -96,8 +96,11 @@ def test_cli_flags_map_to_configuration_keys(tmp_path, capsys):
 
     study_main(["--quick", "--print-config", "-o", str(tmp_path / "o"), "--source", "27", "--target", "phantom:C",
                 "--segmenters", "2d", "vanilla", "--epochs", "5", "-N", "10", "--tau", "3", "--trainer",
-                "2d=nnUNetTrainer_SDDM_NoDA_50ep", "--fold", "0"])
+                "2d=nnUNetTrainer_SDDM_NoDA_50ep", "--fold", "0", "--method", "histmatch", "fda",
+                "--repeats", "3", "--postprocess", "none", "--test", "welch", "--fda-beta", "0.02"])
     cfg = json.loads(capsys.readouterr().out)
+    assert cfg["alternatives"] == {"histmatch": True, "fda": True, "nnunet_aug": False, "fda_beta": 0.02}
+    assert cfg["repeats"] == 3 and cfg["postprocess"] is None and cfg["evaluation"]["test"] == "welch"
     assert cfg["output"] == str(tmp_path / "o")
     assert cfg["source"]["dataset"] == "27" and cfg["source"]["phantom"] is None
     assert cfg["target"]["phantom"] == "C" and cfg["segmenters"] == ["2d", "vanilla"]
@@ -108,6 +111,9 @@ def test_cli_flags_map_to_configuration_keys(tmp_path, capsys):
         study_main(["--quick", "-D", "6", "--print-config"])
     assert e.value.code == 2
     assert "error: study configuration: sampler: low-pass factor D must be a power of 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study_main(["--quick", "--method", "none", "fda", "--print-config"])
+    assert "'none' cannot be combined" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- stage runner

@@ -8,7 +8,9 @@
   plus the pairwise separability of each from the source (lower = closer to the source domain);
 * ``ci_<segmenter>_<metric>.png``: Fig.-7-style bars (mean, 95% CI, per structure) of every row
   without post-processing for one segmenter (``evaluation.figures.bar_chart_ci``; empty-mask
-  penalties counted above the bars, not averaged into them).
+  penalties counted above the bars, not averaged into them);
+* ``missing_<segmenter>.png``: per row without post-processing and structure, the cases where the
+  structure is missing from the prediction or spurious (``evaluation.figures.count_chart``).
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ import numpy as np
 
 from nnunet_sddm.adaptation.sweep import sweep_grid
 from nnunet_sddm.data.raw_dataset import list_images
-from nnunet_sddm.evaluation.compare import Entry
+from nnunet_sddm.evaluation.compare import Entry, structure_counts
 from nnunet_sddm.evaluation.domain_shift import domain_shift, separability
 from nnunet_sddm.evaluation.evaluate import load_results
-from nnunet_sddm.evaluation.figures import bar_chart_ci
+from nnunet_sddm.evaluation.figures import bar_chart_ci, count_chart
 from nnunet_sddm.evaluation.image_features import FEATURE_NAMES
 from nnunet_sddm.study.config_tree import SEGMENTERS
 from nnunet_sddm.utilities.errors import SDDMError
@@ -97,4 +99,9 @@ def ci_bars(ctx, out_dir: Path) -> List[str]:
             bar_chart_ci(samples, metric, out, penalised=penalised,
                          title=f"{SEGMENTERS[seg][2]}: {metric} per structure (mean, 95% CI{repeats})")
             files.append(str(out))
+        counts = {e.name: {r["structure"]: r for r in structure_counts(e) if r["structure"] != "all"} for e in entries}
+        out = out_dir / f"missing_{seg}.png"
+        count_chart(counts, out, title=f"{SEGMENTERS[seg][2]}: cases with a structure missing from the prediction "
+                                       f"(reference has it) or spurious (reference lacks it)")
+        files.append(str(out))
     return files

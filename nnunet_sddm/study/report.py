@@ -151,6 +151,9 @@ def scope_lines(ctx, data: Dict[str, Any]) -> List[str]:
              f"- **Tests.** Marks and verdicts use {_TEST_TEXT[cfg.evaluation.test]} with Holm's correction over "
              f"the comparisons of one table, at alpha = {cfg.evaluation.alpha:g}; Welch's p (the paper's test) is "
              f"kept in [comparison/welch.csv](comparison/welch.csv) and [comparison/tests.csv](comparison/tests.csv)."]
+    floor = attainable_significance(ctx)
+    if floor:
+        lines.append(f"- **Smallest attainable p.** {floor}")
     skipped = structures.get("source_only", []) + structures.get("target_only", [])
     if skipped:
         lines.append(f"- **Structures.** Evaluated: {', '.join(structures.get('shared', []))}; skipped (labelled in "
@@ -158,12 +161,37 @@ def scope_lines(ctx, data: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def attainable_significance(ctx) -> str:
+    """A sentence on the smallest Holm-adjusted p this design can reach: with n paired cases the
+    exact two-sided Wilcoxon p is at least 2 / 2^n, and Holm multiplies the smallest p of a table
+    by its number of comparisons m (empty if the marks' test is not Wilcoxon or nothing was compared)."""
+    if ctx.cfg.evaluation.test != "wilcoxon":
+        return ""
+    rows = [r for r in test_rows(ctx) if r["structure"] == "all"]
+    ns = [int(r["n"]) for r in rows if isinstance(r["n"], float) and r["n"] >= 2]
+    if not ns:
+        return ""
+    n, m, alpha = max(ns), len(rows), float(ctx.cfg.evaluation.alpha)
+    p_min = 2.0 / 2 ** n
+    holm_min = min(1.0, m * p_min)
+    verdict = ("so no row can be marked significant in this run, whatever its effect: more cases (or fewer "
+               "comparisons) are needed" if holm_min >= alpha else
+               "so only effects with (nearly) every case changing in one direction can be marked significant")
+    return (f"With n = {n} paired cases the exact two-sided Wilcoxon p is at least 2/2^{n} = {p_min:.2g}; Holm "
+            f"over the m = {m} comparisons of the pooled table makes the smallest adjusted p {holm_min:.2g} "
+            f"(alpha = {alpha:g}), {verdict}. The unadjusted p-values and the bootstrap CIs of the changes are in "
+            f"the table below and in comparison/tests.csv.")
+
+
 def missing_lines(ctx) -> List[str]:
     """The missing/spurious structure table (``comparison/missing.md``) and its figure."""
     md = ctx.out / "comparison" / "missing.md"
     if not md.is_file():
         return []
-    return [md.read_text().strip(), "", "![missing and spurious structures](comparison/fig_missing.png)", ""]
+    first = sorted((ctx.out / "figures").glob("missing_*.png"))[:1]
+    fig = (f"![missing and spurious structures]({_rel(ctx, first[0])})" if first else
+           "![missing and spurious structures](comparison/fig_missing.png)")
+    return [md.read_text().strip(), "", fig, ""]
 
 
 def write_report(ctx) -> Path:
@@ -228,9 +256,14 @@ def write_report(ctx) -> Path:
               "![t-SNE](figures/domain_shift/tsne.png)", ""]
     bars = figs.get("ci_bars", [])
     if bars:
-        L += ["95% CI bar charts per segmenter: " + ", ".join(f"[{Path(b).stem}]({_rel(ctx, Path(b))})" for b in bars)
+        L += ["95% CI bar charts per segmenter: " + ", ".join(f"[{Path(b).stem}]({_rel(ctx, Path(b))})" for b in bars
+                                                        if not Path(b).name.startswith("missing_"))
               + "; all rows together: " + ", ".join(f"[{p.stem}](comparison/{p.name})"
                                                    for p in sorted((out / "comparison").glob("fig_*.png"))) + ".", ""]
+        missing = [b for b in bars if Path(b).name.startswith("missing_")]
+        if missing:
+            L += ["Missing and spurious structures per segmenter: " + ", ".join(
+                f"[{Path(b).stem}]({_rel(ctx, Path(b))})" for b in missing) + ".", ""]
         first = [b for b in bars if b.endswith("_HD95.png")][:1]
         if first:
             L += [f"![CI bars]({_rel(ctx, Path(first[0]))})", ""]
