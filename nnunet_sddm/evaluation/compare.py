@@ -206,12 +206,11 @@ def _comparisons(entries: Dict[str, Entry], pairs: Sequence[Tuple[str, str]], gr
                 mx, my = finite(xc[1]), finite(xb[1])
                 mean_c = float(mx.mean()) if mx.size else math.nan
                 mean_b = float(my.mean()) if my.size else math.nan
-                better = (mean_c > mean_b) if HIGHER_IS_BETTER[m] else (mean_c < mean_b)
                 welch_rows.append({"candidate": cand, "baseline": base, "structure": s, "metric": m,
                                    "mean_candidate": mean_c, "mean_baseline": mean_b,
                                    "n_candidate": w["n_a"], "n_baseline": w["n_b"], "t": w["t"], "p": w["p"],
                                    "significant": bool(w["p"] < alpha) if math.isfinite(w["p"]) else False,
-                                   "candidate_better": bool(better)})
+                                   "candidate_better": _better(m, mean_c - mean_b)})
                 pt = paired_tests(*paired_values(xc, xb), seed=seed, n_boot=n_boot)
                 cm, bm = c.cell(s, m).mean, b.cell(s, m).mean
                 agree = 0

@@ -17,6 +17,8 @@ from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset, parse_dataset_folder_name
 
 NNUNET_VARIABLES = (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"), ("results", "nnUNet_results"))
+#: The dataset side each kind of segmenter (``KINDS``) trains on.
+TRAINING_SIDE = {"real": "source", "real_aug": "source", "synthetic": "synthetic"}
 
 
 @dataclass(frozen=True)
@@ -137,15 +139,15 @@ class StudyContext:
 
     def models(self) -> List[Model]:
         """Every segmenter to train: seeds (repeats) x segmenters x what the rows need it trained on."""
-        side = {"real": "source", "real_aug": "source", "synthetic": "synthetic"}
-        return [Model(s, kind, seed, nnunet_steps.model_folder(self.results_root(seed), self.dataset_name(side[kind]),
+        return [Model(s, kind, seed, nnunet_steps.model_folder(self.results_root(seed),
+                                                              self.dataset_name(TRAINING_SIDE[kind]),
                                                               self.cfg.trainer(s, augmented=kind == "real_aug"),
                                                               SEGMENTERS[s][0]))
                 for seed in self.cfg.seeds() for s in self.cfg.segmenters for kind in self.cfg.kinds()]
 
     def model_side(self, model: Model) -> str:
         """The dataset side a model trains on (``source`` or ``synthetic``)."""
-        return "synthetic" if model.kind == "synthetic" else "source"
+        return TRAINING_SIDE[model.kind]
 
     def prediction_dir(self, kind: str, segmenter: str, inp: str, seed: int, postprocess: Optional[str] = None) -> Path:
         name = f"{kind}__{segmenter}__{inp}" + (f"__{postprocess}" if postprocess else "")

@@ -8,17 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from nnunet_sddm.adaptation.methods import adapt_folder_classical
+from nnunet_sddm.adaptation.methods import CLASSICAL, adapt_folder_classical
 from nnunet_sddm.study.context import StudyContext
 from nnunet_sddm.study.stages import Stage, remove_paths
-
-ALL_METHODS = ("histmatch", "fda")
 
 
 def methods(ctx: StudyContext) -> List[str]:
     """The enabled classical methods (``alternatives.histmatch``, ``alternatives.fda``)."""
-    alt = ctx.cfg.alternatives
-    return [m for m, on in (("histmatch", alt.histmatch), ("fda", alt.fda)) if on]
+    return [m for m in CLASSICAL if getattr(ctx.cfg.alternatives, m)]
 
 
 def run_alternatives(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
@@ -46,7 +43,7 @@ def alternatives_outputs(ctx: StudyContext) -> List[Path]:
 
 def alternatives_clean(ctx: StudyContext) -> None:
     """Remove the folders of both methods (a disabled method's old images must not linger)."""
-    remove_paths([ctx.input_images(m) for m in ALL_METHODS])
+    remove_paths([ctx.input_images(m) for m in CLASSICAL])
 
 
 STAGE = Stage("alternatives", "histogram matching and FDA of the target test images", run_alternatives,
