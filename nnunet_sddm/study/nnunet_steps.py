@@ -8,6 +8,12 @@ plugin's trainers, ``nnUNet_compile=0`` off CUDA and, for training on the CPU on
 ``nnUNet_n_proc_DA=0`` (it breaks preprocessing). Each command's output goes to a log file; a
 failure raises ``SDDMError`` with the end of that log.
 
+A coarser target spacing (``nnunet.spacing``) goes through nnU-Net's own plans mechanism:
+nnU-Net's default planner plans once more with ``-overwrite_target_spacing`` (which sets the
+``3d_fullres`` spacing; the ``2d`` configuration is planned with its in-plane part) under a plans
+name of its own (:func:`plans_name`), so that patch and batch size are re-planned for the smaller
+arrays; preprocessing and training then use that plans name (``-plans_name``, ``-p``).
+
 Prediction and ensembling are not here: the study predicts with the code of
 ``nnUNetv2_sddm_predict`` (``nnunet_sddm.adaptation.predictor``, see ``stage_predict``).
 """
@@ -17,13 +23,22 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.nnunet_paths import SEED_ENV_VAR, ensure_trainer_path_in_env
+from nnunet_sddm.utilities.files import read_json, write_json
+from nnunet_sddm.utilities.nnunet_paths import SEED_ENV_VAR, datasets_with_id, ensure_trainer_path_in_env
 
 PathLike = Union[str, os.PathLike]
+#: nnU-Net's default plans identifier (``nnunet.spacing`` null).
 PLANS = "nnUNetPlans"
+#: ``nnunet.spacing``: None (nnU-Net's own plans), an in-plane spacing in mm, or (z, y, x) in mm in
+#: the axis order of nnU-Net's fingerprint (z, y, x for NIfTI read by SimpleITK).
+Spacing = Optional[Union[float, Tuple[float, float, float]]]
+#: The key the study adds to a plans file it planned with a target spacing: what was asked for.
+SPACING_RECORD = "sddm_spacing"
 
 
 def nnunet_env(folders: Mapping[str, Path], device: str, training: bool = False,
@@ -71,18 +86,114 @@ def run_command(cmd: Sequence[object], env: Mapping[str, str], log_file: Path) -
     return dt
 
 
+def plans_name(spacing: Spacing) -> str:
+    """The plans identifier of ``spacing``: nnU-Net's ``nnUNetPlans`` for None, else
+    ``nnUNetPlansSDDM_<s>mm`` for an in-plane spacing and ``nnUNetPlansSDDM_<z>x<y>x<x>mm`` for
+    three (a decimal point written ``p``: 2.5 -> ``nnUNetPlansSDDM_2p5mm``). One name per spacing:
+    models of two spacings never share a folder, and no nnU-Net plans name has the prefix."""
+    if spacing is None:
+        return PLANS
+    values = [spacing] if isinstance(spacing, (int, float)) else list(spacing)
+    return "nnUNetPlansSDDM_" + "x".join(_mm_token(v) for v in values) + "mm"
+
+
+def _mm_token(value: float) -> str:
+    """``value`` in a file name, exactly (``repr``): 2.5 -> ``2p5``, 3.0 -> ``3``, 1e-05 -> ``1em05``."""
+    text = repr(float(value))
+    text = text[:-2] if text.endswith(".0") else text
+    return text.replace(".", "p").replace("e-", "em").replace("e+", "e")
+
+
+def override_spacing(default_plans: Mapping[str, Any], spacing: Spacing) -> List[float]:
+    """The target spacing (fingerprint axis order) to give nnU-Net's planner for ``spacing``: three
+    values as given, or for an in-plane spacing the ``3d_fullres`` spacing of nnU-Net's
+    ``default_plans`` with its two in-plane axes (the ``2d`` configuration's, ``transpose_forward[1:]``)
+    replaced."""
+    if not isinstance(spacing, (int, float)):
+        return [float(v) for v in spacing]
+    fullres = default_plans["configurations"].get("3d_fullres")
+    if fullres is None:
+        raise SDDMError(f"nnunet.spacing {spacing!r}: dataset {default_plans['dataset_name']} has no 3d_fullres "
+                        f"configuration to take the through-plane spacing from; give nnunet.spacing as "
+                        f"[z, y, x] in mm")
+    forward = default_plans["transpose_forward"]
+    target = [0.0, 0.0, 0.0]
+    for i, axis in enumerate(forward):  # fullres["spacing"] is in the transposed order
+        target[axis] = float(fullres["spacing"][i]) if i == 0 else float(spacing)
+    return target
+
+
+def check_override_plans(default_plans: Mapping[str, Any], plans: Mapping[str, Any], target: Sequence[float],
+                         configurations: Sequence[str], where: PathLike) -> None:
+    """``SDDMError`` naming ``where`` unless nnU-Net planned every configuration of
+    ``configurations`` that its default plans have at ``target`` (``2d``: the in-plane part)
+    and kept the default plans' axis order (with a coarser spacing than the slice distance nnU-Net
+    would slice the ``2d`` configuration along another axis)."""
+    forward = list(default_plans["transpose_forward"])
+    if list(plans["transpose_forward"]) != forward:
+        raise SDDMError(f"{where}: nnunet.spacing gives the target spacing {list(target)} mm, whose coarsest axis "
+                        f"is not the through-plane axis of nnU-Net's default plans (transpose_forward {forward}); "
+                        f"nnU-Net would slice the 2d configuration along another axis. Choose an in-plane spacing "
+                        f"finer than the through-plane spacing {target[forward[0]]} mm")
+    transposed = [float(target[a]) for a in forward]
+    for c in configurations:
+        if c not in default_plans["configurations"]:
+            continue  # nnU-Net has no such configuration for this dataset (as without nnunet.spacing)
+        want = transposed[1:] if c == "2d" else transposed
+        got = plans["configurations"].get(c, {}).get("spacing")
+        if got is None or len(got) != len(want) or not np.allclose(got, want, rtol=1e-6):
+            raise SDDMError(f"{where}: configuration {c} was planned at spacing {got}, not at the requested "
+                            f"{want} mm (nnunet.spacing)")
+
+
 def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str], env: Mapping[str, str],
-                        num_processes: int, log_file: Path) -> float:
+                        num_processes: int, log_file: Path, spacing: Spacing = None) -> float:
     """``nnUNetv2_plan_and_preprocess -d IDS -c CONFIGS -np N -npfp N`` (default planner and plans;
-    ``-npfp``: nnU-Net's default of 8 fingerprint workers costs 8 process start-ups per dataset)."""
-    cmd = ["nnUNetv2_plan_and_preprocess", "-d", *dataset_ids, "-c", *configurations,
-           "-np", *([num_processes] * len(configurations)), "-npfp", num_processes]
-    return run_command(cmd, env, log_file)
+    ``-npfp``: nnU-Net's default of 8 fingerprint workers costs 8 process start-ups per dataset).
+
+    With a target ``spacing`` (see the module docstring): fingerprints and nnU-Net's default plans
+    (``--no_pp``), then ``nnUNetv2_plan_experiment -d IDS -overwrite_target_spacing Z Y X
+    -overwrite_plans_name NAME`` (:func:`override_spacing`; the plans are checked by
+    :func:`check_override_plans` and record the request under ``SPACING_RECORD``), then
+    ``nnUNetv2_preprocess -d IDS -plans_name NAME -c CONFIGS -np N``."""
+    n = [num_processes] * len(configurations)
+    if spacing is None:
+        cmd = ["nnUNetv2_plan_and_preprocess", "-d", *dataset_ids, "-c", *configurations, "-np", *n,
+               "-npfp", num_processes]
+        return run_command(cmd, env, log_file)
+    name = plans_name(spacing)
+    seconds = run_command(["nnUNetv2_plan_and_preprocess", "-d", *dataset_ids, "-npfp", num_processes, "--no_pp"],
+                          env, log_file)
+    folders = {i: _preprocessed_dataset(Path(env["nnUNet_preprocessed"]), i) for i in dataset_ids}
+    defaults = {i: read_json(folders[i] / f"{PLANS}.json") for i in dataset_ids}
+    targets = {i: override_spacing(defaults[i], spacing) for i in dataset_ids}
+    for target in dict.fromkeys(tuple(t) for t in targets.values()):  # one planner run per target spacing
+        ids = [i for i in dataset_ids if tuple(targets[i]) == target]
+        seconds += run_command(["nnUNetv2_plan_experiment", "-d", *ids, "-overwrite_target_spacing", *target,
+                                "-overwrite_plans_name", name], env, log_file)
+    for i in dataset_ids:
+        plans_file = folders[i] / f"{name}.json"
+        plans = read_json(plans_file)
+        check_override_plans(defaults[i], plans, targets[i], configurations, plans_file)
+        plans[SPACING_RECORD] = {"nnunet.spacing": spacing if isinstance(spacing, (int, float)) else list(spacing),
+                                 "target_spacing": targets[i], "default_plans": PLANS}
+        write_json(plans, plans_file)
+    cmd = ["nnUNetv2_preprocess", "-d", *dataset_ids, "-plans_name", name, "-c", *configurations, "-np", *n]
+    return seconds + run_command(cmd, env, log_file)
 
 
-def model_folder(results: Path, dataset_name: str, trainer: str, configuration: str) -> Path:
-    """``$nnUNet_results/DatasetXXX_Name/<trainer>__nnUNetPlans__<configuration>``."""
-    return Path(results) / dataset_name / f"{trainer}__{PLANS}__{configuration}"
+def _preprocessed_dataset(root: Path, dataset_id: int) -> Path:
+    """The one ``DatasetXXX_*`` folder of ``dataset_id`` under ``root`` (``$nnUNet_preprocessed``)."""
+    found = datasets_with_id(dataset_id, root)
+    if len(found) != 1:
+        raise SDDMError(f"expected one preprocessed folder of dataset {dataset_id} in {root}, found "
+                        f"{[p.name for p in found]}")
+    return found[0]
+
+
+def model_folder(results: Path, dataset_name: str, trainer: str, configuration: str, plans: str = PLANS) -> Path:
+    """``$nnUNet_results/DatasetXXX_Name/<trainer>__<plans>__<configuration>``."""
+    return Path(results) / dataset_name / f"{trainer}__{plans}__{configuration}"
 
 
 def fold_folder(model_dir: Path, fold: Union[int, str]) -> Path:
@@ -94,10 +205,10 @@ def is_trained(model_dir: Path, fold: Union[int, str]) -> bool:
 
 
 def train(dataset_id: int, configuration: str, fold: Union[int, str], trainer: str, device: str,
-          env: Mapping[str, str], log_file: Path, resume: bool = False) -> float:
-    """``nnUNetv2_train ID CONFIG FOLD -tr TRAINER -device DEV`` (``--c`` to continue from
-    ``checkpoint_latest.pth`` when resuming)."""
-    cmd = ["nnUNetv2_train", dataset_id, configuration, fold, "-tr", trainer, "-device", device]
+          env: Mapping[str, str], log_file: Path, resume: bool = False, plans: str = PLANS) -> float:
+    """``nnUNetv2_train ID CONFIG FOLD -tr TRAINER -p PLANS -device DEV`` (``--c`` to continue
+    from ``checkpoint_latest.pth`` when resuming)."""
+    cmd = ["nnUNetv2_train", dataset_id, configuration, fold, "-tr", trainer, "-p", plans, "-device", device]
     if resume:
         cmd.append("--c")
     return run_command(cmd, env, log_file)

@@ -1,5 +1,7 @@
 """Stage ``preprocess``: nnU-Net planning and preprocessing of the real and the synthetic source
-datasets (``nnUNetv2_plan_and_preprocess`` in a subprocess, log in ``OUT/logs/preprocess.log``)."""
+datasets (``nnUNetv2_plan_and_preprocess`` in a subprocess, log in ``OUT/logs/preprocess.log``);
+with ``nnunet.spacing`` both are planned at that target spacing under its own plans name
+(``nnunet_steps.plan_and_preprocess``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,11 +14,15 @@ from nnunet_sddm.study.stages import Stage
 
 
 def preprocess_outputs(ctx: StudyContext) -> List[Path]:
+    """nnU-Net's default plans, the dataset files, the fingerprint, and the plans and preprocessed
+    data of the study's plans (``nnunet_steps.plans_name``) of both datasets."""
+    plans = nnunet_steps.plans_name(ctx.cfg.nnunet.spacing)
     out = []
     for side in ("source", "synthetic"):
         base = ctx.folders["preprocessed"] / ctx.dataset_name(side)
-        out += [base / "nnUNetPlans.json", base / "dataset.json", base / "dataset_fingerprint.json"]
-        out += [base / f"nnUNetPlans_{c}" for c in ctx.cfg.configurations()]
+        out += [base / f"{p}.json" for p in dict.fromkeys((nnunet_steps.PLANS, plans))]
+        out += [base / "dataset.json", base / "dataset_fingerprint.json"]
+        out += [base / f"{plans}_{c}" for c in ctx.cfg.configurations()]
     return out
 
 
@@ -24,12 +30,19 @@ def run_preprocess(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     """nnU-Net planning and preprocessing of the real and the synthetic source datasets."""
     ids = [ctx.dataset_id("source"), ctx.dataset_id("synthetic")]
     seconds = nnunet_steps.plan_and_preprocess(ids, ctx.cfg.configurations(), ctx.nnunet_env(),
-                                               ctx.cfg.nnunet.num_processes, ctx.out / "logs" / "preprocess.log")
-    return {"datasets": ids, "configurations": ctx.cfg.configurations(), "seconds": round(seconds, 1)}
+                                               ctx.cfg.nnunet.num_processes, ctx.out / "logs" / "preprocess.log",
+                                               spacing=ctx.cfg.nnunet.spacing)
+    return {"datasets": ids, "configurations": ctx.cfg.configurations(),
+            "plans": nnunet_steps.plans_name(ctx.cfg.nnunet.spacing), "seconds": round(seconds, 1)}
 
 
 def preprocess_inputs(ctx: StudyContext) -> Any:
-    return {"configurations": ctx.cfg.configurations()}
+    """The configurations and, when set, ``nnunet.spacing`` (as in study.json; left out when null,
+    so that studies made before the key keep their fingerprint)."""
+    inputs: Dict[str, Any] = {"configurations": ctx.cfg.configurations()}
+    if ctx.cfg.nnunet.spacing is not None:
+        inputs["spacing"] = ctx.cfg["nnunet"]["spacing"]
+    return inputs
 
 
 def preprocess_clean(ctx: StudyContext) -> None:

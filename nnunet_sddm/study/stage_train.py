@@ -1,7 +1,8 @@
 """Stage ``train``: every segmenter the table's rows need, for every repeat's seed: trained on the
 real source without augmentation, on the synthetic source (DG), and on the real source with
-nnU-Net's standard augmentation (the ``nnU-Net aug`` row); ``nnUNetv2_train`` in a subprocess,
-logs in ``OUT/logs/train_<kind>__<segmenter>__seed<S>.log``."""
+nnU-Net's standard augmentation (the ``nnU-Net aug`` row); ``nnUNetv2_train`` in a subprocess
+with the study's plans (``-p``: ``nnunet_steps.plans_name`` of ``nnunet.spacing``), logs in
+``OUT/logs/train_<kind>__<segmenter>__seed<S>.log``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,7 +52,8 @@ def run_train(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
         cont = resume and (nnunet_steps.fold_folder(m.folder, fold) / "checkpoint_latest.pth").is_file()
         seconds = nnunet_steps.train(ctx.dataset_id(ctx.model_side(m)), configuration, fold, trainer, ctx.device,
                                      ctx.nnunet_env(training=True, seed=m.seed),
-                                     ctx.out / "logs" / f"train_{m.key}.log", resume=cont)
+                                     ctx.out / "logs" / f"train_{m.key}.log", resume=cont,
+                                     plans=nnunet_steps.plans_name(ctx.cfg.nnunet.spacing))
         result[m.key] = {"model": str(m.folder), "trainer": trainer, "seconds": round(seconds, 1)}
     return result
 
