@@ -11,6 +11,7 @@ name and therefore in the results folder name and the checkpoint.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Dict, Optional, Tuple
 
@@ -20,6 +21,8 @@ from plugin_trainers.compat import require_supported_nnunet
 
 require_supported_nnunet()
 
+from nnunet_sddm.utilities.errors import SDDMError  # noqa: E402
+from nnunet_sddm.utilities.nnunet_paths import FINAL_VALIDATION_ENV_VAR  # noqa: E402
 from plugin_trainers.seeding import SeedMixin  # noqa: E402
 
 _VARIANT_RE = re.compile(r"^(?P<family>nnUNetTrainer_SDDM_[A-Za-z]+)_(?P<epochs>[1-9]\d{0,4})ep"
@@ -53,7 +56,9 @@ class ScheduleMixin(SeedMixin):
 
     ``sddm_iterations_per_epoch`` / ``sddm_val_iterations_per_epoch`` of None keep nnU-Net's
     defaults (250 / 50); ``sddm_final_validation = False`` skips nnU-Net's final validation
-    (prediction of every validation case and ``summary.json``), which quick trainers do not need.
+    (prediction of every validation case and ``summary.json``), which quick trainers do not need;
+    the environment variable ``nnUNet_sddm_final_validation=0`` skips it for any SD-DM trainer
+    (the study sets it: with fold ``all`` that validation predicts every training case).
     """
 
     sddm_num_epochs: int = 250
@@ -75,6 +80,12 @@ class ScheduleMixin(SeedMixin):
     def perform_actual_validation(self, save_probabilities: bool = False):
         if not self.sddm_final_validation:
             self.print_to_log_file(f"{self.__class__.__name__}: final validation skipped (quick trainer)")
+            return
+        flag = os.environ.get(FINAL_VALIDATION_ENV_VAR, "1").strip()
+        if flag not in ("0", "1"):
+            raise SDDMError(f"{FINAL_VALIDATION_ENV_VAR}={flag!r}: must be 0 (skip nnU-Net's final validation) or 1")
+        if flag == "0":
+            self.print_to_log_file(f"{self.__class__.__name__}: final validation skipped ({FINAL_VALIDATION_ENV_VAR}=0)")
             return
         return super().perform_actual_validation(save_probabilities)
 

@@ -141,6 +141,35 @@ def test_epoch_variants_by_name():
         assert quick.sddm_final_validation is False and quick.sddm_iterations_per_epoch < 250
 
 
+def test_final_validation_can_be_skipped_by_the_environment(monkeypatch):
+    """``nnUNet_sddm_final_validation=0`` (set by the study) skips nnU-Net's final validation of
+    any SD-DM trainer; unset or 1 runs it; anything else is refused by name."""
+    from plugin_trainers.schedule import ScheduleMixin
+
+    class _Base:
+        def perform_actual_validation(self, save_probabilities=False):
+            self.validated = True
+
+        def print_to_log_file(self, *args):
+            self.logged = " ".join(map(str, args))
+
+    class _Trainer(ScheduleMixin, _Base):
+        pass
+
+    for value, validated in ((None, True), ("1", True), ("0", False)):
+        if value is None:
+            monkeypatch.delenv("nnUNet_sddm_final_validation", raising=False)
+        else:
+            monkeypatch.setenv("nnUNet_sddm_final_validation", value)
+        t = object.__new__(_Trainer)
+        t.perform_actual_validation()
+        assert getattr(t, "validated", False) is validated, value
+    assert "nnUNet_sddm_final_validation=0" in t.logged
+    monkeypatch.setenv("nnUNet_sddm_final_validation", "no")
+    with pytest.raises(SDDMError, match="nnUNet_sddm_final_validation='no'"):
+        object.__new__(_Trainer).perform_actual_validation()
+
+
 # ---------------------------------------------------------------------------------------------- synthetic
 def test_select_synthetic_keeps_validation_patients_out():
     from plugin_trainers.synthetic_data import select_synthetic

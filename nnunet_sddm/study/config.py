@@ -78,7 +78,7 @@ DEFAULTS: Dict[str, Any] = {
                 "reference_behaviour": False, "guidance": "gradient"},
     "synthesis": {"id": 972, "copies": 1},
     "device": "auto",
-    "nnunet": {"folders": "study", "num_processes": 2, "step_size": 0.5},
+    "nnunet": {"folders": "study", "num_processes": 2, "step_size": 0.5, "spacing": None},
     "alternatives": {"histmatch": True, "fda": True, "nnunet_aug": True, "fda_beta": 0.01},
     "postprocess": "lcc",
     "evaluation": {"alpha": 0.01, "empty_policy": "diagonal", "num_processes": None, "test": "wilcoxon"},
@@ -356,7 +356,15 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
     step = nn["step_size"]
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
         raise ck.fail(f"nnunet.step_size must be a number in (0, 1], got {step!r}")
-    nnunet = NnunetConfig(folders=nn["folders"], num_processes=nn["num_processes"], step_size=step)
+    spacing = nn["spacing"]  # null, an in-plane spacing or [z, y, x], in mm
+    values = spacing if isinstance(spacing, list) and len(spacing) == 3 else [spacing]
+    if spacing is not None and any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")
+                                   for v in values):
+        raise ck.fail(f"nnunet.spacing must be null (nnU-Net's own plans), an in-plane target spacing in mm (a "
+                      f"positive number) or a list [z, y, x] of three positive numbers in mm, got {spacing!r}")
+    if spacing is not None:
+        spacing = tuple(float(v) for v in values) if isinstance(spacing, list) else float(spacing)
+    nnunet = NnunetConfig(folders=nn["folders"], num_processes=nn["num_processes"], step_size=step, spacing=spacing)
     ev = cfg["evaluation"]
     alpha = ev["alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:

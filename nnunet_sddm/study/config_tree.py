@@ -119,11 +119,14 @@ class SynthesisConfig:
 @dataclass(frozen=True)
 class NnunetConfig:
     """``folders``: ``study`` (own nnU-Net folders) or ``environment`` (the user's ``$nnUNet_*``);
-    ``num_processes`` of nnU-Net's workers; sliding-window ``step_size`` in (0, 1]."""
+    ``num_processes`` of nnU-Net's workers; sliding-window ``step_size`` in (0, 1]; ``spacing``:
+    the segmenters' target spacing in mm, in-plane (a float) or (z, y, x), planned by nnU-Net under
+    its own plans name (None: nnU-Net's own plans; ``nnunet_steps.plans_name``)."""
 
     folders: str
     num_processes: int
     step_size: float
+    spacing: Optional[Union[float, Tuple[float, float, float]]] = None
 
 
 @dataclass(frozen=True)

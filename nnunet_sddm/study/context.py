@@ -14,7 +14,7 @@ from nnunet_sddm.study import nnunet_steps
 from nnunet_sddm.study.config_tree import SEGMENTERS, Approach, StudyConfig
 from nnunet_sddm.utilities.devices import nnunet_device
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset, parse_dataset_folder_name
+from nnunet_sddm.utilities.nnunet_paths import FINAL_VALIDATION_ENV_VAR, find_raw_dataset, parse_dataset_folder_name
 
 NNUNET_VARIABLES = (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"), ("results", "nnUNet_results"))
 #: The dataset side each kind of segmenter (``KINDS``) trains on.
@@ -139,10 +139,11 @@ class StudyContext:
 
     def models(self) -> List[Model]:
         """Every segmenter to train: seeds (repeats) x segmenters x what the rows need it trained on."""
+        plans = nnunet_steps.plans_name(self.cfg.nnunet.spacing)
         return [Model(s, kind, seed, nnunet_steps.model_folder(self.results_root(seed),
                                                               self.dataset_name(TRAINING_SIDE[kind]),
                                                               self.cfg.trainer(s, augmented=kind == "real_aug"),
-                                                              SEGMENTERS[s][0]))
+                                                              SEGMENTERS[s][0], plans))
                 for seed in self.cfg.seeds() for s in self.cfg.segmenters for kind in self.cfg.kinds()]
 
     def model_side(self, model: Model) -> str:
@@ -166,11 +167,15 @@ class StudyContext:
 
     def nnunet_env(self, training: bool = False, seed: Optional[int] = None) -> Dict[str, str]:
         """The environment of an nnU-Net subprocess; ``seed``: the training seed (None: the study's)
-        and its results folder (``results_root``)."""
+        and its results folder (``results_root``); training skips nnU-Net's final validation
+        (``nnUNet_sddm_final_validation=0``)."""
         seed = self.cfg.seed if seed is None else seed
         folders = dict(self.folders, results=self.results_root(seed))
-        return nnunet_steps.nnunet_env(folders, self.device, training=training, base=self.user_env,
-                                       num_processes=self.cfg.nnunet.num_processes, seed=seed)
+        env = nnunet_steps.nnunet_env(folders, self.device, training=training, base=self.user_env,
+                                      num_processes=self.cfg.nnunet.num_processes, seed=seed)
+        if training:  # the study predicts and evaluates itself; nnU-Net's final validation is never read
+            env[FINAL_VALIDATION_ENV_VAR] = "0"
+        return env
 
 
 def make_context(cfg: StudyConfig, progress: bool = True, log: Callable[[str], None] = print) -> StudyContext:

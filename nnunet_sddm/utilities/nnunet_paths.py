@@ -25,6 +25,9 @@ TRAINER_ENV_VAR = "nnUNet_extTrainer"
 
 #: The training seed of the SD-DM trainers (``plugin_trainers.seeding``; default 0).
 SEED_ENV_VAR = "nnUNet_sddm_seed"
+#: ``0`` skips nnU-Net's final validation in the SD-DM trainers (the study sets it: it never reads
+#: that validation, which with fold ``all`` predicts every training case).
+FINAL_VALIDATION_ENV_VAR = "nnUNet_sddm_final_validation"
 
 
 def trainer_folder() -> Path:
