@@ -2,6 +2,7 @@
 --from, invalidation) and one end-to-end smoke study on tiny phantoms with an interruption."""
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -242,13 +243,13 @@ def test_stage_runner_refuses_a_broken_state_file(tmp_path):
 
 # ----------------------------------------------------------------------------- smoke study
 def smoke_config(out: Path) -> dict:
-    """The smallest study that still runs every stage: 2 + 1 phantom subjects at 32 x 32, a
+    """The smallest study that still runs every stage: 2 (+ 1 held out) + 1 phantom subjects at 32 x 32, a
     two-level 32-pixel diffusion model trained 4 iterations, N = 2 of 10 respaced steps, the
     quick nnU-Net trainers (2 epochs x 5 iterations) for the 2D nnU-Net (the 3D nnU-Net and the vanilla
     U-Net run through the same code with another configuration / trainer name: ``--quick`` runs them)."""
     return build_config({
         "name": "smoke", "output": str(out),
-        "source": {"phantom": "A", "subjects": 2, "matrix": 32},
+        "source": {"phantom": "A", "subjects": 2, "test_subjects": 1, "matrix": 32},
         "target": {"phantom": "B", "subjects": 1, "matrix": 32},
         "segmenters": ["2d"], "epochs": "quick",
         "diffusion": {"preset": "tiny", "iterations": 4, "batch_size": 4,
@@ -284,7 +285,7 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
         run_study(cfg, progress=False, log=log1.append, on_stage_start=crash_at_predict)
     state = json.loads((out / STATE_FILE).read_text())["stages"]
     assert [s for s in state if state[s]["status"] == "done"] == ["data", "diffusion", "synthesis", "adaptation",
-                                                                   "alternatives", "preprocess", "train"]
+                                                                   "alternatives", "preprocess", "train", "in_domain"]
     assert state["predict"]["status"] == "running"
 
     log2 = []
@@ -292,7 +293,7 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
     ran = [m.group(1) for m in (re.match(r"\[study\] (\w+): .*\((new|resuming an interrupted run)\)$", x)
                                 for x in log2) if m]
     assert ran == ["predict", "evaluate", "compare", "figures", "report"]
-    assert sum(x.endswith("skipped") for x in log2) == 7
+    assert sum(x.endswith("skipped") for x in log2) == 8
     assert not (tmp_path / "user").exists()
 
     # the report: every approach x model row with numbers, stage times, settings
@@ -331,10 +332,24 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
         assert (out / "comparison" / name).is_file(), name
     assert "What this run can and cannot show" in report and "Wilcoxon signed-rank" in report
     assert "Missing and spurious structures" in report
+    # the held-out source cases: every model's in-domain Dice, the baselines' round trips, geometry kept
+    rows = list(csv.DictReader(open(out / "in_domain" / "in_domain.csv")))
+    seen = {(r["trained_on"], r["input"]) for r in rows}
+    assert seen == {("real", "original"), ("real", "geometry"), ("real", "adapted"), ("real_aug", "original"),
+                    ("synthetic", "original")}
+    assert all(r["cases"] == "2" and 0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert all(r["loss"] == "" if r["input"] == "original" else r["loss"] for r in rows)
+    src = sorted((out / "nnUNet_raw" / "Dataset970_StudyPhantomASource" / "imagesTs").glob("*.nii.gz"))
+    for inp in ("geometry", "adapted"):
+        got = sorted((out / "in_domain" / "images" / inp).glob("*.nii.gz"))
+        assert [p.name for p in got] == [p.name for p in src]
+        a, b = sitk.ReadImage(str(src[0])), sitk.ReadImage(str(got[0]))
+        assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
+    assert "## In-domain test and the source round trip" in report and "| 2D nnU-Net | geometric round trip" in report
     # a rerun of the finished study skips every stage (fingerprints and outputs digests unchanged)
     log3 = []
     run_study(cfg, progress=False, log=log3.append)
-    assert sum(x.endswith("skipped") for x in log3) == 12
+    assert sum(x.endswith("skipped") for x in log3) == 13
 
 
 def test_given_diffusion_model_is_used_not_trained(tmp_path, nnunet_env):

@@ -122,3 +122,14 @@ def model_slices_to_volume(x: torch.Tensor, window: IntensityWindow, resize: Squ
     """
     out = window.denormalize(resize.inverse(x.detach().cpu().float()).numpy())
     return np.clip(out, np.float32(window.lo), np.float32(window.hi))
+
+
+def resize_round_trip(volume: np.ndarray, size: int, percentiles: Tuple[float, float] = PERCENTILES,
+                      name: str = "image") -> np.ndarray:
+    """What the model's data path alone does to a volume ``(z, y, x)``: intensity window, padding to
+    a centred square, resize to ``size`` x ``size`` and back (no diffusion); float32 in the volume's
+    units, its shape, clipped to its window. The loss this costs a segmenter is the floor of any
+    adaptation through a ``size``-pixel model (the source round trip)."""
+    window = IntensityWindow.fit(np.asarray(volume), percentiles, name=name)
+    x, window, resize = volume_to_model_slices(np.asarray(volume), size, window=window, name=name)
+    return model_slices_to_volume(x, window, resize)

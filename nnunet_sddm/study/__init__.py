@@ -7,7 +7,8 @@
 ``provenance``   ``study.json``: configuration, software versions, hardware
 ``stages``       a small stage runner (fingerprints, skip when done, ``--from``, stage times)
 ``stage_*``      one module per stage: data, diffusion, synthesis (DG), adaptation (DA),
-                 alternatives (histogram matching, FDA), preprocess, train, predict, evaluate,
+                 alternatives (histogram matching, FDA), preprocess, train, in_domain (held-out
+                 source cases and the source round trip), predict, evaluate,
                  compare, figures, report
 ``nnunet_steps`` nnU-Net's planning and training commands
 ``pipeline``     assembles the stages and runs them
@@ -15,6 +16,5 @@
 """
 
 #: The stages of a study, in order (``--from`` / ``--until`` take these names).
-STAGE_NAMES = ("data", "diffusion", "synthesis", "adaptation", "alternatives", "preprocess", "train", "predict",
-               "evaluate",
-               "compare", "figures", "report")
+STAGE_NAMES = ("data", "diffusion", "synthesis", "adaptation", "alternatives", "preprocess", "train", "in_domain",
+               "predict", "evaluate", "compare", "figures", "report")

@@ -1,7 +1,7 @@
-"""A study: the paper's experiment (Table 1 and figures) as twelve resumable stages.
+"""A study: the paper's experiment (Table 1 and figures) as thirteen resumable stages.
 
     data -> diffusion -> synthesis (DG) -> adaptation (DA) -> alternatives (histmatch, FDA)
-         -> preprocess -> train -> predict -> evaluate -> compare -> figures -> report
+         -> preprocess -> train -> in_domain -> predict -> evaluate -> compare -> figures -> report
 
 Each stage is its own module (``stage_<name>``); this module assembles them and runs them with
 the stage runner (``stages``). Study folder layout (``OUT``)::
@@ -15,6 +15,8 @@ the stage runner (``stages``). Study folder layout (``OUT``)::
     adapted/target/            the DA-adapted target test images (nnU-Net names, original geometry)
     adapted/histmatch/ adapted/fda/   the target test images standardised by the alternatives
     repeats/seed<S>/nnUNet_results/   the segmenters of repeats after the first (seed S)
+    in_domain/                 the held-out source cases: every segmenter's in-domain Dice and the
+                               source round trip (geometry alone, SD-DM) of the baselines; in_domain.csv
     predictions/seed<S>/<trained>__<segmenter>__<input>[__lcc]/   trained on real|synthetic|real_aug
                                (nnU-Net's augmentation), input original|adapted|histmatch|fda|ensemble
                                (mean probabilities of original and adapted); __lcc: post-processed
@@ -31,15 +33,16 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 from nnunet_sddm.study import (STAGE_NAMES, stage_adaptation, stage_alternatives, stage_compare, stage_data,
-                               stage_diffusion, stage_evaluate, stage_figures, stage_predict, stage_preprocess,
-                               stage_report, stage_synthesis, stage_train)
+                               stage_diffusion, stage_evaluate, stage_figures, stage_in_domain, stage_predict,
+                               stage_preprocess, stage_report, stage_synthesis, stage_train)
 from nnunet_sddm.study.config_tree import StudyConfig
 from nnunet_sddm.study.context import make_context, nnunet_environment
 from nnunet_sddm.study.provenance import write_record
 from nnunet_sddm.study.stages import Stage, StageRunner
 
 STAGES: List[Stage] = [m.STAGE for m in (stage_data, stage_diffusion, stage_synthesis, stage_adaptation,
-                                         stage_alternatives, stage_preprocess, stage_train, stage_predict,
+                                         stage_alternatives, stage_preprocess, stage_train, stage_in_domain,
+                                         stage_predict,
                                          stage_evaluate, stage_compare, stage_figures, stage_report)]
 if tuple(s.name for s in STAGES) != STAGE_NAMES:  # pragma: no cover - a stage added in one place only
     raise ImportError(f"study stages {[s.name for s in STAGES]} differ from STAGE_NAMES {STAGE_NAMES}")

@@ -1,7 +1,7 @@
 """``report.md``: the study's results, figures, settings, seeds, software versions and stage times.
 
 Everything in the report is read from the study folder (``study.json``, ``study_state.json``,
-``comparison/``, ``figures/``, ``evaluation/``), so it always describes the files next to it;
+``in_domain/``, ``comparison/``, ``figures/``, ``evaluation/``), so it always describes the files next to it;
 links are relative to the study folder.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from nnunet_sddm.study.config_tree import SEGMENTERS
+from nnunet_sddm.study.stage_in_domain import INPUTS, ROUND_TRIP_GOAL, read_in_domain
 from nnunet_sddm.utilities.files import write_text
 
 SURFACE = ("ASD", "ASSD", "HD", "HD95")
@@ -194,6 +195,53 @@ def missing_lines(ctx) -> List[str]:
     return [md.read_text().strip(), "", fig, ""]
 
 
+_TRAINED_ON = {"real": "real source", "real_aug": "real source, nnU-Net aug", "synthetic": "synthetic source (DG)"}
+_ROUND_TRIP = {"original": "as they are", "geometry": "geometric round trip (resize to the model size and back)",
+               "adapted": "SD-DM round trip (adapted with the study's sampler)"}
+
+
+def in_domain_lines(ctx) -> List[str]:
+    """The in-domain Dice of every segmenter and the source round trip of the baselines
+    (``in_domain/in_domain.csv``, mean over repeats); empty without held-out source cases."""
+    rows = read_in_domain(ctx)
+    if not rows:
+        return ["No held-out source cases (the source has no imagesTs with labelsTs; phantoms: "
+                "`source.test_subjects`), so neither the in-domain Dice nor the source round trip was measured.", ""]
+    structures = list(dict.fromkeys(r["structure"] for r in rows))
+    mean: Dict[tuple, float] = {}
+    for key in dict.fromkeys((r["segmenter"], r["trained_on"], r["input"], r["structure"]) for r in rows):
+        vals = [float(r["dice"]) for r in rows if (r["segmenter"], r["trained_on"], r["input"], r["structure"]) == key]
+        mean[key] = sum(vals) / len(vals)
+    n = rows[0]["cases"]
+    head = "| segmenter | trained on | " + " | ".join(structures) + " |"
+    sep = "|---|---|" + "---|" * len(structures)
+    L = [f"{n} held-out cases of the source domain (`imagesTs` of `{ctx.dataset_name('source')}`), Dice per structure "
+         f"(`all`: the mean over structures per case), mean over {ctx.cfg.repeats} repeat(s); in "
+         f"[in_domain/in_domain.csv](in_domain/in_domain.csv). Did the segmenters learn?", "", head, sep]
+    models = list(dict.fromkeys((r["segmenter"], r["trained_on"]) for r in rows))
+    for seg, kind in models:
+        L.append(f"| {SEGMENTERS[seg][2]} | {_TRAINED_ON[kind]} | "
+                 + " | ".join(f"{mean[(seg, kind, 'original', s)]:.3f}" for s in structures) + " |")
+    L += ["", "**The source round trip.** Adapting images of the source domain should change nothing a segmenter "
+              "cares about: the baseline segmenters on the same held-out source cases after each round trip, with "
+              f"the Dice lost against the original images (goal: at most {ROUND_TRIP_GOAL:g} per structure).", "",
+          "| segmenter | input | " + " | ".join(structures) + " | largest loss |", sep]
+    for seg in dict.fromkeys(r["segmenter"] for r in rows if r["trained_on"] == "real"):
+        for inp in INPUTS:
+            if (seg, "real", inp, structures[0]) not in mean:
+                continue
+            cells, losses = [], []
+            for s in structures:
+                v = mean[(seg, "real", inp, s)]
+                loss = mean[(seg, "real", "original", s)] - v
+                cells.append(f"{v:.3f}" if inp == "original" else f"{v:.3f} ({-loss:+.3f})")
+                losses.append(loss)
+            worst = "" if inp == "original" else (f"{max(losses):.3f}" + (" (goal met)" if max(losses) <= ROUND_TRIP_GOAL
+                                                                           else " (above the goal)"))
+            L.append(f"| {SEGMENTERS[seg][2]} | {_ROUND_TRIP[inp]} | " + " | ".join(cells) + f" | {worst} |")
+    return L + [""]
+
+
 def write_report(ctx) -> Path:
     """Write ``OUT/report.md`` and return its path."""
     out = ctx.out
@@ -225,6 +273,7 @@ def write_report(ctx) -> Path:
                                  if a.postprocess is None)
           + (f"; **+{cfg.postprocess.upper()}**: {_POST_TEXT[cfg.postprocess]}" if cfg.postprocess else "") + ".", "",
           "## What this run can and cannot show", ""] + scope_lines(ctx, data) + [""]
+    L += ["## In-domain test and the source round trip", ""] + in_domain_lines(ctx)
 
     # ---- the table
     comp = out / "comparison"

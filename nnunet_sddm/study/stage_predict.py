@@ -45,6 +45,13 @@ def run_predict(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def load_predictor(ctx: StudyContext, m: Model) -> nnunet_prediction.SDDMPredictor:
+    """The study's predictor of model ``m``: its fold, the study's step size, no mirroring."""
+    return nnunet_prediction.load_nnunet_predictor(m.folder, [ctx.cfg.fold], device=ctx.device,
+                                                   step_size=ctx.cfg.nnunet.step_size, allow_tqdm=False,
+                                                   use_mirroring=False)
+
+
 def _predict_model(ctx: StudyContext, m: Model, resume: bool) -> Dict[str, Any]:
     rows = [a for a in ctx.cfg.approaches() if a.kind == m.kind]
     inputs = list(dict.fromkeys(a.input for a in rows))
@@ -57,9 +64,7 @@ def _predict_model(ctx: StudyContext, m: Model, resume: bool) -> Dict[str, Any]:
     todo = [inp for inp in inputs if not (resume and dirs[inp].is_dir())]
     if todo:
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints its trainer lookup and every case
-            predictor = nnunet_prediction.load_nnunet_predictor(
-                m.folder, [ctx.cfg.fold], device=ctx.device, step_size=ctx.cfg.nnunet.step_size, allow_tqdm=False,
-                use_mirroring=False)
+            predictor = load_predictor(ctx, m)
             for inp in todo:
                 with staging_dir(dirs[inp], overwrite=True) as tmp:
                     if inp == "ensemble":

@@ -1,0 +1,146 @@
+"""Stage ``in_domain``: the segmenters on the source's own held-out test cases, and the source
+round trip.
+
+The held-out cases are the source dataset's ``imagesTs`` with ``labelsTs`` (phantoms:
+``source.test_subjects`` > 0; an existing dataset: when it has both). Every trained segmenter
+segments them as they are (its in-domain Dice: did it learn?). The baseline segmenters (trained on
+the real source without augmentation) also segment them after two round trips:
+
+- ``geometry``: the diffusion model's data path alone (intensity window, pad to a square, resize
+  to the model size and back; no diffusion), the floor of any adaptation through that model;
+- ``adapted``: SD-DM adaptation with the study's sampler settings.
+
+Adapting images of the source domain should change nothing a segmenter cares about, so the Dice
+lost in the round trip measures what adaptation costs the anatomy, without any target label
+(goal: at most ``ROUND_TRIP_GOAL``). Into ``OUT/in_domain/``::
+
+    images/geometry/ images/adapted/                  the round-tripped source test images
+    predictions/seed<S>/<trained>__<segmenter>__<input>/
+    evaluation/seed<S>/<trained>__<segmenter>__<input>/   per_case.csv, summary.json
+    in_domain.csv    per model, input and structure: mean Dice, cases, loss against the original
+
+The predictions use the predict stage's predictor (no mirroring); each folder is built under a
+temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from nnunet_sddm.adaptation import predictor as nnunet_prediction
+from nnunet_sddm.adaptation.folders import adapt_folder
+from nnunet_sddm.data.raw_dataset import list_images
+from nnunet_sddm.data.slices import configured_percentiles, resize_round_trip
+from nnunet_sddm.data.volumes import read_volume, write_like
+from nnunet_sddm.diffusion.model_folder import load_config
+from nnunet_sddm.evaluation.evaluate import evaluate_folders
+from nnunet_sddm.study.context import StudyContext
+from nnunet_sddm.study.stage_predict import load_predictor
+from nnunet_sddm.study.stage_train import segmenter_inputs
+from nnunet_sddm.study.stages import Stage
+from nnunet_sddm.utilities.files import staging_dir, write_text
+
+#: What the held-out source cases are segmented as: as they are, and after each round trip.
+INPUTS = ("original", "geometry", "adapted")
+#: The round trip's goal: at most this Dice lost per structure.
+ROUND_TRIP_GOAL = 0.02
+CSV_FIELDS = ("segmenter", "trained_on", "seed", "input", "structure", "dice", "cases", "loss")
+
+
+def source_test(ctx: StudyContext) -> Optional[Tuple[Path, Path]]:
+    """``(imagesTs, labelsTs)`` of the source, or None when it has no labelled held-out cases."""
+    raw = ctx.raw("source")
+    images, labels = raw / "imagesTs", raw / "labelsTs"
+    if images.is_dir() and labels.is_dir() and list_images(images):
+        return images, labels
+    return None
+
+
+def in_domain_dir(ctx: StudyContext) -> Path:
+    return ctx.out / "in_domain"
+
+
+def _geometry_round_trip(ctx: StudyContext, images: Path, out: Path) -> None:
+    """Every image of ``images`` through ``resize_round_trip`` at the diffusion model's size and
+    intensity window, written with its file name and geometry."""
+    config = load_config(ctx.model_dir)
+    size, percentiles = int(config["model"]["image_size"]), configured_percentiles(config.get("data"))
+    with staging_dir(out, overwrite=True) as tmp:
+        for case, path in sorted(list_images(images).items()):
+            volume = read_volume(path).data
+            write_like(resize_round_trip(volume, size, percentiles, name=str(path)), path, tmp / path.name)
+
+
+def run_in_domain(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
+    """In-domain Dice of every model; the round trips of the baselines (``in_domain.csv``)."""
+    test = source_test(ctx)
+    if test is None:
+        return {"skipped": "the source has no labelled held-out cases (imagesTs with labelsTs; phantoms: "
+                           "source.test_subjects > 0)"}
+    images, labels = test
+    root = in_domain_dir(ctx)
+    folders = {"original": images, "geometry": root / "images" / "geometry", "adapted": root / "images" / "adapted"}
+    if not (resume and folders["geometry"].is_dir()):
+        _geometry_round_trip(ctx, images, folders["geometry"])
+    smp = ctx.cfg.sampler
+    adapt_folder(images, folders["adapted"], ctx.model_dir, smp.settings, batch_size=smp.batch_size,
+                 device=ctx.device, amp=smp.amp, overwrite=False, progress=ctx.progress)
+    ev = ctx.cfg.evaluation
+    rows: List[Dict[str, Any]] = []
+    result: Dict[str, Any] = {}
+    for m in ctx.models():
+        predictor = None
+        original: Dict[str, float] = {}
+        for inp in INPUTS if m.kind == "real" else ("original",):
+            name = f"{m.kind}__{m.segmenter}__{inp}"
+            pred = root / "predictions" / f"seed{m.seed}" / name
+            if not (resume and pred.is_dir()):
+                with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every case
+                    predictor = predictor or load_predictor(ctx, m)
+                    with staging_dir(pred, overwrite=True) as tmp:
+                        nnunet_prediction.predict_folder(predictor, folders[inp], tmp)
+            summary = evaluate_folders(labels, pred, dataset_json=ctx.raw("source") / "dataset.json",
+                                       num_processes=ev.num_processes, empty_policy=ev.empty_policy,
+                                       out_dir=root / "evaluation" / f"seed{m.seed}" / name, overwrite=True,
+                                       progress=False).summary
+            dice = {s: d["metrics"]["DSC"]["mean"] for s, d in summary["structures"].items()}
+            if inp == "original":
+                original = dice
+            for s, v in dice.items():
+                rows.append({"segmenter": m.segmenter, "trained_on": m.kind, "seed": m.seed, "input": inp,
+                             "structure": s, "dice": f"{v:.6f}", "cases": summary["n_cases"],
+                             "loss": "" if inp == "original" else f"{original[s] - v:.6f}"})
+            result[f"{m.key}/{inp}"] = {s: round(v, 4) for s, v in dice.items()}
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(text.getvalue(), root / "in_domain.csv")
+    ctx.log(f"[study]   in-domain test: {len(list_images(images))} held-out source cases, {len(ctx.models())} models")
+    return result
+
+
+def read_in_domain(ctx: StudyContext) -> List[Dict[str, str]]:
+    """The rows of ``in_domain.csv`` (empty when the stage was skipped)."""
+    path = in_domain_dir(ctx) / "in_domain.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def in_domain_inputs(ctx: StudyContext) -> Any:
+    ev = ctx.cfg["evaluation"]
+    return {**segmenter_inputs(ctx), "step_size": ctx.cfg.nnunet.step_size, "sampler": ctx.cfg.sampler.inputs(),
+            "empty_policy": ev["empty_policy"], "test_subjects": ctx.cfg.source.test_subjects}
+
+
+def in_domain_outputs(ctx: StudyContext) -> List[Path]:
+    return [in_domain_dir(ctx)]
+
+
+STAGE = Stage("in_domain", "in-domain test of every segmenter and the source round trip", run_in_domain,
+              in_domain_inputs, in_domain_outputs, ("data", "diffusion", "train"))
