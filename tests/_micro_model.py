@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -23,13 +23,14 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def micro_model_folder(parent: Path, randomise_output: bool = False) -> Path:
+def micro_model_folder(parent: Path, randomise_output: bool = False, overrides: Optional[dict] = None) -> Path:
     """A saved micro model folder under ``parent``. ``randomise_output``: the zero-initialised output
     layer gets N(0, 0.05^2) weights (generator seed 1), so the network's output and its gradient are
-    not trivially zero (saved, so that CLIs load the same weights)."""
+    not trivially zero (saved, so that CLIs load the same weights). ``overrides``: further
+    ``SECTION.KEY`` settings over ``MICRO`` (e.g. ``{"data.spacing": 2.0}``)."""
     from nnunet_sddm.diffusion.model_folder import EMA_FILE, create_model_folder, load_weights, save_weights
 
-    folder = create_model_folder(parent, "tiny", overrides=MICRO, seed=0)
+    folder = create_model_folder(parent, "tiny", overrides={**MICRO, **(overrides or {})}, seed=0)
     if randomise_output:
         state = load_weights(folder / EMA_FILE)
         g = torch.Generator().manual_seed(1)

@@ -222,7 +222,7 @@ def test_reorienting_reader_is_refused(tmp_path):
     image = tmp_path / "C_0000.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 2)).astype(np.float32),
                              np.diag([-1.0, -1.0, 5.0, 1.0])), str(image))
-    predictor = SDDMPredictor(adapt_fn=lambda v: dict(v), device=torch.device("cpu"))
+    predictor = SDDMPredictor(adapt_fn=lambda v, spacings: dict(v), device=torch.device("cpu"))
     predictor.plans_manager = type("Plans", (), {"image_reader_writer_class": NibabelIOWithReorient})()
     predictor.dataset_json = {"file_ending": ".nii.gz"}
     with pytest.raises(SDDMError, match="NibabelIOWithReorient reorients"):

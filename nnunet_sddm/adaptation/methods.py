@@ -161,8 +161,10 @@ class ClassicalAdapter:
         self.choices[case] = [[s, int(k)] for s, k in chosen]
         return out
 
-    def adapt_arrays(self, volumes: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """``{case: (z, y, x)}`` -> ``{case: (z, y, x) float32}`` (the predictor's ``AdaptFn``)."""
+    def adapt_arrays(self, volumes: Mapping[str, np.ndarray],
+                     spacings: Optional[Mapping[str, Sequence[float]]] = None) -> Dict[str, np.ndarray]:
+        """``{case: (z, y, x)}`` -> ``{case: (z, y, x) float32}`` (the predictor's ``AdaptFn``;
+        ``spacings`` unused: both methods work on the voxel grid)."""
         return {case: self.adapt_volume(case, v) for case, v in volumes.items()}
 
     def check_images(self, paths: Sequence[PathLike], reader_writer: Any = None) -> None:

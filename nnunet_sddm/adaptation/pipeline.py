@@ -10,8 +10,10 @@ Every adaptation path of the package is a thin caller of :class:`Adapter`:
 ``Adapter.open`` does the opening they share: the process's place under ``torchrun``, the device,
 the model (EMA weights of a model folder or ``DATASET[:PRESET]``), the model-versus-settings
 check (single-channel model, image size, N and steps within the chain). ``check_images`` is the one
-input validation (every image read as the adaptation will read it: 3D, finite, not constant), run
-before anything is written. ``adapt_files`` writes outputs atomically with the input's geometry
+input validation (every image read as the adaptation will read it: 3D, finite, not constant; in
+spacing mode also a valid in-plane voxel spacing), run before anything is written. The voxel
+spacing of every volume reaches the sampler's data path: ``adapt_files`` reads it with the image,
+``adapt_arrays`` takes it as ``spacings`` (required only by a model in spacing mode). ``adapt_files`` writes outputs atomically with the input's geometry
 and enters each finished output in the run's :class:`~nnunet_sddm.adaptation.record.RunRecord`.
 """
 from __future__ import annotations
@@ -26,9 +28,9 @@ import torch
 
 import nnunet_sddm
 from nnunet_sddm.adaptation.record import RunRecord, sha256_file
-from nnunet_sddm.adaptation.volumes import default_batch_size, iter_adapted
+from nnunet_sddm.adaptation.volumes import VolumeItem, default_batch_size, iter_adapted
 from nnunet_sddm.data.raw_dataset import case_of
-from nnunet_sddm.data.slices import IntensityWindow, configured_percentiles
+from nnunet_sddm.data.slices import IntensityWindow, configured_percentiles, inplane_spacing, working_spacing
 from nnunet_sddm.data.volumes import read_volume, write_like
 from nnunet_sddm.diffusion.model_folder import EMA_FILE, RAW_FILE, LoadedModel, load_model, resolve_model_dir
 from nnunet_sddm.sampling.guided import AMP_DTYPES, SamplerSettings
@@ -119,6 +121,11 @@ class Adapter:
         return configured_percentiles(self.loaded.data_config)
 
     @property
+    def spacing(self) -> Optional[float]:
+        """The model's in-plane working spacing in mm (``data.spacing``; None: resize mode)."""
+        return working_spacing(self.loaded.data_config)
+
+    @property
     def effective_batch_size(self) -> int:
         return int(self.batch_size or default_batch_size(self.device))
 
@@ -147,23 +154,31 @@ class Adapter:
         for p in paths:
             vol = read_volume(p, reader_writer) if reader_writer is not None else read_volume(p)
             IntensityWindow.fit(vol.data, self.percentiles, name=str(p))
+            if self.spacing is not None:
+                inplane_spacing(vol.spacing, name=str(p))
             counts.append(vol.num_slices)
         return counts
 
     # ------------------------------------------------------------------ arrays
-    def iter_adapted(self, volumes: Iterable[Tuple[str, np.ndarray]], total_slices: Optional[int] = None,
+    def iter_adapted(self, volumes: Iterable[VolumeItem], total_slices: Optional[int] = None,
                      desc: str = "adapting", pad_batches: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
-        """``(case, (z, y, x))`` -> ``(case, adapted (z, y, x) float32)`` as each volume is done
-        (see ``volumes.iter_adapted``)."""
+        """``(case, (z, y, x))`` or ``(case, (z, y, x), spacing (z, y, x) mm)`` -> ``(case, adapted
+        (z, y, x) float32)`` as each volume is done (see ``volumes.iter_adapted``)."""
         return iter_adapted(volumes, self.loaded, self.settings, self.percentiles, batch_size=self.batch_size, amp=self.amp,
                             progress=self.progress and self.ranks.is_main, total_slices=total_slices, desc=desc,
                             pad_batches=pad_batches)
 
-    def adapt_arrays(self, volumes: Mapping[str, np.ndarray], pad_batches: bool = True) -> Dict[str, np.ndarray]:
+    def adapt_arrays(self, volumes: Mapping[str, np.ndarray],
+                     spacings: Optional[Mapping[str, Sequence[float]]] = None,
+                     pad_batches: bool = True) -> Dict[str, np.ndarray]:
         """Adapt ``{case: (z, y, x)}`` (any intensity units) -> ``{case: (z, y, x) float32}`` in the
-        input's units, shape and order; slices of all volumes share sampler batches."""
+        input's units, shape and order; slices of all volumes share sampler batches.
+        ``spacings``: ``{case: (z, y, x) voxel spacing in mm}``, needed by a model in spacing mode
+        (``SDDMError`` naming the case if one is missing)."""
+        spacings = spacings or {}
         total = sum(int(np.shape(v)[0]) for v in volumes.values() if np.ndim(v) == 3)
-        done = dict(self.iter_adapted(volumes.items(), total_slices=total, pad_batches=pad_batches))
+        items = ((case, v, spacings.get(case)) for case, v in volumes.items())
+        done = dict(self.iter_adapted(items, total_slices=total, pad_batches=pad_batches))
         return {case: done[case] for case in volumes}
 
     # ------------------------------------------------------------------ files
@@ -195,9 +210,10 @@ class Adapter:
         mine = dist_utils.shard(list(zip(todo, counts)), self.ranks)
         by_key = {k: (i, o) for (i, o, k), _ in mine}
 
-        def volumes() -> Iterator[Tuple[str, np.ndarray]]:
+        def volumes() -> Iterator[VolumeItem]:
             for (i, _, k), _ in mine:
-                yield k, read_volume(i).data
+                vol = read_volume(i)
+                yield k, vol.data, vol.spacing
 
         written = []
         desc = "adapting" + (f" [rank {self.ranks.rank}]" if self.ranks.distributed else "")
@@ -211,7 +227,8 @@ class Adapter:
 
 def adapt_arrays(volumes: Mapping[str, np.ndarray], model: ModelSpec, settings: SamplerSettings,
                  batch_size: Optional[int] = None, device: DeviceLike = None, amp: Optional[str] = None,
-                 progress: bool = True, pad_batches: bool = True) -> Dict[str, np.ndarray]:
+                 progress: bool = True, pad_batches: bool = True,
+                 spacings: Optional[Mapping[str, Sequence[float]]] = None) -> Dict[str, np.ndarray]:
     """Adapt many volumes ``{case: (z, y, x)}`` with slices batched across volumes (one process).
 
     Args:
@@ -223,6 +240,8 @@ def adapt_arrays(volumes: Mapping[str, np.ndarray], model: ModelSpec, settings: 
         amp: None, ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the network.
         pad_batches: pad the last batch to ``batch_size`` (bit-identical results for a given
             batch size however the slices are grouped; see ``volumes.iter_adapted``).
+        spacings: ``{case: (z, y, x) voxel spacing in mm}``; required by a model in spacing mode
+            (``data.spacing``), unused in resize mode.
 
     Returns:
         ``{case: (z, y, x) float32}`` in the input's intensity units and shape, in input order.
@@ -231,4 +250,4 @@ def adapt_arrays(volumes: Mapping[str, np.ndarray], model: ModelSpec, settings: 
         device = next(model.model.parameters()).device if isinstance(model, LoadedModel) else "cpu"
     adapter = Adapter.open(model, settings, device=device, batch_size=batch_size, amp=amp, progress=progress,
                            ranks=dist_utils.Ranks())
-    return adapter.adapt_arrays(volumes, pad_batches=pad_batches)
+    return adapter.adapt_arrays(volumes, spacings=spacings, pad_batches=pad_batches)

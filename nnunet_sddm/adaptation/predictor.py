@@ -8,7 +8,8 @@ nnU-Net's spawn workers):
    itself uses for this model), arrays ``(C, z, y, x)``;
 2. adapt the volume ``(z, y, x)`` with the injected ``adapt_fn`` (single-channel images, as all
    of this project; several cases are adapted together so that slices of many volumes share
-   sampler batches);
+   sampler batches), given each volume's voxel spacing from the reader's properties (nnU-Net's
+   ``properties["spacing"]``, ``(z, y, x)`` mm: what a diffusion model in spacing mode needs);
 3. optionally write the adapted images (``--save-adapted``: nnU-Net file names, the input's exact
    geometry, float32, written atomically);
 4. run the configuration's preprocessor ``run_case_npy`` and yield
@@ -80,9 +81,10 @@ from nnunet_sddm.utilities.files import write_json
 from nnunet_sddm.utilities.nnunet_paths import (datasets_with_id, ensure_trainer_path_in_env,
                                                 parse_dataset_folder_name, results_root)
 
-#: ``adapt_fn(volumes) -> adapted``: ``{key: (z, y, x)}`` in any intensity units ->
-#: ``{key: (z, y, x) float32}``, same keys and shapes, original intensity units.
-AdaptFn = Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]]
+#: ``adapt_fn(volumes, spacings) -> adapted``: ``{key: (z, y, x)}`` in any intensity units and
+#: ``{key: (z, y, x) voxel spacing in mm}`` -> ``{key: (z, y, x) float32}``, same keys and shapes,
+#: original intensity units (``Adapter.adapt_arrays``, ``ClassicalAdapter.adapt_arrays``).
+AdaptFn = Callable[[Mapping[str, np.ndarray], Mapping[str, Sequence[float]]], Dict[str, np.ndarray]]
 
 PathLike = Union[str, os.PathLike]
 
@@ -145,6 +147,7 @@ class SDDMPredictor(nnUNetPredictor):
             group = list_of_lists[start:start + self.cases_per_adaptation]
             raw = []
             volumes: Dict[str, np.ndarray] = {}
+            spacings: Dict[str, Optional[Tuple[float, ...]]] = {}
             for files in group:
                 if len(files) != 1:
                     raise SDDMError(f"{files[1]}: only single-channel images can be adapted (the diffusion "
@@ -156,7 +159,9 @@ class SDDMPredictor(nnUNetPredictor):
                 data = np.asarray(data, dtype=np.float32)
                 raw.append((files, data, props))
                 volumes[case_key(files, ending)] = data[0]
-            adapted = volumes if self.adapt_fn is None else self.adapt_fn(volumes)
+                spacing = props.get("spacing")  # nnU-Net's readers give it, (z, y, x) like the array
+                spacings[case_key(files, ending)] = None if spacing is None else tuple(float(v) for v in spacing)
+            adapted = volumes if self.adapt_fn is None else self.adapt_fn(volumes, spacings)
             for files, data, props in raw:
                 a = np.asarray(adapted[case_key(files, ending)], dtype=np.float32)
                 if a.shape != data[0].shape:

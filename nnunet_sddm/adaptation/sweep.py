@@ -2,8 +2,9 @@
 
 ``sweep_grid`` adapts one slice of an image for every combination of the given D, N and tau
 values and draws a grid: one row per ``(N, tau)`` pair, column 0 the reference slice, then one
-column per D. Every panel is shown in the original slice geometry (padding and resize inverted,
-pixel aspect from the spacing) with the volume's intensity window, so panels compare directly.
+column per D. Every panel is shown in the original slice geometry (the model-space transform of
+either mode inverted, pixel aspect from the spacing; in spacing mode the slice is resampled with
+the image's spacing and padded for each D) with the volume's intensity window, so panels compare directly.
 All panels use the same random stream (key ``"<case>/<z>"``), so differences come from the
 settings alone. The settings are recorded in ``OUT.json`` next to ``OUT.png``.
 """
@@ -18,8 +19,9 @@ import numpy as np
 
 import nnunet_sddm
 from nnunet_sddm.adaptation.pipeline import Adapter, ModelSpec
+from nnunet_sddm.adaptation.volumes import model_space_slices
 from nnunet_sddm.data.raw_dataset import case_of
-from nnunet_sddm.data.slices import IntensityWindow, model_slices_to_volume, volume_to_model_slices
+from nnunet_sddm.data.slices import IntensityWindow, model_slices_to_volume
 from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
 from nnunet_sddm.utilities import distributed as dist_utils
@@ -58,13 +60,14 @@ def sweep_grid(image: Union[str, os.PathLike], model: ModelSpec, out_png: Union[
                            ranks=dist_utils.Ranks())
     adapters = [adapter.with_settings(s) for s in combos]  # every combination checked before sampling
     window = IntensityWindow.fit(vol.data, adapter.percentiles, name=str(image))
-    y0, window, resize = volume_to_model_slices(vol.data[z:z + 1], adapter.loaded.image_size, window=window,
-                                                name=str(image))
     key = f"{case_of(Path(image))}/{z}"
     panels = []
     for a in progress_bar(adapters, desc="sweep", unit="setting", disable=not progress):
+        # resize mode: the same slices for every D; spacing mode: padded to a multiple of each D
+        y0, transform = model_space_slices(vol.data[z:z + 1], window, a.loaded, a.settings.D, vol.spacing,
+                                           name=str(image))
         x = guided_sample(a.loaded, y0.to(a.device), a.settings, [key], amp=amp).cpu()
-        panels.append(model_slices_to_volume(x, window, resize)[0])
+        panels.append(model_slices_to_volume(x, window, transform)[0])
     reference = np.clip(vol.data[z], window.lo, window.hi)
     _draw(out_png, reference, panels, combos, Ds, window, vol.spacing, title=f"{Path(image).name}  slice {z}")
     write_json({"package_version": nnunet_sddm.__version__, "image": str(Path(image).resolve()), "slice": z,

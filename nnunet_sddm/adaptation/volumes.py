@@ -3,26 +3,31 @@
 Per volume ``(z, y, x)`` (docs/explanation/algorithm.md, "The data path"):
 
 1. intensity window: the volume's 0.5 / 99.5 percentiles ``[lo, hi]``, clip, map to [-1, 1];
-2. every slice ``volume[k]`` padded to a centred square (value -1) and resized to the model side;
+2. every slice ``volume[k]`` to model space (``model_space_slices``): resize mode: padded to a
+   centred square (value -1) and resized to the model side; spacing mode (``data.spacing`` of the
+   model): resampled to the working spacing and padded (centred, value -1) to a multiple of the
+   UNet's downsampling factor and of D, sampled whole;
 3. guided sampling (``sampling.guided``), the slices of several volumes sharing one batch, each
-   with its own random stream keyed ``"<case>/<k>"``;
-4. the resize and padding inverted, the slices restacked in order and mapped back to
-   ``[lo, hi]`` (original intensity units, float32, the input's shape, clipped to the window).
+   with its own random stream keyed ``"<case>/<k>"``; a batch holds slices of one model-space
+   shape only (one shape in resize mode);
+4. the transform inverted, the slices restacked in order and mapped back to ``[lo, hi]``
+   (original intensity units, float32, the input's shape, clipped to the window).
 
 With ``N = 0`` the sampler is the identity and the output is the input clipped to its window,
 without the (lossy) resize round trip.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from nnunet_sddm.data.slices import PERCENTILES, IntensityWindow, SquareResize, model_slices_to_volume, \
-    volume_to_model_slices
+from nnunet_sddm.data.slices import (PERCENTILES, IntensityWindow, SliceTransform, model_slices_to_volume,
+                                     slice_transform, volume_to_model_slices, working_spacing)
 from nnunet_sddm.diffusion.model_folder import LoadedModel
 from nnunet_sddm.sampling.guided import SamplerSettings, guided_sample
 from nnunet_sddm.utilities.errors import SDDMError
@@ -36,6 +41,35 @@ def default_batch_size(device: torch.device) -> int:
     return DEFAULT_BATCH.get(torch.device(device).type, 16)
 
 
+#: ``(case, volume (z, y, x))`` or ``(case, volume, spacing (z, y, x) in mm)``; spacing mode needs the spacing.
+VolumeItem = Union[Tuple[str, np.ndarray], Tuple[str, np.ndarray, Sequence[float]]]
+
+#: In-flight slices (queued, not yet sampled) per batch slot before a partial batch is sampled
+#: to bound memory (spacing mode, where volumes of many shapes wait for batch partners).
+QUEUE_BATCHES = 8
+
+
+def size_multiple(loaded: LoadedModel, D: int) -> int:
+    """What spacing-mode slices are padded to a multiple of: the UNet's total downsampling factor
+    ``2^(len(channel_mult) - 1)`` and the low-pass factor ``D`` (their least common multiple)."""
+    levels = len(loaded.config["model"]["channel_mult"])
+    return math.lcm(2 ** (levels - 1), int(D))
+
+
+def model_space_slices(volume: np.ndarray, window: IntensityWindow, loaded: LoadedModel, D: int,
+                       spacing: Optional[Sequence[float]] = None,
+                       name: str = "image") -> Tuple[torch.Tensor, SliceTransform]:
+    """A volume ``(z, y, x)`` -> the model-space slices the sampler gets, ``(z, 1, H, W)`` in
+    [-1, 1], and their transform (for ``model_slices_to_volume``). Resize mode: ``H = W =
+    image_size``; spacing mode: the slices at ``data.spacing`` mm (``spacing``: the volume's
+    ``(z, y, x)`` voxel spacing in mm), padded to multiples of ``size_multiple(loaded, D)``."""
+    transform = slice_transform(loaded.data_config, int(loaded.image_size), np.shape(volume)[1:], spacing,
+                                multiple=size_multiple(loaded, D), name=name)
+    x, _, transform = volume_to_model_slices(volume, int(loaded.image_size), window=window, name=name,
+                                             transform=transform)
+    return x, transform
+
+
 def window_only(volume: np.ndarray, window: IntensityWindow) -> np.ndarray:
     """The exact result of N = 0: the volume clipped to its intensity window (float32)."""
     return np.clip(np.asarray(volume, dtype=np.float32), np.float32(window.lo), np.float32(window.hi))
@@ -44,50 +78,67 @@ def window_only(volume: np.ndarray, window: IntensityWindow) -> np.ndarray:
 @dataclass
 class _InFlight:
     window: IntensityWindow
-    resize: SquareResize
-    slices: torch.Tensor            # (z, 1, S, S) model-space references
-    out: torch.Tensor               # (z, 1, S, S) adapted
+    resize: SliceTransform
+    slices: torch.Tensor            # (z, 1, H, W) model-space references
+    out: torch.Tensor               # (z, 1, H, W) adapted
     remaining: int = field(default=0)
 
 
-def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded: LoadedModel, settings: SamplerSettings,
+def iter_adapted(volumes: Iterable[VolumeItem], loaded: LoadedModel, settings: SamplerSettings,
                  percentiles: Tuple[float, float] = PERCENTILES,
                  batch_size: Optional[int] = None, amp: Optional[str] = None, progress: bool = True,
                  total_slices: Optional[int] = None, desc: str = "adapting",
                  pad_batches: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
-    """Adapt ``(case, volume (z, y, x))`` pairs, yielding ``(case, adapted (z, y, x) float32)`` as soon
-    as each volume's last slice is done. Volumes are pulled lazily, only when the batch needs more
-    slices, so memory stays bounded for any number of volumes. Case names must be unique.
+    """Adapt ``(case, volume (z, y, x))`` pairs, or ``(case, volume, spacing)`` triples (spacing:
+    the ``(z, y, x)`` voxel size in mm, required when the model is in spacing mode, unused
+    otherwise), yielding ``(case, adapted (z, y, x) float32)`` as soon as each volume's last slice
+    is done. Volumes are pulled lazily, only when no batch can be filled yet, so memory stays
+    bounded for any number of volumes. Case names must be unique.
     ``loaded`` and ``settings`` must have been checked together (``pipeline.Adapter`` does);
     ``percentiles``: the intensity window the model was trained with.
 
-    ``pad_batches``: fill the last, partial batch up to ``batch_size`` with throw-away copies, so
+    Batches: every sampler call holds slices of ONE model-space shape (resize mode has one shape;
+    in spacing mode it follows from each volume's size and spacing). Slices queue per shape; a
+    full batch is sampled as soon as one exists (the shape whose oldest slice waits longest
+    first); once more than ``QUEUE_BATCHES * batch_size`` slices wait, or the input is exhausted,
+    the longest queue is sampled as a partial batch.
+
+    ``pad_batches``: fill a partial batch up to ``batch_size`` with throw-away copies, so
     that every sampler call has the same shape. Batched kernels (oneDNN, cuDNN) may round
     differently for different batch SHAPES but give a slice the same bits whatever its batch
     neighbours; padding therefore makes results bit-identical for a given batch size however the
     slices are grouped: resumed runs, other case subsets, other rank counts. Costs at most one
-    batch per call. Never done with ``settings.reference_behaviour``: DDA's single batch-wide norm
-    would include the copies (the last batch is sampled as it is, as DDA does).
+    batch per call and shape. Never done with ``settings.reference_behaviour``: DDA's single
+    batch-wide norm would include the copies (the last batch is sampled as it is, as DDA does).
     """
     device = next(loaded.model.parameters()).device
     batch_size = int(batch_size or default_batch_size(device))
     if batch_size < 1:
         raise SDDMError(f"--batch-size must be >= 1, got {batch_size}")
-    size = int(loaded.image_size)
+    spacing_mode = working_spacing(loaded.data_config) is not None
+    max_queued = QUEUE_BATCHES * batch_size
     source = iter(volumes)
-    queue: deque = deque()
+    queues: Dict[Tuple[int, int], deque] = {}   # model-space shape -> (order, case, z)
+    queued = 0
+    order = 0
     state: Dict[str, _InFlight] = {}
     seen = set()
     bar = progress_bar(total=total_slices, desc=desc, unit="slice", disable=not progress)
     exhausted = False
+
+    def full() -> bool:
+        return any(len(q) >= batch_size for q in queues.values())
+
     try:
         while True:
-            while not exhausted and len(queue) < batch_size:
+            while not exhausted and not full() and queued < max_queued:
                 try:
-                    case, volume = next(source)
+                    item = next(source)
                 except StopIteration:
                     exhausted = True
                     break
+                case, volume = item[0], item[1]
+                spacing = item[2] if len(item) > 2 else None
                 if case in seen:
                     raise SDDMError(f"case {case!r} given twice")
                 seen.add(case)
@@ -99,12 +150,24 @@ def iter_adapted(volumes: Iterable[Tuple[str, np.ndarray]], loaded: LoadedModel,
                     bar.update(volume.shape[0])
                     yield case, window_only(volume, window)
                     continue
-                slices, window, resize = volume_to_model_slices(volume, size, window=window, name=case)
+                if spacing_mode and spacing is None:
+                    raise SDDMError(f"{case}: the diffusion model {loaded.model_dir} works at a fixed spacing "
+                                    f"(data.spacing in its config.json), so the volume's voxel spacing is needed")
+                slices, resize = model_space_slices(volume, window, loaded, settings.D, spacing, name=case)
                 state[case] = _InFlight(window, resize, slices, torch.empty_like(slices), volume.shape[0])
-                queue.extend((case, z) for z in range(volume.shape[0]))
-            if not queue:
+                q = queues.setdefault(tuple(slices.shape[-2:]), deque())
+                for z in range(volume.shape[0]):
+                    q.append((order, case, z))
+                    order += 1
+                queued += volume.shape[0]
+            if not queued:
                 break
-            batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+            waiting = [q for q in queues.values() if q]
+            ready = [q for q in waiting if len(q) >= batch_size]
+            # a full batch (oldest first); else the longest queue (oldest first among equals)
+            q = min(ready, key=lambda d: d[0][0]) if ready else min(waiting, key=lambda d: (-len(d), d[0][0]))
+            batch = [q.popleft()[1:] for _ in range(min(batch_size, len(q)))]
+            queued -= len(batch)
             y0 = torch.cat([state[c].slices[z:z + 1] for c, z in batch])
             keys = [f"{c}/{z}" for c, z in batch]
             n_pad = batch_size - len(batch) if pad_batches and not settings.reference_behaviour else 0

@@ -1,18 +1,30 @@
-"""Model space: per-volume intensity window and square, fixed-size 2D slices.
+"""Model space: per-volume intensity window and the 2D slice geometry of the diffusion model.
 
 Pipeline (docs/explanation/algorithm.md, "The data path"), for a volume ``(z, y, x)``:
 
 1. ``IntensityWindow.fit``: the volume's 0.5th and 99.5th percentiles ``(lo, hi)``;
    ``normalize`` clips to ``[lo, hi]`` and maps linearly to ``[-1, 1]``; ``denormalize`` inverts
    the linear map (clipped values stay clipped).
-2. ``SquareResize``: pad each ``(y, x)`` slice symmetrically to a square of side ``max(y, x)``
-   with the background value -1, then resize to ``size x size`` (bilinear, antialiased), keeping
-   the aspect ratio. ``inverse`` resizes back and crops the padding.
+2. The slice geometry, one of two modes chosen by the model's ``data.spacing``:
+
+   - resize mode (``data.spacing`` null, the default): ``SquareResize`` pads each ``(y, x)``
+     slice symmetrically to a square of side ``max(y, x)`` with the background value -1, then
+     resizes to ``size x size`` (bilinear, antialiased), keeping the aspect ratio. ``inverse``
+     resizes back and crops the padding.
+   - spacing mode (``data.spacing`` = s mm): ``SpacingResample`` resamples each slice from its
+     in-plane spacing to s mm (bilinear, antialiased along an axis that shrinks; the field of view
+     is kept, so the grid is ``round(y * sy / s) x round(x * sx / s)``), then pads it
+     symmetrically with -1 to a multiple of ``multiple`` (adaptation: the UNet's downsampling
+     factor and D). ``inverse`` crops the padding and resamples back to exactly ``(y, x)``.
+
+``slice_transform`` picks the mode's transform; ``data_round_trip`` is what the data path alone
+does to a volume in either mode.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,6 +41,62 @@ def configured_percentiles(data_cfg: Optional[Mapping[str, Any]]) -> Tuple[float
     training slices and adapted images must be windowed alike."""
     lo, hi = (float(x) for x in (data_cfg or {}).get("percentiles", PERCENTILES))
     return lo, hi
+
+
+#: Accepted range of ``data.spacing`` in mm (a working spacing outside it is a typo).
+SPACING_RANGE: Tuple[float, float] = (0.05, 20.0)
+
+
+def check_working_spacing(value: Any, name: str = "data.spacing") -> Optional[float]:
+    """``data.spacing`` checked: None (resize mode) or a finite number of mm in ``SPACING_RANGE``
+    (spacing mode), returned as a float; ``SDDMError`` naming ``name`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SDDMError(f"{name}: expected null (resize mode) or the in-plane working spacing in mm "
+                        f"(a number such as 1.5), got {value!r}")
+    v = float(value)
+    lo, hi = SPACING_RANGE
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise SDDMError(f"{name}: the working spacing must be a finite number of mm in [{lo:g}, {hi:g}], "
+                        f"got {value!r}")
+    return v
+
+
+def working_spacing(data_cfg: Optional[Mapping[str, Any]]) -> Optional[float]:
+    """The in-plane working spacing in mm of a model's ``data`` config section (``data.spacing``),
+    or None for resize mode (also when the key is absent: models written before it existed)."""
+    return check_working_spacing((data_cfg or {}).get("spacing"))
+
+
+def inplane_spacing(spacing: Optional[Sequence[float]], name: str = "image") -> Tuple[float, float]:
+    """``(sy, sx)`` in mm from a volume's ``(z, y, x)`` spacing (``(y, x)`` also accepted);
+    ``SDDMError`` naming ``name`` when it is missing, malformed, non-finite or not positive."""
+    if spacing is None:
+        raise SDDMError(f"{name}: spacing mode (data.spacing of the diffusion model) needs the image's voxel "
+                        f"spacing, and none was given")
+    try:
+        vals = [float(s) for s in spacing]
+    except (TypeError, ValueError):
+        raise SDDMError(f"{name}: voxel spacing {spacing!r} is not a sequence of numbers") from None
+    if len(vals) not in (2, 3):
+        raise SDDMError(f"{name}: expected a (z, y, x) voxel spacing, got {spacing!r}")
+    sy, sx = vals[-2:]
+    if not (math.isfinite(sy) and math.isfinite(sx) and sy > 0 and sx > 0):
+        raise SDDMError(f"{name}: in-plane voxel spacing {(sy, sx)} mm must be finite and positive")
+    return sy, sx
+
+
+def resample_bilinear(x: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+    """``(n, c, h, w)`` -> ``(n, c, *shape)`` float32: bilinear, half-pixel aligned (each grid
+    spans the same field of view), antialiased when either axis shrinks; a copy when the shape is
+    unchanged."""
+    x = x.float()
+    if tuple(x.shape[-2:]) == tuple(shape):
+        return x.contiguous()
+    shrink = shape[0] < x.shape[-2] or shape[1] < x.shape[-1]
+    return F.interpolate(x, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False,
+                         antialias=shrink)
 
 
 @dataclass(frozen=True)
@@ -98,22 +166,105 @@ class SquareResize:
         return x[:, 0, top:self.side - bottom, left:self.side - right].contiguous()
 
 
-def volume_to_model_slices(volume: np.ndarray, size: int, window: IntensityWindow | None = None,
-                           name: str = "image") -> Tuple[torch.Tensor, IntensityWindow, SquareResize]:
-    """A whole volume ``(z, y, x)`` -> model-space slices ``(z, 1, size, size)`` in ``[-1, 1]``.
+@dataclass(frozen=True)
+class SpacingResample:
+    """Spacing mode: resample ``(h, w)`` slices of in-plane spacing ``(sy, sx)`` mm to the working
+    spacing ``spacing`` mm and pad them symmetrically (value ``pad_value``) to multiples of
+    ``multiple``, and back.
 
-    Returns the slices, the intensity window and the resize (both needed to go back).
+    The resampled grid keeps the field of view: ``resampled = (round(h * sy / spacing),
+    round(w * sx / spacing))`` (at least 1), so its actual spacing differs from ``spacing`` by at
+    most half a pixel over the field of view. The padding is centred (``pad // 2`` before,
+    the rest after), as ``SquareResize`` centres its square.
+    """
+
+    height: int
+    width: int
+    in_spacing: Tuple[float, float]
+    spacing: float
+    multiple: int = 1
+    pad_value: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise SDDMError(f"cannot resample a slice of shape ({self.height}, {self.width})")
+        if int(self.multiple) < 1:
+            raise SDDMError(f"padding multiple must be >= 1, got {self.multiple}")
+
+    @property
+    def resampled(self) -> Tuple[int, int]:
+        """``(h', w')``: the slice's grid at the working spacing (before padding)."""
+        sy, sx = self.in_spacing
+        return (max(1, int(round(self.height * sy / self.spacing))),
+                max(1, int(round(self.width * sx / self.spacing))))
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """``(H, W)``: the model-space shape, ``resampled`` rounded up to multiples of ``multiple``."""
+        m = int(self.multiple)
+        return tuple(-(-s // m) * m for s in self.resampled)  # type: ignore[return-value]
+
+    def _pads(self) -> Tuple[int, int, int, int]:
+        (h, w), (H, W) = self.resampled, self.shape
+        dh, dw = H - h, W - w
+        return dw // 2, dw - dw // 2, dh // 2, dh - dh // 2  # left, right, top, bottom
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+        """``(n, h, w)`` -> ``(n, 1, H, W)`` float32, values keep their range."""
+        if slices.shape[-2:] != (self.height, self.width):
+            raise ValueError(f"expected slices of shape (n, {self.height}, {self.width}), got {tuple(slices.shape)}")
+        x = resample_bilinear(slices[:, None], self.resampled)
+        pads = self._pads()
+        return F.pad(x, pads, value=self.pad_value) if any(pads) else x
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, 1, H, W)`` -> ``(n, h, w)``: crop the padding and resample to the original grid."""
+        if tuple(x.shape[-2:]) != self.shape:
+            raise ValueError(f"expected model-space slices of shape (n, 1, {self.shape[0]}, {self.shape[1]}), "
+                             f"got {tuple(x.shape)}")
+        left, right, top, bottom = self._pads()
+        H, W = self.shape
+        x = x.float()[:, :, top:H - bottom, left:W - right]
+        return resample_bilinear(x, (self.height, self.width))[:, 0].contiguous()
+
+
+#: The slice transform of either mode (both have ``forward`` and ``inverse``).
+SliceTransform = Union[SquareResize, SpacingResample]
+
+
+def slice_transform(data_cfg: Optional[Mapping[str, Any]], size: int, shape: Tuple[int, int],
+                    spacing: Optional[Sequence[float]] = None, multiple: int = 1,
+                    name: str = "image") -> SliceTransform:
+    """The model-space transform of slices of ``shape (h, w)`` for a model with ``data`` section
+    ``data_cfg`` and side ``size``: ``SquareResize`` in resize mode (``spacing``, ``multiple``
+    unused); ``SpacingResample`` to ``data.spacing`` mm in spacing mode, from the volume's
+    ``(z, y, x)`` spacing in mm, padded to multiples of ``multiple``."""
+    s = working_spacing(data_cfg)
+    h, w = int(shape[0]), int(shape[1])
+    if s is None:
+        return SquareResize(h, w, int(size))
+    return SpacingResample(h, w, inplane_spacing(spacing, name), s, int(multiple))
+
+
+def volume_to_model_slices(volume: np.ndarray, size: int, window: IntensityWindow | None = None,
+                           name: str = "image", transform: Optional[SliceTransform] = None,
+                           ) -> Tuple[torch.Tensor, IntensityWindow, SliceTransform]:
+    """A whole volume ``(z, y, x)`` -> model-space slices in ``[-1, 1]``: ``(z, 1, size, size)``
+    with the default ``SquareResize``, ``(z, 1, H, W)`` with a given ``transform`` (e.g. from
+    ``slice_transform``).
+
+    Returns the slices, the intensity window and the transform (both needed to go back).
     """
     if volume.ndim != 3:
         raise SDDMError(f"{name}: expected a 3D volume (z, y, x), got shape {volume.shape}")
     window = window or IntensityWindow.fit(volume, name=name)
-    resize = SquareResize(int(volume.shape[1]), int(volume.shape[2]), int(size))
+    resize = transform or SquareResize(int(volume.shape[1]), int(volume.shape[2]), int(size))
     x = resize.forward(torch.from_numpy(window.normalize(volume)))
     return x.clamp_(-1.0, 1.0), window, resize
 
 
-def model_slices_to_volume(x: torch.Tensor, window: IntensityWindow, resize: SquareResize) -> np.ndarray:
-    """Inverse of ``volume_to_model_slices``: ``(z, 1, size, size)`` -> ``(z, y, x)`` float32 in
+def model_slices_to_volume(x: torch.Tensor, window: IntensityWindow, resize: SliceTransform) -> np.ndarray:
+    """Inverse of ``volume_to_model_slices``: ``(z, 1, H, W)`` -> ``(z, y, x)`` float32 in
     the volume's original intensity units, clipped to the volume's window ``[lo, hi]``.
 
     The reverse steps are not clamped (the last one adds noise, guidance adds its step), so a sample
@@ -133,3 +284,22 @@ def resize_round_trip(volume: np.ndarray, size: int, percentiles: Tuple[float, f
     window = IntensityWindow.fit(np.asarray(volume), percentiles, name=name)
     x, window, resize = volume_to_model_slices(np.asarray(volume), size, window=window, name=name)
     return model_slices_to_volume(x, window, resize)
+
+
+def data_round_trip(volume: np.ndarray, size: int, data_cfg: Optional[Mapping[str, Any]],
+                    spacing: Optional[Sequence[float]] = None, name: str = "image") -> np.ndarray:
+    """What the data path of a model (side ``size``, ``data`` section ``data_cfg``) alone does to a
+    volume ``(z, y, x)`` of voxel spacing ``spacing`` (mm, ``(z, y, x)``; needed in spacing mode):
+    resize mode: ``resize_round_trip``; spacing mode: the intensity window, resampling to the
+    working spacing and back (padding is lossless and left out). float32 in the volume's units,
+    its shape, clipped to its window."""
+    percentiles = configured_percentiles(data_cfg)
+    if working_spacing(data_cfg) is None:
+        return resize_round_trip(volume, size, percentiles, name=name)
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise SDDMError(f"{name}: expected a 3D volume (z, y, x), got shape {volume.shape}")
+    window = IntensityWindow.fit(volume, percentiles, name=name)
+    transform = slice_transform(data_cfg, size, volume.shape[1:], spacing, name=name)
+    x, window, transform = volume_to_model_slices(volume, size, window=window, name=name, transform=transform)
+    return model_slices_to_volume(x, window, transform)

@@ -7,6 +7,9 @@ A configuration is a plain JSON-able dict with four sections::
 ``model.attention_resolutions`` are feature-map sizes in PIXELS (guided-diffusion's flag
 convention, ``"16"`` = attention at 16 x 16); the UNet gets the downsampling rates
 ``image_size // r``. The network's output channels follow from ``diffusion.learn_sigma``.
+The UNet is fully convolutional: attention sits at fixed downsampling LEVELS, so a model trained
+on ``image_size`` crops samples whole slices of any multiple of ``2^(len(channel_mult) - 1)``
+with attention at the same levels (spacing mode, ``data.spacing``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ _PAPER_DIFFUSION = {
 }
 _DATA = {
     "dataset": None, "include_test": False, "cases": None, "vendor": None, "centre": None, "percentiles": [0.5, 99.5],
+    "spacing": None,  # null: resize mode; a number: spacing mode at that in-plane spacing in mm (data/slices.py)
 }
 _PAPER_TRAINING = {
     "iterations": 120000, "batch_size": 32, "microbatch": None, "lr": 1e-4, "weight_decay": 0.0,
@@ -163,3 +167,6 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise SDDMError(f"diffusion.loss {d['loss']!r}: choose hybrid, rescaled_hybrid, mse, kl or rescaled_kl")
     if d["loss"] == "mse" and d["learn_sigma"]:
         raise SDDMError("diffusion.loss 'mse' with learn_sigma trains no variance: use 'hybrid'")
+    from nnunet_sddm.data.slices import check_working_spacing  # torch: imported only when validating
+
+    check_working_spacing((config.get("data") or {}).get("spacing"), name="data.spacing")

@@ -1,8 +1,14 @@
 """Training slices of the source domain from an nnU-Net raw dataset (docs/explanation/algorithm.md).
 
 Every slice along the through-plane axis ``z`` of every selected image, each VOLUME clipped to
-its own 0.5/99.5 percentiles and scaled to ``[-1, 1]``, padded to a square with -1 and resized
-to the model size (aspect kept): a float tensor ``(N, 1, S, S)``.
+its own 0.5/99.5 percentiles and scaled to ``[-1, 1]``, then
+
+- resize mode (``data.spacing`` null): padded to a square with -1 and resized to the model size
+  (aspect kept): a float tensor ``(N, 1, S, S)``;
+- spacing mode (``data.spacing`` = s mm): resampled from the image's in-plane spacing (its
+  header) to s mm, each slice ``(h_i, w_i)`` stored in the top-left corner of one tensor
+  ``(N, 1, H, W)`` (``H, W`` the largest extents, the rest -1) with its ``extents``. The
+  trainer draws random ``S x S`` crops of them (``crop_offsets``, ``crop_batch``).
 
 Selection: ``imagesTr`` (plus ``imagesTs`` with ``include_test``), optionally restricted to a
 list of cases and/or to a vendor / centre recorded in ``cases.json``. The order is the sorted
@@ -24,7 +30,8 @@ import numpy as np
 import torch
 
 from nnunet_sddm.data.raw_dataset import list_images, load_cases_json, load_dataset_json
-from nnunet_sddm.data.slices import IntensityWindow, configured_percentiles, volume_to_model_slices
+from nnunet_sddm.data.slices import (IntensityWindow, configured_percentiles, slice_transform, volume_to_model_slices,
+                                     working_spacing)
 from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import atomic_path, write_json
@@ -33,21 +40,54 @@ from nnunet_sddm.utilities.progress import progress_bar
 
 CACHE_VERSION = 1
 
+#: Background value of model space (the padding of slices and crops).
+PAD_VALUE = -1.0
+
 
 @dataclass
 class SliceSet:
     """Model-space training slices.
 
-    images: float32 ``(N, 1, S, S)`` in ``[-1, 1]``; cases: the case of each slice (N,);
-    slice_index: the ``z`` index of each slice in its volume (N,).
+    images: float32 ``(N, 1, S, S)`` in ``[-1, 1]`` (resize mode) or ``(N, 1, H, W)`` (spacing
+    mode: slice ``i`` is ``images[i, :, :h_i, :w_i]``, the rest -1); cases: the case of each slice
+    (N,); slice_index: the ``z`` index of each slice in its volume (N,); spacing: the working
+    spacing in mm (None: resize mode); extents: ``(N, 2)`` int64 ``(h_i, w_i)`` in spacing mode,
+    else None.
     """
 
     images: torch.Tensor
     cases: List[str]
     slice_index: List[int]
+    spacing: Optional[float] = None
+    extents: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+
+def crop_offsets(extents: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``(B, 2)`` int64 top-left corners ``(dy, dx)`` of uniformly random ``size x size`` crops of
+    slices of ``extents (B, 2)``: in ``[0, h - size]`` where the slice is larger than the crop, in
+    ``[h - size, 0]`` (the slice placed at random inside the crop, padded with -1) where smaller."""
+    ext = np.asarray(extents, dtype=np.int64).reshape(-1, 2)
+    lo = np.minimum(0, ext - int(size))
+    hi = np.maximum(0, ext - int(size))
+    return rng.integers(lo, hi + 1, dtype=np.int64)
+
+
+def crop_batch(images: torch.Tensor, extents: np.ndarray, idx: np.ndarray, offsets: np.ndarray,
+               size: int) -> torch.Tensor:
+    """``(B, C, size, size)`` crops of the slices ``idx`` of a spacing-mode ``SliceSet``
+    (``images (N, C, H, W)``, ``extents (N, 2)``) at ``offsets (B, 2)`` (``crop_offsets``); pixels
+    outside a slice are -1. On ``images``' device."""
+    size = int(size)
+    out = torch.full((len(idx), images.shape[1], size, size), PAD_VALUE, dtype=images.dtype, device=images.device)
+    for b, (i, (dy, dx)) in enumerate(zip(np.asarray(idx).tolist(), np.asarray(offsets).tolist())):
+        h, w = (int(v) for v in extents[i])
+        y0, y1, x0, x1 = max(dy, 0), min(dy + size, h), max(dx, 0), min(dx + size, w)
+        if y1 > y0 and x1 > x0:
+            out[b, :, y0 - dy:y1 - dy, x0 - dx:x1 - dx] = images[i, :, y0:y1, x0:x1]
+    return out
 
 
 def _read_case_list(cases: Union[None, str, Sequence[str]]) -> Optional[List[str]]:
@@ -108,13 +148,17 @@ def select_images(dataset_folder: Union[str, os.PathLike], data_cfg: Mapping[str
     return dict(sorted(images.items()))
 
 
-def _cache_key(images: Mapping[str, Path], size: int, percentiles: Sequence[float]) -> str:
+def _cache_key(images: Mapping[str, Path], size: int, percentiles: Sequence[float],
+               spacing: Optional[float] = None) -> str:
     entries = []
     for case, p in images.items():
         st = p.stat()
         entries.append([case, p.name, st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"v": CACHE_VERSION, "size": int(size), "percentiles": [float(x) for x in percentiles],
-                       "files": entries}, sort_keys=True)
+    key: Dict[str, Any] = {"v": CACHE_VERSION, "size": int(size), "percentiles": [float(x) for x in percentiles],
+                           "files": entries}
+    if spacing is not None:  # resize mode keeps its earlier keys (and cache files)
+        key["spacing"] = float(spacing)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -128,34 +172,54 @@ def default_cache_dir(dataset_folder: Union[str, os.PathLike]) -> Optional[Path]
 
 def load_slices(dataset_folder: Union[str, os.PathLike], size: int, data_cfg: Mapping[str, Any],
                 cache_dir: Union[None, str, os.PathLike] = None, progress: bool = True) -> SliceSet:
-    """All selected slices in model space ``(N, 1, size, size)``, from the cache when valid.
+    """All selected slices in model space, from the cache when valid: ``(N, 1, size, size)`` in
+    resize mode; in spacing mode (``data_cfg["spacing"]`` mm) every slice at the working spacing,
+    ``(N, 1, H, W)`` with ``extents`` (see ``SliceSet``).
 
-    Raises ``SDDMError`` for a dataset without images, unreadable / non-3D / NaN images and
-    constant volumes (naming the file)."""
+    Raises ``SDDMError`` for a dataset without images, unreadable / non-3D / NaN images, constant
+    volumes and (spacing mode) images without a valid in-plane spacing (naming the file)."""
     images = select_images(dataset_folder, data_cfg)
     percentiles = configured_percentiles(data_cfg)
+    spacing = working_spacing(data_cfg)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(dataset_folder)
-    key = _cache_key(images, size, percentiles)
+    key = _cache_key(images, size, percentiles, spacing)
+    stem = f"slices_{size}_{key}" if spacing is None else f"slices_{spacing:g}mm_{key}"
     if cache_dir is not None:
-        npy, meta = cache_dir / f"slices_{size}_{key}.npy", cache_dir / f"slices_{size}_{key}.json"
+        npy, meta = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
         if npy.is_file() and meta.is_file():
             info = json.loads(meta.read_text())
             arr = np.load(npy)
-            return SliceSet(torch.from_numpy(arr.astype(np.float32)), info["cases"], info["slice_index"])
+            extents = None if spacing is None else np.asarray(info["extents"], dtype=np.int64).reshape(-1, 2)
+            return SliceSet(torch.from_numpy(arr.astype(np.float32)), info["cases"], info["slice_index"],
+                            spacing, extents)
     chunks, cases, index = [], [], []
     for case, path in progress_bar(images.items(), desc="reading slices", unit="volume", disable=not progress):
         vol = read_volume(path)
         window = IntensityWindow.fit(vol.data, percentiles, name=str(path))
-        x, _, _ = volume_to_model_slices(vol.data, size, window=window, name=str(path))
+        transform = slice_transform(data_cfg, size, vol.data.shape[1:], vol.spacing, name=str(path))
+        x, _, _ = volume_to_model_slices(vol.data, size, window=window, name=str(path), transform=transform)
         chunks.append(x.numpy())
         cases += [case] * x.shape[0]
         index += list(range(x.shape[0]))
-    arr = np.concatenate(chunks).astype(np.float32)
+    extents = None
+    if spacing is None:
+        arr = np.concatenate(chunks).astype(np.float32)
+    else:
+        extents = np.asarray([c.shape[-2:] for c in chunks for _ in range(c.shape[0])], dtype=np.int64).reshape(-1, 2)
+        height, width = (int(v) for v in extents.max(axis=0))
+        arr = np.full((len(cases), 1, height, width), PAD_VALUE, dtype=np.float32)
+        start = 0
+        for c in chunks:
+            arr[start:start + c.shape[0], :, :c.shape[2], :c.shape[3]] = c
+            start += c.shape[0]
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(npy) as tmp:
             np.save(tmp, arr.astype(np.float16))
-        write_json({"dataset": str(Path(dataset_folder).resolve()), "size": int(size),
-                    "percentiles": list(percentiles), "cases": cases, "slice_index": index}, meta)
+        info = {"dataset": str(Path(dataset_folder).resolve()), "size": int(size),
+                "percentiles": list(percentiles), "cases": cases, "slice_index": index}
+        if spacing is not None:
+            info.update(spacing=spacing, extents=extents.tolist())
+        write_json(info, meta)
         arr = arr.astype(np.float16).astype(np.float32)  # identical to what a cache hit returns
-    return SliceSet(torch.from_numpy(arr), cases, index)
+    return SliceSet(torch.from_numpy(arr), cases, index, spacing, extents)

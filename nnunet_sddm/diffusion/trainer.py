@@ -8,7 +8,9 @@ Determinism: the data order of step ``s`` is a pure function of ``(seed, s)`` (o
 permutation per epoch of the slice set) and every random draw of step ``s`` (timesteps, noise,
 dropout) comes from generators seeded with ``(seed, s, rank)``. A checkpoint therefore needs
 only the step, the weights, the EMA, the optimizer (and loss-aware sampler / grad scaler) state
-for ``--resume`` to continue exactly as an uninterrupted run.
+for ``--resume`` to continue exactly as an uninterrupted run. In spacing mode (``data.spacing``)
+the random crop of each slice of step ``s`` comes from ``crop_rng(seed, s)``, drawn for the
+global batch, so it too is a pure function of ``(seed, s)`` whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from nnunet_sddm.diffusion.factory import create_diffusion, create_model
 from nnunet_sddm.diffusion.model_folder import (CONFIG_FILE, EMA_FILE, RAW_FILE, default_model_dir, load_config,
                                                 load_training_state, load_weights, save_model_folder)
 from nnunet_sddm.diffusion.presets import DEFAULT_PRESET, apply_overrides, preset_config, validate_config
-from nnunet_sddm.diffusion.slice_dataset import SliceSet, load_slices
+from nnunet_sddm.data.slices import working_spacing
+from nnunet_sddm.diffusion.slice_dataset import SliceSet, crop_batch, crop_offsets, load_slices
 from nnunet_sddm.diffusion.timestep_sampler import create_named_schedule_sampler
 from nnunet_sddm.utilities.devices import resolve_device
 from nnunet_sddm.utilities.distributed import barrier, init_from_env, ranks_from_env
@@ -68,6 +71,15 @@ def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> np.n
         sel = epochs == e
         out[sel] = perm[offsets[sel]]
     return out
+
+
+#: Entropy word of the crop stream (spacing mode), apart from ``step_seed``'s ``(seed, step, rank)``.
+_CROP_STREAM = 0x63726F70
+
+
+def crop_rng(seed: int, step: int) -> np.random.Generator:
+    """The generator of the random crops of the global batch of ``step`` (spacing mode)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(step), _CROP_STREAM]))
 
 
 class EMA:
@@ -194,7 +206,17 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
         size = int(self.config["model"]["image_size"])
-        if tuple(slices.images.shape[1:]) != (int(self.config["model"]["in_channels"]), size, size):
+        self.image_size = size
+        spacing = working_spacing(self.config.get("data"))
+        if spacing != slices.spacing or (spacing is not None) != (slices.extents is not None):
+            raise SDDMError(f"training slices are at working spacing {slices.spacing} mm, the configuration's "
+                            f"data.spacing is {spacing}")
+        channels = int(self.config["model"]["in_channels"])
+        if spacing is not None:
+            if slices.images.shape[1] != channels or len(slices.extents) != len(slices):
+                raise SDDMError(f"training slices have shape {tuple(slices.images.shape[1:])} and "
+                                f"{len(slices.extents)} extents, the model expects {channels} channel(s)")
+        elif tuple(slices.images.shape[1:]) != (channels, size, size):
             raise SDDMError(f"training slices have shape {tuple(slices.images.shape[1:])}, the model expects "
                             f"({self.config['model']['in_channels']}, {size}, {size})")
         self.batch_size = int(self.tcfg["batch_size"])
@@ -331,8 +353,12 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
         idx = batch_indices(self.step, self.batch_size, len(self.slices), self.seed)
-        idx = idx[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
-        x = self.data[torch.from_numpy(idx).to(self.device)]
+        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        if self.slices.extents is None:
+            x = self.data[torch.from_numpy(idx[mine]).to(self.device)]
+        else:  # spacing mode: random crops, drawn for the global batch
+            offsets = crop_offsets(self.slices.extents[idx], self.image_size, crop_rng(self.seed, self.step))
+            x = crop_batch(self.data, self.slices.extents, idx[mine], offsets[mine], self.image_size)
         self.opt.zero_grad(set_to_none=True)
         terms = self._forward_backward(x, gen)
         if self.scaler is not None:

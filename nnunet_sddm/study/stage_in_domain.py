@@ -6,8 +6,9 @@ The held-out cases are the source dataset's ``imagesTs`` with ``labelsTs`` (phan
 segments them as they are (its in-domain Dice: did it learn?). The baseline segmenters (trained on
 the real source without augmentation) also segment them after two round trips:
 
-- ``geometry``: the diffusion model's data path alone (intensity window, pad to a square, resize
-  to the model size and back; no diffusion), the floor of any adaptation through that model;
+- ``geometry``: the diffusion model's data path alone (intensity window, then pad to a square and
+  resize to the model size and back, or in spacing mode resample to the working spacing and back;
+  no diffusion: ``data.slices.data_round_trip``), the floor of any adaptation through that model;
 - ``adapted``: SD-DM adaptation with the study's sampler settings.
 
 Adapting images of the source domain should change nothing a segmenter cares about, so the Dice
@@ -33,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from nnunet_sddm.adaptation import predictor as nnunet_prediction
 from nnunet_sddm.adaptation.folders import adapt_folder
 from nnunet_sddm.data.raw_dataset import list_images
-from nnunet_sddm.data.slices import configured_percentiles, resize_round_trip
+from nnunet_sddm.data.slices import data_round_trip
 from nnunet_sddm.data.volumes import read_volume, write_like
 from nnunet_sddm.diffusion.model_folder import load_config
 from nnunet_sddm.evaluation.evaluate import evaluate_folders
@@ -64,14 +65,16 @@ def in_domain_dir(ctx: StudyContext) -> Path:
 
 
 def _geometry_round_trip(ctx: StudyContext, images: Path, out: Path) -> None:
-    """Every image of ``images`` through ``resize_round_trip`` at the diffusion model's size and
-    intensity window, written with its file name and geometry."""
+    """Every image of ``images`` through the diffusion model's data path alone (``data_round_trip``
+    with the model's size and data config and the image's spacing), written with its file name
+    and geometry."""
     config = load_config(ctx.model_dir)
-    size, percentiles = int(config["model"]["image_size"]), configured_percentiles(config.get("data"))
+    size, data_cfg = int(config["model"]["image_size"]), config.get("data")
     with staging_dir(out, overwrite=True) as tmp:
         for case, path in sorted(list_images(images).items()):
-            volume = read_volume(path).data
-            write_like(resize_round_trip(volume, size, percentiles, name=str(path)), path, tmp / path.name)
+            vol = read_volume(path)
+            write_like(data_round_trip(vol.data, size, data_cfg, vol.spacing, name=str(path)), path,
+                       tmp / path.name)
 
 
 def run_in_domain(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
