@@ -311,3 +311,55 @@ def test_resize_mode_is_unchanged():
     x1, w1, r1 = volume_to_model_slices(v, 32, transform=t)
     assert torch.equal(x0, x1) and r0 == r1
     np.testing.assert_array_equal(model_slices_to_volume(x0, w0, r0), resize_round_trip(v, 32))
+
+
+# ---------------------------------------------------------------------------------------- other callers
+def test_sweep_and_study_round_trip_use_the_spacing(spacing_model_dir, tmp_path, monkeypatch):
+    """The sweep samples the slice at the working spacing (identity sampler: the data path's round
+    trip), and the study's geometry round trip is ``data_round_trip`` with the image's spacing."""
+    import nnunet_sddm.adaptation.sweep as sweep_mod
+    from nnunet_sddm.study.stage_in_domain import _geometry_round_trip
+
+    v = volume((3, 31, 44), seed=4)
+    image = write_nifti(tmp_path / "imgs" / "case_0000.nii.gz", v, ANISO)
+    loaded = load_model(spacing_model_dir)
+    expect = data_round_trip(v, 32, loaded.data_config, ANISO)
+    seen = {}
+    monkeypatch.setattr(sweep_mod, "_draw", lambda out_png, reference, panels, *a, **k: seen.update(panels=panels))
+    sweep_mod.sweep_grid(image, loaded, tmp_path / "sweep.png", Ds=(1,), Ns=(2,), taus=(0.0,),
+                         base=IDENTITY, device="cpu", progress=False)
+    np.testing.assert_allclose(seen["panels"][0], expect[1], rtol=0, atol=1e-5 * 300)
+
+    for model_dir, want in ((spacing_model_dir, expect),
+                            (micro_model_folder(tmp_path / "resize"), resize_round_trip(v, 32))):
+        ctx = type("Ctx", (), {"model_dir": model_dir})()
+        out = tmp_path / f"geometry_{model_dir.parent.name}"
+        _geometry_round_trip(ctx, image.parent, out)
+        assert same_geometry(image, out / image.name)
+        np.testing.assert_allclose(read_volume(out / image.name).data, want, rtol=0, atol=1e-5 * 300)
+
+
+def test_predictor_gives_the_adaptation_nnunets_spacing(spacing_model, tmp_path):
+    """``nnUNetv2_sddm_predict``'s adaptation gets each case's spacing from nnU-Net's reader
+    properties, and a spacing-mode adapter adapts with it."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_sddm.adaptation.predictor import SDDMPredictor
+
+    v = volume((3, 31, 44), seed=5)
+    image = write_nifti(tmp_path / "P_0000.nii.gz", v, ANISO, oblique=False)
+    adapter = Adapter.open(spacing_model, IDENTITY, device="cpu", progress=False)
+    seen = {}
+
+    def adapt_fn(volumes, spacings):
+        seen.update(spacings)
+        return adapter.adapt_arrays(volumes, spacings)
+
+    predictor = SDDMPredictor(adapt_fn=adapt_fn, device=torch.device("cpu"))
+    predictor.plans_manager = type("Plans", (), {"image_reader_writer_class": SimpleITKIO})()
+    predictor.dataset_json = {"file_ending": ".nii.gz"}
+    data, _ = next(predictor.read_and_adapt([[str(image)]]))
+    np.testing.assert_allclose(seen["P"], ANISO, rtol=1e-6)
+    assert data.shape == (1,) + v.shape
+    np.testing.assert_allclose(data[0], data_round_trip(v, 32, spacing_model.data_config, ANISO), rtol=0,
+                               atol=1e-5 * 300)
