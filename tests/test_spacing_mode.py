@@ -18,7 +18,7 @@ from nnunet_sddm.adaptation.volumes import model_space_slices, size_multiple
 from nnunet_sddm.data.slices import (IntensityWindow, SpacingResample, SquareResize, data_round_trip,
                                      resize_round_trip, slice_transform, volume_to_model_slices,
                                      model_slices_to_volume, working_spacing)
-from nnunet_sddm.data.volumes import read_volume, same_geometry, write_like
+from nnunet_sddm.data.volumes import read_volume, same_geometry
 from nnunet_sddm.diffusion.model_folder import EMA_FILE, RAW_FILE, create_model_folder, load_model, load_weights
 from nnunet_sddm.diffusion.presets import apply_overrides, parse_set_options, preset_config, validate_config
 from nnunet_sddm.diffusion.slice_dataset import crop_batch, crop_offsets, load_slices
@@ -215,11 +215,24 @@ def test_memory_bound_flushes_partial_batches(spacing_model, monkeypatch):
     the result equals the unbounded run."""
     import nnunet_sddm.adaptation.volumes as volumes_mod
 
-    vols = {f"v{i}": volume((2, 20 + 2 * i, 24), seed=i) for i in range(4)}
+    # at 2 mm: 10, 12, 14 and 12 rows; unbounded, v1 and v3 share a batch
+    vols = {f"v{i}": volume((2, rows, 24), seed=i) for i, rows in enumerate((20, 24, 28, 24))}
     sp = {k: (5.0, 1.0, 1.0) for k in vols}
+    batches = []
+    sample = volumes_mod.guided_sample
+
+    def recording(loaded, y0, settings, keys, **kw):
+        batches.append((tuple(y0.shape), tuple(k for k in keys if not k.startswith("\x00"))))
+        return sample(loaded, y0, settings, keys, **kw)
+
+    monkeypatch.setattr(volumes_mod, "guided_sample", recording)
     ref = adapt_arrays(vols, spacing_model, FAST, batch_size=4, progress=False, spacings=sp)
+    unbounded, batches[:] = list(batches), []
     monkeypatch.setattr(volumes_mod, "QUEUE_BATCHES", 1)
     bounded = adapt_arrays(vols, spacing_model, FAST, batch_size=4, progress=False, spacings=sp)
+    # one shape per batch, always padded to the batch size; other groupings under the bound
+    assert all(shape[0] == 4 for shape, _ in unbounded + batches)
+    assert len({shape for shape, _ in unbounded}) == 3 and sorted(unbounded) != sorted(batches)
     for k in vols:
         np.testing.assert_array_equal(bounded[k], ref[k])
 

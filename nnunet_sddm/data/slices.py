@@ -202,7 +202,8 @@ class SpacingResample:
     def shape(self) -> Tuple[int, int]:
         """``(H, W)``: the model-space shape, ``resampled`` rounded up to multiples of ``multiple``."""
         m = int(self.multiple)
-        return tuple(-(-s // m) * m for s in self.resampled)  # type: ignore[return-value]
+        h, w = self.resampled
+        return -(-h // m) * m, -(-w // m) * m
 
     def _pads(self) -> Tuple[int, int, int, int]:
         (h, w), (H, W) = self.resampled, self.shape
