@@ -34,7 +34,8 @@ import torch
 from nnunet_sddm.adaptation.folders import adapt_folder
 from nnunet_sddm.adaptation.pipeline import Adapter
 from nnunet_sddm.data.raw_dataset import list_images
-from nnunet_sddm.data.slices import IntensityWindow, volume_to_model_slices
+from nnunet_sddm.adaptation.volumes import model_space_slices
+from nnunet_sddm.data.slices import IntensityWindow
 from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.evaluation.domain_shift import domain_shift
 from nnunet_sddm.sampling.lowpass import LowPass
@@ -44,16 +45,17 @@ MODES = ("gradient", "projection")
 
 
 def lowpass_rms(original: Path, adapted: Path, adapter: Adapter) -> float:
-    """Mean over slices of the RMS of phi_D(adapted) - phi_D(original) in model space."""
-    size, D = adapter.loaded.image_size, adapter.settings.D
-    phi = LowPass(size, size, D, adapter.settings.padding)
+    """Mean over slices of the RMS of phi_D(adapted) - phi_D(original) in model space (either mode:
+    the slices the sampler saw)."""
+    D = adapter.settings.D
     values = []
     for case, path in sorted(list_images(original).items()):
-        ref = read_volume(path).data
+        vol = read_volume(path)
         out = read_volume(adapted / path.name).data
-        window = IntensityWindow.fit(ref, adapter.percentiles, name=str(path))
-        a, _, _ = volume_to_model_slices(ref, size, window=window, name=str(path))
-        b, _, _ = volume_to_model_slices(out, size, window=window, name=str(adapted / path.name))
+        window = IntensityWindow.fit(vol.data, adapter.percentiles, name=str(path))
+        a, _ = model_space_slices(vol.data, window, adapter.loaded, D, vol.spacing, name=str(path))
+        b, _ = model_space_slices(out, window, adapter.loaded, D, vol.spacing, name=str(adapted / path.name))
+        phi = LowPass.get(a.shape[-2], a.shape[-1], D, adapter.settings.padding)
         d = (phi(b) - phi(a)).flatten(1)
         values.extend(torch.sqrt((d ** 2).mean(dim=1)).tolist())
     return float(np.mean(values))
