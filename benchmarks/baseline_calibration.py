@@ -6,8 +6,8 @@ adaptation, no synthetic data) is run, so the calibration cannot be steered by t
     python benchmarks/baseline_calibration.py --workdir /tmp/cal --segmenters 2d vanilla \
         --iterations 100 200 --targets B C D
 
-Per segmenter and training length (``<family>_1ep_<M>it``, the trainer names of the study with
-``epochs: 1, iterations_per_epoch: M``): the training wall time (nnUNetv2_train in a subprocess,
+Per segmenter and training length (``<family>_<E>ep_<M>it``, the trainer names of the study with
+``epochs: E, iterations_per_epoch: M``): the training wall time (nnUNetv2_train in a subprocess,
 final validation skipped as in the study), and the mean Dice over LV/MYO/RV per case (a missed
 structure is Dice 0), averaged over the test cases of each vendor; the predictions are made with
 the study's code (no mirroring). Steps already done in the work folder are reused. The goals of the
@@ -55,7 +55,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, required=True, help="folder for nnUNet_raw/preprocessed/results")
     p.add_argument("--segmenters", nargs="+", default=["2d"], choices=sorted(SEGMENTERS))
-    p.add_argument("--iterations", nargs="+", type=int, default=[150], help="training iterations (1 epoch)")
+    p.add_argument("--iterations", nargs="+", type=int, default=[150], help="training iterations per epoch")
+    p.add_argument("--epochs", type=int, default=1, help="epochs (the learning rate decays once per epoch)")
     p.add_argument("--subjects", type=int, default=8, help="vendor-A training subjects (x ED/ES)")
     p.add_argument("--test-subjects", type=int, default=5, help="held-out subjects per vendor (x ED/ES)")
     p.add_argument("--targets", nargs="+", default=["B"], choices=[v for v in VENDORS if v != "A"])
@@ -83,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for seg in a.segmenters:
         configuration = SEGMENTERS[seg][0]
         for its in a.iterations:
-            trainer = trainer_name(seg, {}, 1, its)
+            trainer = trainer_name(seg, {}, a.epochs, its)
             model = nnunet_steps.model_folder(folders["results"], source.name, trainer, configuration)
             seconds = None
             if not nnunet_steps.is_trained(model, "all"):
@@ -95,14 +96,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                     allow_tqdm=False)
             dice = {}
             for tag, ds in tests.items():
-                out = a.workdir / "predictions" / f"{seg}_{its}it" / tag.split()[0]
+                out = a.workdir / "predictions" / f"{trainer}__{configuration}" / tag.split()[0]
                 if not out.is_dir():
                     with contextlib.redirect_stdout(io.StringIO()):
                         nnunet_prediction.predict_folder(predictor, ds / "imagesTs", out)
                 dice[tag] = _dice(ds / "labelsTs", out)
-            rows.append({"segmenter": seg, "trainer": trainer, "iterations": its, "train_s": seconds, "dice": dice})
+            rows.append({"segmenter": seg, "trainer": trainer, "iterations": a.epochs * its, "train_s": seconds,
+                         "dice": dice})
             t = "reused" if seconds is None else f"{seconds:6.1f} s"
-            print(f"{SEGMENTERS[seg][2]:11s} {its:5d} it  train {t:>8s}  " +
+            print(f"{SEGMENTERS[seg][2]:11s} {a.epochs}x{its:4d} it  train {t:>8s}  " +
                   "  ".join(f"{tag.split()[0]} {d['all']:.3f}" for tag, d in dice.items()), flush=True)
 
     print(f"\nsource: vendor A, {a.subjects} subjects x ED/ES, matrix {a.matrix}, seed {a.seed}; test: "

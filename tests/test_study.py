@@ -22,11 +22,10 @@ def test_defaults_and_quick_are_valid():
     assert trainer_of(cfg, "2d") == "nnUNetTrainer_SDDM_NoDA_250ep"
     assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet"
     q = build_config(quick=True)
-    assert q["source"]["phantom"] == "A" and q["target"]["phantom"] == "B"
+    assert q["source"]["phantom"] == "A" and q["target"]["phantom"] == "D" and q["source"]["test_subjects"] > 0
     assert q["diffusion"]["preset"] == "tiny" and q["device"] == "cpu"
-    assert q["segmenters"] == ["2d", "3d_fullres", "vanilla"]
-    assert trainer_of(q, "3d_fullres") == (f"nnUNetTrainer_SDDM_NoDA_{QUICK['epochs']}ep_"
-                                           f"{QUICK['iterations_per_epoch']}it")
+    assert q["segmenters"] == ["2d"]
+    assert trainer_of(q, "2d") == f"nnUNetTrainer_SDDM_NoDA_{QUICK['epochs']}ep_{QUICK['iterations_per_epoch']}it"
     assert trainer_of(q, "vanilla") == (f"nnUNetTrainer_SDDM_VanillaUNet_{QUICK['epochs']}ep_"
                                         f"{QUICK['iterations_per_epoch']}it")
     assert trainer_of(build_config({"epochs": "quick"}), "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_Quick"
@@ -107,7 +106,7 @@ def test_cli_flags_map_to_configuration_keys(tmp_path, capsys):
     assert cfg["target"]["phantom"] == "C" and cfg["segmenters"] == ["2d", "vanilla"]
     assert cfg["epochs"] == 5 and cfg["sampler"]["N"] == 10 and cfg["sampler"]["tau"] == 3.0
     assert trainer_of(cfg, "2d") == "nnUNetTrainer_SDDM_NoDA_50ep" and cfg["fold"] == 0
-    assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_5ep_150it"  # --quick: 150 per epoch
+    assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet_5ep_400it"  # --quick: 400 per epoch
     with pytest.raises(SystemExit) as e:
         study_main(["--quick", "-D", "6", "--print-config"])
     assert e.value.code == 2

@@ -87,15 +87,19 @@ DEFAULTS: Dict[str, Any] = {
     "repeats": 1,
 }
 
-#: ``--quick``: the embedded default on a 2-core CPU (phantoms A -> B, tiny diffusion model, short
-#: trainers, all three segmenters).
+#: ``--quick``: the embedded default on a 2-core CPU, calibrated from the baselines alone
+#: (``benchmarks/baseline_calibration.py``; docs/benchmarks.md): phantoms A -> D at 64 x 64 with 5
+#: held-out source subjects (the in-domain test), the 2D nnU-Net only (the 3D nnU-Net and the 2D
+#: U-Net cost about three times as much per iteration), 1 epoch of 400 iterations, the tiny diffusion
+#: model.
 QUICK: Dict[str, Any] = {
     "name": "sddm-quick",
     "output": "sddm_quick",
-    "source": {"phantom": "A", "subjects": 8, "matrix": 64, "seed": 0},
-    "target": {"phantom": "B", "subjects": 5, "matrix": 64, "seed": 1, "split": "Tr"},
+    "source": {"phantom": "A", "subjects": 8, "test_subjects": 5, "matrix": 64, "seed": 0},
+    "target": {"phantom": "D", "subjects": 5, "matrix": 64, "seed": 1, "split": "Tr"},
+    "segmenters": ["2d"],
     "epochs": 1,
-    "iterations_per_epoch": 150,
+    "iterations_per_epoch": 400,
     "diffusion": {"preset": "tiny", "iterations": 800},
     "sampler": {"D": 2, "N": 12, "tau": 6.0, "steps": 50},
     "device": "cpu",
