@@ -5,7 +5,10 @@ Reads the official layout ``ROOT/{training,testing}/patientNNN/`` (also under ``
 ``patientNNN_frameXX_gt.nii.gz``; ``patientNNN_4d.nii.gz`` is read only when a frame file is
 missing (frame XX = index XX - 1 of its last axis). Training patients go to imagesTr/labelsTr,
 testing patients to imagesTs (+ labelsTs where ground truth exists); cases are
-``patientNNN_ED`` / ``patientNNN_ES``.
+``patientNNN_ED`` / ``patientNNN_ES``. ``held_out_per_group`` (``--held-out-per-group N``) moves N
+training patients of each diagnostic group (``Group`` of ``Info.cfg``: NOR, MINF, DCM, HCM, RV),
+drawn with ``seed``, with their labels to imagesTs/labelsTs: an in-domain test set split by patient
+(``held_out: true`` in ``cases.json``).
 
 Labels: ACDC stores 1 RV, 2 MYO, 3 LV. ``labels="mnms"`` (default) maps them to this project's
 convention 0 background, 1 LV, 2 MYO, 3 RV; ``"native"`` keeps ACDC's values. Images keep their
@@ -16,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import zlib
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
 
 from dataset_converters.common import (Source, check_same_grid, frame, image_dtype, label_array,
                                        load_source, write_with_header)
@@ -97,11 +103,34 @@ def _frame_image(pdir: Path, number: int, cache: dict) -> Source:
     return frame(cache["4d"], number - 1, f"frame {number}")
 
 
+def held_out_patients(patients: List[Tuple[str, Path]], per_group: int, seed: int = 0) -> Set[str]:
+    """The ids of ``per_group`` training patients of each diagnostic group (``Info.cfg``'s
+    ``Group``; none: ``unknown``), drawn without replacement with ``seed`` and the group's name (the
+    same arguments give the same patients). ``SDDMError`` unless every group keeps a training patient."""
+    if per_group < 0:
+        raise SDDMError(f"--held-out-per-group must be >= 0, got {per_group}")
+    groups: Dict[str, List[str]] = {}
+    for split, pdir in patients:
+        if split == "Tr":
+            group = str(read_info_cfg(pdir / "Info.cfg").get("Group") or "unknown")
+            groups.setdefault(group, []).append(pdir.name)
+    chosen: Set[str] = set()
+    for group, ids in sorted(groups.items()):
+        if per_group and per_group >= len(ids):
+            raise SDDMError(f"--held-out-per-group {per_group}: group {group} has only {len(ids)} training "
+                            f"patient(s); at least one must stay for training")
+        rng = np.random.default_rng([int(seed), zlib.crc32(group.encode())])
+        chosen |= {ids[i] for i in rng.choice(len(ids), size=per_group, replace=False)}
+    return chosen
+
+
 def convert_acdc(root: Path, dataset_id: int, name: str = "ACDC", labels: str = "mnms",
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, held_out_per_group: int = 0, seed: int = 0) -> Path:
     """Convert an ACDC release to ``$nnUNet_raw/DatasetXXX_<name>``; returns the folder.
 
-    Also writes ``cases.json`` and a patient-level 5-fold ``splits_final.json`` in
+    held_out_per_group: training patients per diagnostic group moved, with their labels, to
+    imagesTs/labelsTs (``held_out_patients`` with ``seed``). Also writes ``cases.json`` and a
+    patient-level 5-fold ``splits_final.json`` of the training patients in
     ``$nnUNet_preprocessed/DatasetXXX_<name>/`` (an existing one is kept).
     """
     if labels not in ("mnms", "native"):
@@ -109,6 +138,8 @@ def convert_acdc(root: Path, dataset_id: int, name: str = "ACDC", labels: str = 
     mapping = ACDC_TO_MNMS if labels == "mnms" else {k: k for k in ACDC_TO_MNMS}
     label_names = CARDIAC_LABELS if labels == "mnms" else ACDC_NATIVE_LABELS
     patients = find_patients(Path(root))
+    held_out = held_out_patients(patients, held_out_per_group, seed)
+    patients = [("Ts" if pdir.name in held_out else split, pdir) for split, pdir in patients]
     desc = (f"ACDC cine MRI (University Hospital of Dijon), ED/ES frames; labels "
             f"{'harmonised to 1 LV, 2 MYO, 3 RV' if labels == 'mnms' else 'native ACDC: 1 RV, 2 MYO, 3 LV'}")
     with RawDatasetBuilder(dataset_id, name, overwrite=overwrite, labels=label_names, description=desc,
@@ -143,7 +174,7 @@ def convert_acdc(root: Path, dataset_id: int, name: str = "ACDC", labels: str = 
                     "group": info.get("Group"), "height": _number(info.get("Height")),
                     "weight": _number(info.get("Weight")),
                     "spacing": zooms[::-1], "shape": [int(s) for s in image.shape[:3]][::-1],
-                    "labelled": label is not None,
+                    "labelled": label is not None, "held_out": pid in held_out,
                     "source": {"image": str(image.path), "label": str(label.path) if label else None},
                     "direction_repair": repair or None,
                 })
@@ -163,9 +194,14 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="ACDC", help="dataset name (default ACDC)")
     p.add_argument("--labels", choices=("mnms", "native"), default="mnms",
                    help="mnms (default): 1 LV, 2 MYO, 3 RV like M&Ms; native: ACDC's 1 RV, 2 MYO, 3 LV")
+    p.add_argument("--held-out-per-group", type=int, default=0, metavar="N",
+                   help="move N training patients of each diagnostic group (NOR, MINF, DCM, HCM, RV), with their "
+                        "labels, to imagesTs/labelsTs: an in-domain test set split by patient (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     a = p.parse_args(argv)
-    print(convert_acdc(a.input, a.dataset_id, name=a.name, labels=a.labels, overwrite=a.overwrite))
+    print(convert_acdc(a.input, a.dataset_id, name=a.name, labels=a.labels, overwrite=a.overwrite,
+                       held_out_per_group=a.held_out_per_group, seed=a.seed))
     return 0
 
 

@@ -183,3 +183,24 @@ def test_real_acdc_sample_labels_and_geometry(nnunet_env, tmp_path, shared_data)
         assert np.array_equal(_arr(img), _arr(src_img))
         _assert_same_geometry(img, src_img)
         _assert_same_geometry(lab, src_lab)
+
+
+@pytest.mark.timeout(60)
+def test_held_out_patients_per_group_go_to_imagests_with_labels(nnunet_env, tmp_path):
+    """--held-out-per-group N: N seeded training patients per diagnostic group move, labelled, to
+    imagesTs/labelsTs (an in-domain test set split by patient); the draw repeats for a seed; a group
+    must keep a training patient."""
+    root = acdc_tree(tmp_path / "ACDC", n_train=5, n_test=0)
+    patients = acdc.find_patients(root)
+    chosen = acdc.held_out_patients(patients, 2, seed=0)
+    assert len(chosen) == 2 and chosen == acdc.held_out_patients(patients, 2, seed=0)
+    assert any(acdc.held_out_patients(patients, 2, seed=s) != chosen for s in range(1, 6))
+    out = convert_acdc(root, 28, name="ACDCHeld", held_out_per_group=2, seed=0)
+    ts = sorted(p.name for p in (out / "labelsTs").iterdir())
+    assert ts == sorted(f"{pid}_{ph}.nii.gz" for pid in chosen for ph in ("ED", "ES"))
+    assert len(list((out / "imagesTs").iterdir())) == 4 and len(list((out / "imagesTr").iterdir())) == 6
+    records = json.loads((out / "cases.json").read_text())
+    assert {r["subject"] for r in records if r["held_out"]} == chosen
+    assert all(r["split"] == "Ts" for r in records if r["held_out"])
+    with pytest.raises(SDDMError, match="group NOR has only 5 training patient"):
+        acdc.held_out_patients(patients, 5)
