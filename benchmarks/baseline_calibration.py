@@ -12,14 +12,14 @@ final validation skipped as in the study), and the mean Dice over LV/MYO/RV per 
 structure is Dice 0), averaged over the test cases of each vendor; the predictions are made with
 the study's code (no mirroring). Steps already done in the work folder are reused. The goals of the
 ``--quick`` calibration are printed next to the numbers: in-domain Dice >= 0.85, target Dice in
-[0.3, 0.75]. Writes ``calibration.json`` in the work folder.
+[0.3, 0.75]. Writes ``calibration.json`` in the work folder; a work folder holds the data of one
+set of data arguments (``data_args.json``; another set is refused).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import time
@@ -31,7 +31,7 @@ from nnunet_sddm.data.phantoms import VENDORS, generate_phantom_dataset
 from nnunet_sddm.evaluation.evaluate import evaluate_folders
 from nnunet_sddm.study import nnunet_steps
 from nnunet_sddm.study.config_tree import SEGMENTERS, trainer_name
-from nnunet_sddm.utilities.nnunet_paths import FINAL_VALIDATION_ENV_VAR
+from nnunet_sddm.utilities.files import read_json, staging_dir, write_json
 
 SOURCE_ID = 611
 IN_DOMAIN_GOAL, TARGET_GOAL = 0.85, (0.3, 0.75)
@@ -55,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, required=True, help="folder for nnUNet_raw/preprocessed/results")
     p.add_argument("--segmenters", nargs="+", default=["2d"], choices=sorted(SEGMENTERS))
-    p.add_argument("--iterations", nargs="+", type=int, default=[150], help="training iterations per epoch")
+    p.add_argument("--iterations", nargs="+", type=int, default=[400], help="training iterations per epoch")
     p.add_argument("--epochs", type=int, default=1, help="epochs (the learning rate decays once per epoch)")
     p.add_argument("--subjects", type=int, default=8, help="vendor-A training subjects (x ED/ES)")
     p.add_argument("--test-subjects", type=int, default=5, help="held-out subjects per vendor (x ED/ES)")
@@ -66,6 +66,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
 
     a.workdir = a.workdir.resolve()
+    data_args = {k: getattr(a, k) for k in ("subjects", "test_subjects", "matrix", "seed", "target_seed")}
+    record = a.workdir / "data_args.json"  # the work folder's data; a rerun must not mix other data into it
+    if record.is_file() and read_json(record) != data_args:
+        sys.exit(f"{a.workdir} holds data made with {read_json(record)}; use another --workdir for {data_args}")
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    write_json(data_args, record)
     folders = {k: a.workdir / k for k in ("raw", "preprocessed", "results")}
     for k, var in (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"), ("results", "nnUNet_results")):
         folders[k].mkdir(parents=True, exist_ok=True)
@@ -88,8 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             model = nnunet_steps.model_folder(folders["results"], source.name, trainer, configuration)
             seconds = None
             if not nnunet_steps.is_trained(model, "all"):
-                env = dict(nnunet_steps.nnunet_env(folders, "cpu", training=True, seed=a.seed),
-                           **{FINAL_VALIDATION_ENV_VAR: "0"})
+                env = nnunet_steps.nnunet_env(folders, "cpu", training=True, seed=a.seed, final_validation=False)
                 seconds = nnunet_steps.train(SOURCE_ID, configuration, "all", trainer, "cpu", env, log)
             with contextlib.redirect_stdout(io.StringIO()):
                 predictor = nnunet_prediction.load_nnunet_predictor(model, ["all"], device="cpu", use_mirroring=False,
@@ -97,9 +102,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             dice = {}
             for tag, ds in tests.items():
                 out = a.workdir / "predictions" / f"{trainer}__{configuration}" / tag.split()[0]
-                if not out.is_dir():
-                    with contextlib.redirect_stdout(io.StringIO()):
-                        nnunet_prediction.predict_folder(predictor, ds / "imagesTs", out)
+                if not out.is_dir():  # built under a temporary name: a folder that exists is complete
+                    with contextlib.redirect_stdout(io.StringIO()), staging_dir(out) as tmp:
+                        nnunet_prediction.predict_folder(predictor, ds / "imagesTs", tmp)
                 dice[tag] = _dice(ds / "labelsTs", out)
             rows.append({"segmenter": seg, "trainer": trainer, "iterations": a.epochs * its, "train_s": seconds,
                          "dice": dice})
@@ -120,8 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         t = "-" if r["train_s"] is None else f"{r['train_s']:.1f}"
         print(f"{SEGMENTERS[r['segmenter']][2]:11s} {r['iterations']:5d} {t:>8s} " + " ".join(marks))
     print("('!': outside the goal)")
-    with open(a.workdir / "calibration.json", "w") as f:
-        json.dump({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, f, indent=2)
+    write_json({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, a.workdir / "calibration.json")
     return 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -68,6 +68,7 @@ class ScheduleMixin(SeedMixin):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        self.sddm_environment_validation = final_validation_enabled()  # a bad value fails before training
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = int(self.sddm_num_epochs)
         if self.sddm_iterations_per_epoch is not None:
@@ -81,13 +82,20 @@ class ScheduleMixin(SeedMixin):
         if not self.sddm_final_validation:
             self.print_to_log_file(f"{self.__class__.__name__}: final validation skipped (quick trainer)")
             return
-        flag = os.environ.get(FINAL_VALIDATION_ENV_VAR, "1").strip()
-        if flag not in ("0", "1"):
-            raise SDDMError(f"{FINAL_VALIDATION_ENV_VAR}={flag!r}: must be 0 (skip nnU-Net's final validation) or 1")
-        if flag == "0":
-            self.print_to_log_file(f"{self.__class__.__name__}: final validation skipped ({FINAL_VALIDATION_ENV_VAR}=0)")
+        if not getattr(self, "sddm_environment_validation", True):
+            self.print_to_log_file(f"{self.__class__.__name__}: final validation skipped "
+                                   f"({FINAL_VALIDATION_ENV_VAR}=0)")
             return
         return super().perform_actual_validation(save_probabilities)
+
+
+def final_validation_enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """False when ``nnUNet_sddm_final_validation`` is ``0``, True when it is unset or ``1``;
+    ``SDDMError`` otherwise (checked when the trainer is built, not after its training)."""
+    flag = (os.environ if environ is None else environ).get(FINAL_VALIDATION_ENV_VAR, "1").strip()
+    if flag not in ("0", "1"):
+        raise SDDMError(f"{FINAL_VALIDATION_ENV_VAR}={flag!r}: must be 0 (skip nnU-Net's final validation) or 1")
+    return flag == "1"
 
 
 def register_family(prefix: str, base: type) -> None:

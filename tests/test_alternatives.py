@@ -315,7 +315,8 @@ def test_predict_with_histmatch_and_lcc(folders, tmp_path, nnunet_env, monkeypat
     def fake_predict_cases(predictor, cases, output_folder, **kw):
         for c in cases:
             img = read(c.files[0])
-            seen[c.case_id] = seen["adapt_fn"]({c.case_id: sitk.GetArrayFromImage(img)})[c.case_id]
+            seen[c.case_id] = seen["adapt_fn"]({c.case_id: sitk.GetArrayFromImage(img)},
+                                               {c.case_id: img.GetSpacing()[::-1]})[c.case_id]
             seg = np.zeros(seen[c.case_id].shape, np.uint8)
             seg[0, 2:8, 2:8] = 1
             seg[-1, 20:22, 20:22] = 1

@@ -13,7 +13,7 @@ import torch
 
 from nnunet_sddm.data.raw_dataset import (list_images, load_dataset_json, patient_level_splits,
                                           write_dataset_json, write_splits)
-from nnunet_sddm.data.slices import (IntensityWindow, SquareResize, model_slices_to_volume, resize_round_trip,
+from nnunet_sddm.data.slices import (IntensityWindow, SquareResize, data_round_trip, model_slices_to_volume,
                                      volume_to_model_slices)
 from nnunet_sddm.data.volumes import read_volume, same_geometry, write_like
 from nnunet_sddm.utilities.errors import SDDMError
@@ -127,7 +127,7 @@ def test_volume_model_slices_round_trip():
     np.testing.assert_allclose(back, np.clip(v, win.lo, win.hi), atol=1e-3 * (win.hi - win.lo))
 
 
-def test_resize_round_trip_is_the_data_path_alone():
+def test_data_round_trip_in_resize_mode_is_the_data_path_alone():
     """The geometric round trip keeps shape and window; at the volume's own square size it is the
     identity up to the window's clip; at a coarser model size fine detail is lost, a smooth ramp not."""
     rng = np.random.default_rng(3)
@@ -135,13 +135,13 @@ def test_resize_round_trip_is_the_data_path_alone():
     smooth = ((yy + xx) * 2.0)[None].repeat(2, 0).astype(np.float32) + 100
     fine = smooth + np.where((yy + xx) % 2 == 0, 20.0, -20.0)[None].astype(np.float32)
     win = IntensityWindow.fit(fine)
-    same = resize_round_trip(fine, 48)
+    same = data_round_trip(fine, 48, None)
     assert same.shape == fine.shape and same.dtype == np.float32
     np.testing.assert_allclose(same, np.clip(fine, win.lo, win.hi), atol=1e-3 * (win.hi - win.lo))
-    coarse = resize_round_trip(fine, 16)
+    coarse = data_round_trip(fine, 16, None)
     assert coarse.shape == fine.shape and coarse.min() >= win.lo - 1e-3 and coarse.max() <= win.hi + 1e-3
     assert np.abs(coarse - fine)[:, 4:-4, 4:-4].mean() > 10  # the checkerboard is gone
-    ramp = resize_round_trip(smooth + rng.normal(0, 0.01, smooth.shape).astype(np.float32), 16)
+    ramp = data_round_trip(smooth + rng.normal(0, 0.01, smooth.shape).astype(np.float32), 16, None)
     assert np.abs(ramp - smooth)[:, 4:-4, 4:-4].max() < 0.05 * (smooth.max() - smooth.min())
 
 

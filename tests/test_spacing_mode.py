@@ -16,7 +16,7 @@ from nnunet_sddm.adaptation.folders import adapt_folder
 from nnunet_sddm.adaptation.pipeline import Adapter, adapt_arrays
 from nnunet_sddm.adaptation.volumes import model_space_slices, size_multiple
 from nnunet_sddm.data.slices import (IntensityWindow, SpacingResample, SquareResize, data_round_trip,
-                                     resize_round_trip, slice_transform, volume_to_model_slices,
+                                     slice_transform, volume_to_model_slices,
                                      model_slices_to_volume, working_spacing)
 from nnunet_sddm.data.volumes import read_volume, same_geometry
 from nnunet_sddm.diffusion.model_folder import EMA_FILE, RAW_FILE, create_model_folder, load_model, load_weights
@@ -128,9 +128,6 @@ def test_smooth_images_survive_a_coarser_spacing():
     same = data_round_trip(vol, 64, {"spacing": 1.0}, (5.0, 1.0, 1.0))
     lo, hi = np.percentile(vol, (0.5, 99.5))
     np.testing.assert_allclose(same, np.clip(vol, lo, hi), rtol=0, atol=1e-5 * float(vol.max()))
-    # resize mode: the same function is resize_round_trip
-    np.testing.assert_array_equal(data_round_trip(vol, 32, {"spacing": None}, None),
-                                  resize_round_trip(vol, 32))
 
 
 def test_identity_model_restores_grid_and_geometry(spacing_model, tmp_path):
@@ -323,7 +320,7 @@ def test_resize_mode_is_unchanged():
     x0, w0, r0 = volume_to_model_slices(v, 32)
     x1, w1, r1 = volume_to_model_slices(v, 32, transform=t)
     assert torch.equal(x0, x1) and r0 == r1
-    np.testing.assert_array_equal(model_slices_to_volume(x0, w0, r0), resize_round_trip(v, 32))
+    np.testing.assert_array_equal(model_slices_to_volume(x0, w0, r0), data_round_trip(v, 32, None))
 
 
 # ---------------------------------------------------------------------------------------- other callers
@@ -344,7 +341,7 @@ def test_sweep_and_study_round_trip_use_the_spacing(spacing_model_dir, tmp_path,
     np.testing.assert_allclose(seen["panels"][0], expect[1], rtol=0, atol=1e-5 * 300)
 
     for model_dir, want in ((spacing_model_dir, expect),
-                            (micro_model_folder(tmp_path / "resize"), resize_round_trip(v, 32))):
+                            (micro_model_folder(tmp_path / "resize"), data_round_trip(v, 32, None))):
         ctx = type("Ctx", (), {"model_dir": model_dir})()
         out = tmp_path / f"geometry_{model_dir.parent.name}"
         _geometry_round_trip(ctx, image.parent, out)

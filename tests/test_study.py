@@ -351,6 +351,35 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
     assert sum(x.endswith("skipped") for x in log3) == 13
 
 
+def test_in_domain_without_held_out_cases_writes_an_empty_table_and_the_report_says_so(tmp_path):
+    """Without imagesTs/labelsTs in the source (the default: source.test_subjects = 0) the stage
+    still has its output (a header-only in_domain.csv) and the report says why nothing was measured;
+    with rows, both report tables have as many separator cells as header cells."""
+    from nnunet_sddm.study import stage_in_domain
+    from nnunet_sddm.study.context import StudyContext
+    from nnunet_sddm.study.report import in_domain_lines
+    from nnunet_sddm.study.stages import digest_paths
+
+    cfg = build_config({"output": str(tmp_path / "study"), "segmenters": ["2d"]})
+    ctx = StudyContext(cfg=cfg, out=tmp_path / "study", device="cpu", log=lambda *_: None)
+    (ctx.raw("source") / "imagesTr").mkdir(parents=True)
+    res = stage_in_domain.run_in_domain(ctx, resume=False)
+    assert "no labelled held-out cases" in res["skipped"]
+    assert (ctx.out / "in_domain" / "in_domain.csv").read_text() == ",".join(stage_in_domain.CSV_FIELDS) + "\n"
+    assert digest_paths(stage_in_domain.in_domain_outputs(ctx), ctx.out) is not None
+    assert "No held-out source cases" in in_domain_lines(ctx)[0]
+    rows = [{"segmenter": "2d", "trained_on": kind, "seed": 0, "input": inp, "structure": st, "dice": 0.5,
+             "cases": 4, "loss": ""} for kind, inputs in (("real", stage_in_domain.INPUTS), ("synthetic", ("original",)))
+            for inp in inputs for st in ("LV", "MYO", "all")]
+    stage_in_domain._write_csv(ctx.out / "in_domain" / "in_domain.csv", rows)
+    lines = in_domain_lines(ctx)
+    tables = [i for i, x in enumerate(lines) if x.startswith("| segmenter |")]
+    assert len(tables) == 2
+    for i in tables:
+        assert lines[i].count("|") == lines[i + 1].count("|"), (lines[i], lines[i + 1])
+    assert sum(x.startswith("| 2D nnU-Net |") for x in lines) == 2 + 3  # real, synthetic; three round-trip rows
+
+
 def test_given_diffusion_model_is_used_not_trained(tmp_path, nnunet_env):
     from nnunet_sddm.diffusion.model_folder import create_model_folder
     from nnunet_sddm.study.context import make_context

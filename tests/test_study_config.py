@@ -20,10 +20,10 @@ def test_typed_tree_of_the_librarys_settings_objects():
     assert isinstance(cfg.sampler.settings, SamplerSettings)
     assert (cfg.sampler.settings.N, cfg.sampler.settings.tau, cfg.sampler.settings.steps) == (10, 3.0, 50)
     assert cfg.evaluation.empty_policy == EmptyPolicy(40)
-    assert cfg.fold == 2 and cfg.segmenters == ("2d", "3d_fullres", "vanilla")
+    assert cfg.fold == 2 and cfg.segmenters == ("2d",)  # --quick trains the 2D nnU-Net only
     assert cfg.figures.sweep.D == (2, 4) and cfg.source.phantom == "A" and cfg.target.split == "Tr"
-    assert cfg.trainer("2d") == "nnUNetTrainer_SDDM_NoDA_1ep_150it"
-    assert cfg.configurations() == ["2d", "3d_fullres"]
+    assert cfg.trainer("2d") == "nnUNetTrainer_SDDM_NoDA_1ep_400it"
+    assert cfg.configurations() == ["2d"]
     assert cfg.diffusion_overrides() == {"training.iterations": 800, "training.seed": 0}
     # the JSON view is what study.json records: the values as given (tau 3 stays an int), normalised fold
     js = cfg.to_dict()
@@ -112,8 +112,8 @@ def test_rows_repeats_and_alternatives():
     assert names[:9] == ["Baseline", "nnU-Net aug", "HistMatch", "FDA", "DA", "DG", "Mixed", "DA+ens", "Mixed+ens"]
     assert names[9:] == [n + "+LCC" for n in names[:9]]
     assert cfg.kinds() == ["real", "synthetic", "real_aug"]
-    assert cfg.trainer("2d", augmented=True) == "nnUNetTrainer_SDDM_Aug_1ep_150it"
-    assert cfg.trainer("vanilla", augmented=True) == "nnUNetTrainer_SDDM_VanillaUNetAug_1ep_150it"
+    assert cfg.trainer("2d", augmented=True) == "nnUNetTrainer_SDDM_Aug_1ep_400it"
+    assert cfg.trainer("vanilla", augmented=True) == "nnUNetTrainer_SDDM_VanillaUNetAug_1ep_400it"
     full = build_config({})
     assert (full.trainer("3d_fullres", True), full.trainer("vanilla", True)) == (
         "nnUNetTrainer_SDDM_Aug_250ep", "nnUNetTrainer_SDDM_VanillaUNetAug")

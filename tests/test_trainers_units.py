@@ -143,8 +143,14 @@ def test_epoch_variants_by_name():
 
 def test_final_validation_can_be_skipped_by_the_environment(monkeypatch):
     """``nnUNet_sddm_final_validation=0`` (set by the study) skips nnU-Net's final validation of
-    any SD-DM trainer; unset or 1 runs it; anything else is refused by name."""
-    from plugin_trainers.schedule import ScheduleMixin
+    any SD-DM trainer; unset or 1 runs it; anything else is refused by name (when the trainer is
+    built: ``final_validation_enabled`` in ``ScheduleMixin.__init__``)."""
+    from plugin_trainers.schedule import ScheduleMixin, final_validation_enabled
+
+    assert final_validation_enabled({}) is True and final_validation_enabled({"nnUNet_sddm_final_validation": "1"})
+    assert final_validation_enabled({"nnUNet_sddm_final_validation": "0"}) is False
+    with pytest.raises(SDDMError, match="nnUNet_sddm_final_validation='no'"):
+        final_validation_enabled({"nnUNet_sddm_final_validation": "no"})
 
     class _Base:
         def perform_actual_validation(self, save_probabilities=False):
@@ -156,18 +162,12 @@ def test_final_validation_can_be_skipped_by_the_environment(monkeypatch):
     class _Trainer(ScheduleMixin, _Base):
         pass
 
-    for value, validated in ((None, True), ("1", True), ("0", False)):
-        if value is None:
-            monkeypatch.delenv("nnUNet_sddm_final_validation", raising=False)
-        else:
-            monkeypatch.setenv("nnUNet_sddm_final_validation", value)
+    for enabled in (True, False):
         t = object.__new__(_Trainer)
+        t.sddm_environment_validation = enabled
         t.perform_actual_validation()
-        assert getattr(t, "validated", False) is validated, value
+        assert getattr(t, "validated", False) is enabled
     assert "nnUNet_sddm_final_validation=0" in t.logged
-    monkeypatch.setenv("nnUNet_sddm_final_validation", "no")
-    with pytest.raises(SDDMError, match="nnUNet_sddm_final_validation='no'"):
-        object.__new__(_Trainer).perform_actual_validation()
 
 
 # ---------------------------------------------------------------------------------------------- synthetic

@@ -84,7 +84,7 @@ from nnunet_sddm.utilities.nnunet_paths import (datasets_with_id, ensure_trainer
 #: ``adapt_fn(volumes, spacings) -> adapted``: ``{key: (z, y, x)}`` in any intensity units and
 #: ``{key: (z, y, x) voxel spacing in mm}`` -> ``{key: (z, y, x) float32}``, same keys and shapes,
 #: original intensity units (``Adapter.adapt_arrays``, ``ClassicalAdapter.adapt_arrays``).
-AdaptFn = Callable[[Mapping[str, np.ndarray], Mapping[str, Sequence[float]]], Dict[str, np.ndarray]]
+AdaptFn = Callable[[Mapping[str, np.ndarray], Mapping[str, Optional[Sequence[float]]]], Dict[str, np.ndarray]]
 
 PathLike = Union[str, os.PathLike]
 

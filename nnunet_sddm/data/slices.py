@@ -276,27 +276,16 @@ def model_slices_to_volume(x: torch.Tensor, window: IntensityWindow, resize: Sli
     return np.clip(out, np.float32(window.lo), np.float32(window.hi))
 
 
-def resize_round_trip(volume: np.ndarray, size: int, percentiles: Tuple[float, float] = PERCENTILES,
-                      name: str = "image") -> np.ndarray:
-    """What the model's data path alone does to a volume ``(z, y, x)``: intensity window, padding to
-    a centred square, resize to ``size`` x ``size`` and back (no diffusion); float32 in the volume's
-    units, its shape, clipped to its window. The loss this costs a segmenter is the floor of any
-    adaptation through a ``size``-pixel model (the source round trip)."""
-    window = IntensityWindow.fit(np.asarray(volume), percentiles, name=name)
-    x, window, resize = volume_to_model_slices(np.asarray(volume), size, window=window, name=name)
-    return model_slices_to_volume(x, window, resize)
-
-
 def data_round_trip(volume: np.ndarray, size: int, data_cfg: Optional[Mapping[str, Any]],
                     spacing: Optional[Sequence[float]] = None, name: str = "image") -> np.ndarray:
     """What the data path of a model (side ``size``, ``data`` section ``data_cfg``) alone does to a
     volume ``(z, y, x)`` of voxel spacing ``spacing`` (mm, ``(z, y, x)``; needed in spacing mode):
-    resize mode: ``resize_round_trip``; spacing mode: the intensity window, resampling to the
-    working spacing and back (padding is lossless and left out). float32 in the volume's units,
-    its shape, clipped to its window."""
+    the intensity window, then resize mode: padding to a centred square, resize to ``size`` x
+    ``size`` and back; spacing mode: resampling to the working spacing and back (padding is
+    lossless and left out). float32 in the volume's units, its shape, clipped to its window. The
+    loss this costs a segmenter is the floor of any adaptation through that model (the source
+    round trip)."""
     percentiles = configured_percentiles(data_cfg)
-    if working_spacing(data_cfg) is None:
-        return resize_round_trip(volume, size, percentiles, name=name)
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise SDDMError(f"{name}: expected a 3D volume (z, y, x), got shape {volume.shape}")

@@ -14,7 +14,7 @@ from nnunet_sddm.study import nnunet_steps
 from nnunet_sddm.study.config_tree import SEGMENTERS, Approach, StudyConfig
 from nnunet_sddm.utilities.devices import nnunet_device
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.nnunet_paths import FINAL_VALIDATION_ENV_VAR, find_raw_dataset, parse_dataset_folder_name
+from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset, parse_dataset_folder_name
 
 NNUNET_VARIABLES = (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"), ("results", "nnUNet_results"))
 #: The dataset side each kind of segmenter (``KINDS``) trains on.
@@ -171,11 +171,10 @@ class StudyContext:
         (``nnUNet_sddm_final_validation=0``)."""
         seed = self.cfg.seed if seed is None else seed
         folders = dict(self.folders, results=self.results_root(seed))
-        env = nnunet_steps.nnunet_env(folders, self.device, training=training, base=self.user_env,
-                                      num_processes=self.cfg.nnunet.num_processes, seed=seed)
-        if training:  # the study predicts and evaluates itself; nnU-Net's final validation is never read
-            env[FINAL_VALIDATION_ENV_VAR] = "0"
-        return env
+        # the study predicts and evaluates itself: nnU-Net's final validation is never read
+        return nnunet_steps.nnunet_env(folders, self.device, training=training, base=self.user_env,
+                                       num_processes=self.cfg.nnunet.num_processes, seed=seed,
+                                       final_validation=not training)
 
 
 def make_context(cfg: StudyConfig, progress: bool = True, log: Callable[[str], None] = print) -> StudyContext:

@@ -43,14 +43,17 @@ SPACING_RECORD = "sddm_spacing"
 
 def nnunet_env(folders: Mapping[str, Path], device: str, training: bool = False,
                base: Optional[Mapping[str, str]] = None, num_processes: Optional[int] = None,
-               seed: Optional[int] = None) -> Dict[str, str]:
+               seed: Optional[int] = None, final_validation: bool = True) -> Dict[str, str]:
     """Environment of an nnU-Net subprocess (see the module docstring). ``num_processes`` sets
-    ``nnUNet_def_n_proc`` (nnU-Net's default worker count, 8, e.g. for the final validation's
-    export workers, each a process start-up); ``seed`` sets the SD-DM trainers' training seed
-    (``nnUNet_sddm_seed``)."""
+    ``nnUNet_def_n_proc`` (nnU-Net's default worker count, 8, e.g. for the preprocessing workers,
+    each a process start-up); ``seed`` sets the SD-DM trainers' training seed
+    (``nnUNet_sddm_seed``); ``final_validation=False`` makes them skip nnU-Net's final validation
+    (``nnUNet_sddm_final_validation=0``)."""
     env = dict(os.environ if base is None else base)
     if seed is not None:
         env[SEED_ENV_VAR] = str(int(seed))
+    if not final_validation:
+        env[FINAL_VALIDATION_ENV_VAR] = "0"
     if num_processes is not None:
         env["nnUNet_def_n_proc"] = str(int(num_processes))
     env["nnUNet_raw"] = str(folders["raw"])

@@ -196,13 +196,14 @@ def missing_lines(ctx) -> List[str]:
 
 
 _TRAINED_ON = {"real": "real source", "real_aug": "real source, nnU-Net aug", "synthetic": "synthetic source (DG)"}
-_ROUND_TRIP = {"original": "as they are", "geometry": "geometric round trip (resize to the model size and back)",
+_ROUND_TRIP = {"original": "as they are", "geometry": "geometric round trip (the model's data path alone, no diffusion)",
                "adapted": "SD-DM round trip (adapted with the study's sampler)"}
 
 
 def in_domain_lines(ctx) -> List[str]:
     """The in-domain Dice of every segmenter and the source round trip of the baselines
-    (``in_domain/in_domain.csv``, mean over repeats); empty without held-out source cases."""
+    (``in_domain/in_domain.csv``, mean over repeats); without held-out source cases, a sentence
+    saying so."""
     rows = read_in_domain(ctx)
     if not rows:
         return ["No held-out source cases (the source has no imagesTs with labelsTs; phantoms: "
@@ -225,7 +226,7 @@ def in_domain_lines(ctx) -> List[str]:
     L += ["", "**The source round trip.** Adapting images of the source domain should change nothing a segmenter "
               "cares about: the baseline segmenters on the same held-out source cases after each round trip, with "
               f"the Dice lost against the original images (goal: at most {ROUND_TRIP_GOAL:g} per structure).", "",
-          "| segmenter | input | " + " | ".join(structures) + " | largest loss |", sep]
+          "| segmenter | input | " + " | ".join(structures) + " | largest loss |", sep + "---|"]
     for seg in dict.fromkeys(r["segmenter"] for r in rows if r["trained_on"] == "real"):
         for inp in INPUTS:
             if (seg, "real", inp, structures[0]) not in mean:

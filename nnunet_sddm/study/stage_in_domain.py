@@ -39,7 +39,7 @@ from nnunet_sddm.data.volumes import read_volume, write_like
 from nnunet_sddm.diffusion.model_folder import load_config
 from nnunet_sddm.evaluation.evaluate import evaluate_folders
 from nnunet_sddm.study.context import StudyContext
-from nnunet_sddm.study.stage_predict import load_predictor
+from nnunet_sddm.study.stage_predict import load_predictor, prediction_threads
 from nnunet_sddm.study.stage_train import segmenter_inputs
 from nnunet_sddm.study.stages import Stage
 from nnunet_sddm.utilities.files import staging_dir, write_text
@@ -61,6 +61,7 @@ def source_test(ctx: StudyContext) -> Optional[Tuple[Path, Path]]:
 
 
 def in_domain_dir(ctx: StudyContext) -> Path:
+    """``OUT/in_domain``: the stage's images, predictions, evaluations and ``in_domain.csv``."""
     return ctx.out / "in_domain"
 
 
@@ -80,17 +81,38 @@ def _geometry_round_trip(ctx: StudyContext, images: Path, out: Path) -> None:
 def run_in_domain(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     """In-domain Dice of every model; the round trips of the baselines (``in_domain.csv``)."""
     test = source_test(ctx)
-    if test is None:
+    root = in_domain_dir(ctx)
+    if test is None:  # an empty table (the report says why), so that the stage's output exists
+        _write_csv(root / "in_domain.csv", [])
         return {"skipped": "the source has no labelled held-out cases (imagesTs with labelsTs; phantoms: "
                            "source.test_subjects > 0)"}
     images, labels = test
-    root = in_domain_dir(ctx)
     folders = {"original": images, "geometry": root / "images" / "geometry", "adapted": root / "images" / "adapted"}
     if not (resume and folders["geometry"].is_dir()):
         _geometry_round_trip(ctx, images, folders["geometry"])
     smp = ctx.cfg.sampler
     adapt_folder(images, folders["adapted"], ctx.model_dir, smp.settings, batch_size=smp.batch_size,
                  device=ctx.device, amp=smp.amp, overwrite=False, progress=ctx.progress)
+    with prediction_threads():
+        rows, result = _segment_and_score(ctx, folders, labels, resume)
+    _write_csv(root / "in_domain.csv", rows)
+    ctx.log(f"[study]   in-domain test: {len(list_images(images))} held-out source cases, {len(ctx.models())} models")
+    return result
+
+
+def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(text.getvalue(), path)
+
+
+def _segment_and_score(ctx: StudyContext, folders: Dict[str, Path], labels: Path,
+                       resume: bool) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Every model on the original held-out cases, the baselines also on both round trips; the
+    ``in_domain.csv`` rows and the stage result."""
+    root = in_domain_dir(ctx)
     ev = ctx.cfg.evaluation
     rows: List[Dict[str, Any]] = []
     result: Dict[str, Any] = {}
@@ -117,13 +139,7 @@ def run_in_domain(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
                              "structure": s, "dice": f"{v:.6f}", "cases": summary["n_cases"],
                              "loss": "" if inp == "original" else f"{original[s] - v:.6f}"})
             result[f"{m.key}/{inp}"] = {s: round(v, 4) for s, v in dice.items()}
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(text.getvalue(), root / "in_domain.csv")
-    ctx.log(f"[study]   in-domain test: {len(list_images(images))} held-out source cases, {len(ctx.models())} models")
-    return result
+    return rows, result
 
 
 def read_in_domain(ctx: StudyContext) -> List[Dict[str, str]]:
@@ -136,12 +152,14 @@ def read_in_domain(ctx: StudyContext) -> List[Dict[str, str]]:
 
 
 def in_domain_inputs(ctx: StudyContext) -> Any:
-    ev = ctx.cfg["evaluation"]
+    """The models, the predictor's step size, the sampler and the distance metrics' empty policy
+    (the held-out cases and the diffusion model: the upstream data and diffusion stages)."""
     return {**segmenter_inputs(ctx), "step_size": ctx.cfg.nnunet.step_size, "sampler": ctx.cfg.sampler.inputs(),
-            "empty_policy": ev["empty_policy"], "test_subjects": ctx.cfg.source.test_subjects}
+            "empty_policy": ctx.cfg["evaluation"]["empty_policy"]}
 
 
 def in_domain_outputs(ctx: StudyContext) -> List[Path]:
+    """The stage's folder (``in_domain.csv`` only, header-only, without held-out cases)."""
     return [in_domain_dir(ctx)]
 
 

@@ -21,7 +21,7 @@ import contextlib
 import io
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import torch
 
@@ -36,13 +36,22 @@ from nnunet_sddm.utilities.files import staging_dir
 IMAGE_INPUTS = ("original", "adapted", "histmatch", "fda")
 
 
-def run_predict(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
-    """Segment the target test images every row needs with every trained model."""
-    threads = torch.get_num_threads()  # nnUNetv2_predict's thread settings hold for this stage only
+@contextlib.contextmanager
+def prediction_threads() -> Iterator[None]:
+    """nnUNetv2_predict's torch thread count (``load_predictor`` sets it) for the block only: the
+    process's count is restored afterwards, so later stages run alike whether or not a prediction
+    ran before them (the inter-op count, set once per process on CUDA, cannot be restored)."""
+    threads = torch.get_num_threads()
     try:
-        return {m.key: _predict_model(ctx, m, resume) for m in ctx.models()}
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def run_predict(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
+    """Segment the target test images every row needs with every trained model."""
+    with prediction_threads():
+        return {m.key: _predict_model(ctx, m, resume) for m in ctx.models()}
 
 
 def load_predictor(ctx: StudyContext, m: Model) -> nnunet_prediction.SDDMPredictor:
