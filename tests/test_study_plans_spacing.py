@@ -34,7 +34,7 @@ def _context(out: Path, **nnunet) -> StudyContext:
 
 
 @pytest.mark.parametrize("value", [0, -2.5, True, "3", [3, 3], [10, 3, 0], [10, "3", 3], float("nan"),
-                                   float("inf"), {"y": 3}])
+                                   float("inf"), {"y": 3}, 1e-6, 150])
 def test_bad_spacings_are_refused_naming_the_key(value):
     with pytest.raises(SDDMError, match=r"^my\.json: nnunet\.spacing must be null \(nnU-Net's own plans\), an "
                                         r"in-plane target spacing in mm"):
@@ -72,7 +72,7 @@ def test_model_folders_train_commands_and_fingerprint_follow_the_plans(tmp_path,
         names = {p.name for p in preprocess_outputs(ctx)}
         assert {f"{plans}.json", "nnUNetPlans.json", f"{plans}_2d", f"{plans}_3d_fullres"} <= names
     assert "spacing" not in preprocess_inputs(default)  # studies made before the key keep their fingerprint
-    assert preprocess_inputs(coarse)["spacing"] == INPLANE
+    assert preprocess_inputs(coarse)["spacing"] == nnunet_steps.plans_name(INPLANE)  # 3 and 3.0: the same plans
     calls = []
     monkeypatch.setattr(nnunet_steps, "plan_and_preprocess", lambda ids, configurations, env, n, log, spacing=None:
                         calls.append((list(ids), spacing)) or 0.0)

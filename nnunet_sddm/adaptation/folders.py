@@ -27,8 +27,9 @@ from nnunet_sddm.utilities.files import remove_stale_temp
 
 RECORD_FILE = "sddm_adapt.json"
 
-#: Record fields that must match for a resumed run to continue an earlier one.
-RESUME_KEYS = ("model", "weights", "settings", "amp", "input", "cases")
+#: Record fields that must match for a resumed run to continue an earlier one (``model_config``: an
+#: edited ``config.json``, e.g. another ``data.spacing``, with the same weights changes the outputs).
+RESUME_KEYS = ("model", "weights", "model_config", "settings", "amp", "input", "cases")
 
 
 def adapt_folder(in_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], model: ModelSpec,

@@ -362,10 +362,10 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
         raise ck.fail(f"nnunet.step_size must be a number in (0, 1], got {step!r}")
     spacing = nn["spacing"]  # null, an in-plane spacing or [z, y, x], in mm
     values = spacing if isinstance(spacing, list) and len(spacing) == 3 else [spacing]
-    if spacing is not None and any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")
+    if spacing is not None and any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.05 <= v <= 100
                                    for v in values):
         raise ck.fail(f"nnunet.spacing must be null (nnU-Net's own plans), an in-plane target spacing in mm (a "
-                      f"positive number) or a list [z, y, x] of three positive numbers in mm, got {spacing!r}")
+                      f"number from 0.05 to 100) or a list [z, y, x] of three such numbers, got {spacing!r}")
     if spacing is not None:
         spacing = tuple(float(v) for v in values) if isinstance(spacing, list) else float(spacing)
     nnunet = NnunetConfig(folders=nn["folders"], num_processes=nn["num_processes"], step_size=step, spacing=spacing)

@@ -29,7 +29,8 @@ import numpy as np
 
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import read_json, write_json
-from nnunet_sddm.utilities.nnunet_paths import SEED_ENV_VAR, datasets_with_id, ensure_trainer_path_in_env
+from nnunet_sddm.utilities.nnunet_paths import (FINAL_VALIDATION_ENV_VAR, SEED_ENV_VAR, datasets_with_id,
+                                             ensure_trainer_path_in_env)
 
 PathLike = Union[str, os.PathLike]
 #: nnU-Net's default plans identifier (``nnunet.spacing`` null).

@@ -37,11 +37,11 @@ def run_preprocess(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
 
 
 def preprocess_inputs(ctx: StudyContext) -> Any:
-    """The configurations and, when set, ``nnunet.spacing`` (as in study.json; left out when null,
+    """The configurations and, when set, ``nnunet.spacing`` (its plans name; left out when null,
     so that studies made before the key keep their fingerprint)."""
     inputs: Dict[str, Any] = {"configurations": ctx.cfg.configurations()}
-    if ctx.cfg.nnunet.spacing is not None:
-        inputs["spacing"] = ctx.cfg["nnunet"]["spacing"]
+    if ctx.cfg.nnunet.spacing is not None:  # by its plans name: 3 and 3.0 are the same plans
+        inputs["spacing"] = nnunet_steps.plans_name(ctx.cfg.nnunet.spacing)
     return inputs
 
 
