@@ -21,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnUNetv2_sddm_study", allow_abbrev=False,
         description="Run the SD-DM study (the paper's Table 1 and figures): diffusion training -> DG synthesis "
-                    "-> DA adaptation -> nnU-Net plan/preprocess -> train every segmenter on real and synthetic "
-                    "source -> predict original/adapted/ensemble -> evaluate -> compare -> figures -> report.md. "
+                    "-> DA adaptation -> histogram matching and FDA -> nnU-Net plan/preprocess -> train every "
+                    "segmenter on the real and the synthetic source (and with nnU-Net's augmentation) -> in-domain "
+                    "test and source round trip on the source's held-out cases -> predict every row's input -> "
+                    "evaluate -> compare -> figures -> report.md. "
                     "Stages that are done and unchanged are skipped, so re-running the same command resumes. "
                     "Settings: defaults <- --quick <- -c STUDY.json <- the options below.")
     p.add_argument("-c", "--config", default=None, help="STUDY.json (every key: docs/reference/study_json.md)")
