@@ -152,16 +152,11 @@ class SquareResize:
         if slices.shape[-2:] != (self.height, self.width):
             raise ValueError(f"expected slices of shape (n, {self.height}, {self.width}), got {tuple(slices.shape)}")
         x = F.pad(slices.float()[:, None], self._pads(), value=self.pad_value)
-        if self.side == self.size:
-            return x.contiguous()
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                             antialias=self.side > self.size)
+        return resample_bilinear(x, (self.size, self.size))
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, 1, size, size)`` -> ``(n, h, w)``: resize to the padded square and crop."""
-        if self.side != self.size:
-            x = F.interpolate(x.float(), size=(self.side, self.side), mode="bilinear", align_corners=False,
-                              antialias=self.size > self.side)
+        x = resample_bilinear(x, (self.side, self.side))
         left, right, top, bottom = self._pads()
         return x[:, 0, top:self.side - bottom, left:self.side - right].contiguous()
 
