@@ -70,7 +70,7 @@ def overfitted(tmp_path_factory):
 
 def test_memorised_members_are_recognised(overfitted):
     members, non_members, _ = overfitted
-    assert members.mean() < 0.7 * non_members.mean()  # measured: 0.009 vs 0.019
+    assert members.mean() < 0.7 * non_members.mean()  # measured: 0.0094 vs 0.0198
     result = membership_auc(members, non_members)
     # measured 0.90 (CI 0.74-1.00); models that saw neither set score about 0.5 (next tests)
     assert result.auc > 0.8 and result.ci_low > 0.5
@@ -193,6 +193,7 @@ def test_denoising_errors_bad_input(tmp_path):
     x = blobs(2, seed=6)
     for kwargs, match in [(dict(slices=x[0]), "slices: expected"), (dict(slices=x.repeat(1, 2, 1, 1)), "channels"),
                           (dict(slices=x * 2), r"\[-1, 1\]"), (dict(slices=x, timesteps=[50]), "timesteps"),
+                          (dict(slices=x, timesteps=np.array([3, -1])), "timesteps"), (dict(slices=x, timesteps=[]), "timesteps"),
                           (dict(slices=x, draws=0), "draws"), (dict(slices=x, batch=0), "batch"),
                           (dict(slices=x, seed=-1), "seed")]:
         with pytest.raises(SDDMError, match=match):

@@ -102,12 +102,14 @@ def denoising_errors(model: LoadedModel, slices: torch.Tensor, *, timesteps: Opt
     channels). ``timesteps``: chain indices in ``[0, T)`` (default ``default_timesteps(T)``).
     Each error is the mean over ``draws`` noise draws of ``mean((eps - eps_hat)^2)`` (see the
     module docstring; noise seeded per slice from ``seed`` and the slice's pixels).
-    ``batch``: slices per network call. Returns ``(n, len(timesteps))`` float64."""
+    ``batch``: slices per network call; ``progress``: a progress bar over the batches.
+    Runs under ``torch.no_grad`` with the network in eval mode, on the network's device.
+    Returns ``(n, len(timesteps))`` float64."""
     diffusion = model.diffusion
     T = diffusion.num_timesteps
     ts = default_timesteps(T) if timesteps is None else [int(t) for t in timesteps]
     if not ts or any(not 0 <= t < T for t in ts):
-        raise SDDMError(f"timesteps: need at least one, each in [0, {T}), got {list(timesteps or [])}")
+        raise SDDMError(f"timesteps: need at least one, each in [0, {T}), got {ts}")
     if not isinstance(slices, torch.Tensor) or slices.ndim != 4:
         raise SDDMError(f"slices: expected a tensor (n, C, S, S), got "
                         f"{tuple(slices.shape) if hasattr(slices, 'shape') else type(slices).__name__}")
