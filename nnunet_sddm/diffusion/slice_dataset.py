@@ -170,6 +170,17 @@ def default_cache_dir(dataset_folder: Union[str, os.PathLike]) -> Optional[Path]
         return None
 
 
+def volume_model_slices(path: Union[str, os.PathLike], size: int, data_cfg: Mapping[str, Any]) -> torch.Tensor:
+    """The slices of one image file in the model space of a model with side ``size`` and ``data``
+    section ``data_cfg``: float32 ``(z, 1, size, size)`` in resize mode, ``(z, 1, h, w)`` at the
+    working spacing in spacing mode, values in ``[-1, 1]``."""
+    vol = read_volume(path)
+    window = IntensityWindow.fit(vol.data, configured_percentiles(data_cfg), name=str(path))
+    transform = slice_transform(data_cfg, size, vol.data.shape[1:], vol.spacing, name=str(path))
+    x, _, _ = volume_to_model_slices(vol.data, size, window=window, name=str(path), transform=transform)
+    return x
+
+
 def load_slices(dataset_folder: Union[str, os.PathLike], size: int, data_cfg: Mapping[str, Any],
                 cache_dir: Union[None, str, os.PathLike] = None, progress: bool = True) -> SliceSet:
     """All selected slices in model space, from the cache when valid: ``(N, 1, size, size)`` in
@@ -194,10 +205,7 @@ def load_slices(dataset_folder: Union[str, os.PathLike], size: int, data_cfg: Ma
                             spacing, extents)
     chunks, cases, index = [], [], []
     for case, path in progress_bar(images.items(), desc="reading slices", unit="volume", disable=not progress):
-        vol = read_volume(path)
-        window = IntensityWindow.fit(vol.data, percentiles, name=str(path))
-        transform = slice_transform(data_cfg, size, vol.data.shape[1:], vol.spacing, name=str(path))
-        x, _, _ = volume_to_model_slices(vol.data, size, window=window, name=str(path), transform=transform)
+        x = volume_model_slices(path, size, data_cfg)
         chunks.append(x.numpy())
         cases += [case] * x.shape[0]
         index += list(range(x.shape[0]))
