@@ -1,5 +1,5 @@
 """Console scripts: ``nnUNetv2_sddm_evaluate``, ``nnUNetv2_sddm_compare``,
-``nnUNetv2_sddm_domain_shift`` (argument parsing only; the work is in ``nnunet_sddm.evaluation``)."""
+``nnUNetv2_sddm_domain_shift``, ``nnUNetv2_sddm_quality`` (argument parsing only; the work is in ``nnunet_sddm.evaluation``)."""
 from __future__ import annotations
 
 import argparse
@@ -147,5 +147,56 @@ def domain_shift_main(argv: Optional[List[str]] = None) -> int:
                        n_trees=a.trees, overwrite=a.overwrite, progress=not a.quiet)
     sep = res["separability"]
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in sep.items()}, indent=2))
+    print(f"written to {a.out}")
+    return 0
+
+
+@cli_entry
+def quality_main(argv: Optional[List[str]] = None) -> int:
+    from nnunet_sddm.evaluation.quality import QualitySettings, quality_report
+    from nnunet_sddm.evaluation.quality_slices import image_set
+
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_quality",
+        description="Quality report of a synthetic or adapted image set: fidelity (paired SSIM/MS-SSIM/PSNR, "
+                    "Frechet and kernel distances), privacy (nearest-neighbour copies and memorisation, membership "
+                    "inference against the diffusion model) and utility (measured by nnUNetv2_sddm_study). Each set "
+                    "is an nnU-Net raw dataset (its imagesTr/labelsTr) or a folder of CASE_0000 images (labels "
+                    "from the sibling labels* folder). Writes OUT/quality.md, CSVs and figures.")
+    p.add_argument("-s", dest="synthetic", required=True, help="the synthetic or adapted images")
+    p.add_argument("-r", dest="real", required=True,
+                   help="the real images they were made from (pairs by cases.json source_case or by case name)")
+    p.add_argument("--train", default=None, help="the diffusion model's training images (privacy: members)")
+    p.add_argument("--heldout", default=None,
+                   help="real images of the training domain the model never saw (membership non-members, and "
+                        "the false-positive rate of the copy flags)")
+    p.add_argument("-m", dest="model", default=None,
+                   help="diffusion model folder (or DATASET[:PRESET]) for membership inference; needs --train and "
+                        "--heldout")
+    p.add_argument("-o", dest="out", required=True, help="output folder (refused if it exists unless --overwrite)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="FID Inception-v3 weights (torch-fidelity's pt_inception-2015-12-05 file; needs the "
+                        "torch-fidelity package); without them that column is skipped")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the report (default 0)")
+    p.add_argument("-device", default="cpu", help="cpu (default), cuda or mps: where the networks run")
+    p.add_argument("-np", dest="num_processes", type=int, default=None, help="worker processes (default: CPUs, max 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    from nnunet_sddm.evaluation.evaluate import default_num_processes
+    from nnunet_sddm.utilities.devices import resolve_device
+
+    sets = {k: image_set(v, opt) if v is not None else None for k, v, opt in
+            (("synthetic", a.synthetic, "-s"), ("real", a.real, "-r"), ("train", a.train, "--train"),
+             ("heldout", a.heldout, "--heldout"))}
+    if a.inception_weights is not None and not Path(a.inception_weights).is_file():
+        raise SDDMError(f"--inception-weights {a.inception_weights}: file not found")
+    settings = QualitySettings(seed=a.seed, inception_weights=a.inception_weights,
+                               device=str(resolve_device(a.device)))
+    summary = quality_report(sets["synthetic"], sets["real"], a.out, train=sets["train"], heldout=sets["heldout"],
+                             model_dir=a.model, settings=settings,
+                             num_processes=a.num_processes or default_num_processes(),
+                             overwrite=a.overwrite, progress=not a.quiet)
+    print((Path(a.out) / "quality.md").read_text())
     print(f"written to {a.out}")
     return 0

@@ -32,6 +32,7 @@ SCRIPTS: Dict[str, str] = {
     "nnUNetv2_sddm_evaluate": "nnunet_sddm.cli.evaluation:evaluate_main",
     "nnUNetv2_sddm_compare": "nnunet_sddm.cli.evaluation:compare_main",
     "nnUNetv2_sddm_domain_shift": "nnunet_sddm.cli.evaluation:domain_shift_main",
+    "nnUNetv2_sddm_quality": "nnunet_sddm.cli.evaluation:quality_main",
     "nnUNetv2_sddm_study": "nnunet_sddm.cli.study:study_main",
     "nnUNetv2_sddm_doctor": "nnunet_sddm.cli.doctor:doctor_main",
 }

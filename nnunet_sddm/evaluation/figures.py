@@ -1,7 +1,8 @@
 """Figures (matplotlib ``Figure`` objects, no display needed): Fig.-7-style bar charts of a metric
 per structure with 95% confidence intervals (clipped to the metric's valid range; empty-mask
 penalties counted above the bar instead of averaged in), bar charts of counts (missing and
-spurious structures), and a 2D scatter (t-SNE) coloured by group."""
+spurious structures), a 2D scatter (t-SNE) coloured by group, and the quality report's figures
+(image pairs side by side, a ROC curve)."""
 from __future__ import annotations
 
 import os
@@ -173,5 +174,44 @@ def scatter_2d(points: np.ndarray, groups: Sequence[str], out_path: os.PathLike,
     ax.set_ylabel("t-SNE 2")
     ax.set_title(title)
     ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+def image_pairs(top: np.ndarray, bottom: np.ndarray, titles_top: Sequence[str], titles_bottom: Sequence[str],
+                out_path: os.PathLike, row_labels: Sequence[str] = ("", "")) -> Path:
+    """Two rows of grey images, column ``i`` showing ``top[i]`` above ``bottom[i]`` (each
+    ``(n, h, w)`` in ``[0, 1]``, shown on that fixed range); PNG written atomically."""
+    top, bottom = np.asarray(top), np.asarray(bottom)
+    if top.shape != bottom.shape or top.ndim != 3 or top.shape[0] == 0:
+        raise ValueError(f"expected two equal non-empty (n, h, w) stacks, got {top.shape} and {bottom.shape}")
+    n = top.shape[0]
+    fig = figure(figsize=(2.0 * n, 4.4), dpi=110)
+    axes = np.asarray(fig.subplots(2, n, squeeze=False))
+    for i in range(n):
+        for r, (img, title) in enumerate(((top[i], titles_top[i]), (bottom[i], titles_bottom[i]))):
+            ax = axes[r, i]
+            ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0 and row_labels[r]:
+                ax.set_ylabel(row_labels[r], fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+def roc_curve_figure(fpr: np.ndarray, tpr: np.ndarray, out_path: os.PathLike, title: str = "") -> Path:
+    """A ROC curve (false- against true-positive rate) with the chance diagonal; PNG written atomically."""
+    fig = figure(figsize=(4.2, 4.0), dpi=120)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance")
+    ax.plot(np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float), color="C0", linewidth=1.6, label="classifier")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
     fig.tight_layout()
     return save_figure(fig, out_path)

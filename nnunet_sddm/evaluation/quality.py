@@ -1,0 +1,476 @@
+r"""The quality report of a synthetic or adapted image set (``nnUNetv2_sddm_quality``): fidelity,
+privacy and utility (docs/explanation/quality.md).
+
+Sets (``quality_slices``: nnU-Net raw datasets or image folders, every slice at the report scale):
+``Y`` synthetic (``-s``), ``R`` real (``-r``: the images ``Y`` was made from, and the reference of
+fidelity), optionally ``T`` the diffusion model's training set (``--train``) and ``H`` held-out
+real images of ``T``'s domain (``--heldout``); ``phi`` the 22 image features, z-scored with the
+mean and sd of ``R``.
+
+Fidelity
+* paired (slice ``y`` of ``Y`` and the slice ``r`` of ``R`` it was made from): SSIM, MS-SSIM
+  (4 scales), PSNR (``fidelity.paired_metrics``); on the heart region ``M`` (the label map of
+  ``r``): SSIM = mean of the SSIM map over ``M``, PSNR over the pixels of ``M``; LPIPS when its
+  network weights are at hand;
+* distribution: Frechet distance ``FD`` and kernel distance ``KID`` between feature sets, in the
+  network-free space ``phi`` and (with weights) the Inception-v3 pool space, for the pairs
+  ``(Y, R)``, ``(Y, T)``, and the real references ``(R, T)`` and ``(H, T)`` (what two real
+  samples give).
+
+Privacy (``Y`` against ``T``; and ``H`` against ``T``, the false-positive rate of the flags)
+* nearest-neighbour distances ``d1 <= d2`` of each slice to ``T``: RMS pixel distance at the report
+  scale and Euclidean distance in the ``phi`` space z-scored with ``T``; ``NNDR = d1 / d2``;
+* flags: likely copy (pixel ``d1`` below the threshold of near-duplicates, ``privacy.copy_threshold``),
+  memorised (``NNDR < 0.6``);
+* membership inference (with ``-m`` and ``--heldout``): the model's denoising error at several
+  ``t`` in ``[0.3 T, 0.6 T)`` for ``T``'s slices (members) and ``H``'s (non-members), a
+  cross-validated logistic regression grouped by subject, ROC-AUC with a bootstrap 95% CI.
+
+Utility: the study's rows (a segmenter trained on ``Y``, or applied to it), given as text by the
+study; the command alone cannot train segmenters and says so.
+
+Outputs in ``out_dir`` (staged, then renamed): ``quality.md``, ``quality.json`` (inputs, settings,
+seeds, the summary figures), ``paired.csv``, ``distances.csv``, ``privacy.csv``,
+``membership.csv``, ``nearest_neighbours.png``, ``roc.png``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from nnunet_sddm import __version__
+from nnunet_sddm.diffusion.model_folder import LoadedModel, load_model
+from nnunet_sddm.diffusion.slice_dataset import PAD_VALUE, volume_model_slices
+from nnunet_sddm.evaluation import fidelity, membership, privacy
+from nnunet_sddm.evaluation.figures import image_pairs, roc_curve_figure
+from nnunet_sddm.evaluation.image_features import FEATURE_NAMES
+from nnunet_sddm.evaluation.quality_slices import (HEART_MARGIN, REPORT_SIZE, ImageSet, ReportSlices, load_report_slices,
+                                                   pair_slices, slice_feature_matrix)
+from nnunet_sddm.utilities.errors import SDDMError
+from nnunet_sddm.utilities.files import staging_dir
+
+PathLike = Union[str, os.PathLike]
+
+#: NNDR below which a slice counts as memorised.
+NNDR_LIMIT = 0.6
+#: Synthetic slices shown in the nearest-neighbour figure.
+FIGURE_PAIRS = 6
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """Settings of a report (all recorded in ``quality.json``).
+
+    seed: seeds the copy threshold, KID subsets, noise of the membership features, folds and
+    bootstraps; folds: at most this many cross-validation folds (fewer when a class has fewer
+    subjects); size: report scale in pixels; mia_timesteps / mia_draws: number of ``t`` values in
+    ``[0.3 T, 0.6 T)`` (``membership.default_timesteps``) and noise draws per ``t``; n_boot: bootstrap
+    resamples of the membership AUC; kid_subsets: KID subsets; inception_weights: the FID
+    Inception weights file (optional); device: where networks run."""
+
+    seed: int = 0
+    size: int = REPORT_SIZE
+    mia_timesteps: int = 4
+    mia_draws: int = 2
+    folds: int = 5
+    n_boot: int = 1000
+    kid_subsets: int = 100
+    copy_noise_sd: float = 0.02
+    inception_weights: Optional[str] = None
+    device: str = "cpu"
+
+
+@dataclass
+class ReportCache:
+    """Slices and features of image sets already read (keyed by folder), shared by the reports of
+    one study so that the training and held-out sets are read once; the membership result per
+    model folder likewise."""
+
+    slices: Dict[str, Tuple[ReportSlices, np.ndarray]] = field(default_factory=dict)
+    membership: Dict[str, Tuple["membership.MembershipResult", np.ndarray, dict]] = field(default_factory=dict)
+
+
+def _read(images: ImageSet, settings: QualitySettings, cache: ReportCache, num_processes: int,
+          progress: bool) -> Tuple[ReportSlices, np.ndarray]:
+    key = f"{settings.size}|" + "|".join(str(Path(c.image).resolve()) for c in images.cases)
+    if key not in cache.slices:
+        s = load_report_slices(images, settings.size, num_processes, progress)
+        cache.slices[key] = (s, slice_feature_matrix(s, num_processes, progress))
+    s, f = cache.slices[key]
+    return ReportSlices(images.name, s.images, s.heart, s.case, s.subject, s.source_case, s.z), f
+
+
+def _zscore(reference: np.ndarray, *others: np.ndarray) -> List[np.ndarray]:
+    return list(fidelity.zscore_like(reference, *others))
+
+
+def masked_fidelity(synthetic: np.ndarray, real: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """SSIM (mean of the SSIM map) and PSNR over ``mask`` for slice pairs ``(N, S, S)`` in
+    ``[0, 1]``; ``(N,)`` each, NaN where the mask is empty, PSNR ``inf`` where the region is identical."""
+    ssim_maps = fidelity.ssim_maps(synthetic, real)
+    ssim = np.full(len(mask), np.nan)
+    psnr = np.full(len(mask), np.nan)
+    for i, m in enumerate(mask):
+        if m.any():
+            ssim[i] = float(ssim_maps[i][m].mean())
+            mse = float(np.mean((synthetic[i][m].astype(np.float64) - real[i][m]) ** 2))
+            psnr[i] = math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    return ssim, psnr
+
+
+def model_space(images: ImageSet, model: LoadedModel) -> Tuple[torch.Tensor, np.ndarray]:
+    """Every slice of ``images`` in ``model``'s space, ``(N, 1, S, S)`` in ``[-1, 1]`` (spacing-mode
+    slices centre-cropped or padded with the background value to ``S``), and each slice's subject."""
+    size = model.image_size
+    chunks, subjects = [], []
+    for c in images.cases:
+        x = volume_model_slices(c.image, size, model.data_config)
+        h, w = x.shape[-2:]
+        if (h, w) != (size, size):
+            out = torch.full((x.shape[0], 1, size, size), PAD_VALUE)
+            top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+            crop = x[:, :, top:top + size, left:left + size]
+            oy, ox = (size - crop.shape[-2]) // 2, (size - crop.shape[-1]) // 2
+            out[:, :, oy:oy + crop.shape[-2], ox:ox + crop.shape[-1]] = crop
+            x = out
+        chunks.append(x)
+        subjects += [c.subject] * x.shape[0]
+    return torch.cat(chunks), np.asarray(subjects)
+
+
+def membership_inference(model_dir: PathLike, members: ImageSet, non_members: ImageSet,
+                         settings: QualitySettings) -> Tuple["membership.MembershipResult", np.ndarray, dict]:
+    """Membership inference against the diffusion model in ``model_dir`` (module docstring).
+    Returns the result, the per-slice features ``(n1 + n2, k)`` (members first) and the ``t`` used."""
+    model = load_model(model_dir, device=settings.device)
+    T = model.diffusion.num_timesteps
+    ts = membership.default_timesteps(T, settings.mia_timesteps)
+    xm, gm = model_space(members, model)
+    xn, gn = model_space(non_members, model)
+    fm, fn = (membership.denoising_errors(model, x.to(settings.device), timesteps=ts, draws=settings.mia_draws,
+                                          seed=settings.seed) for x in (xm, xn))
+    folds = min(settings.folds, len(set(gm)), len(set(gn)))
+    if folds < 2:
+        raise SDDMError(f"membership inference needs at least 2 subjects among the members ({members.folder}: "
+                        f"{len(set(gm))}) and the non-members ({non_members.folder}: {len(set(gn))})")
+    result = membership.membership_auc(fm, fn, groups_members=list(gm), groups_non_members=list(gn), folds=folds,
+                                       n_boot=settings.n_boot, seed=settings.seed)
+    return result, np.concatenate([fm, fn]), {"timesteps": ts, "T": T, "members": len(fm), "non_members": len(fn)}
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return f"{x:.{digits}f}"
+
+
+def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, train: Optional[ImageSet] = None,
+                   heldout: Optional[ImageSet] = None, model_dir: Optional[PathLike] = None,
+                   settings: QualitySettings = QualitySettings(), utility: Optional[str] = None,
+                   title: Optional[str] = None, cache: Optional[ReportCache] = None, num_processes: int = 1,
+                   overwrite: bool = False, progress: bool = True) -> dict:
+    """Write the quality report of ``synthetic`` against ``real`` (and ``train``, ``heldout``,
+    the diffusion model ``model_dir``) to ``out_dir`` (module docstring); returns the summary that
+    ``quality.json`` holds. ``utility``: Markdown of the study's utility rows (None: the command
+    alone says how to measure it). Refuses an existing ``out_dir`` unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise SDDMError(f"{out_dir}: output folder exists (use --overwrite to replace it)")
+    if model_dir is not None and (train is None or heldout is None):
+        raise SDDMError("-m: membership inference needs both --train (members) and --heldout (non-members)")
+    cache = cache if cache is not None else ReportCache()
+    Y, fY = _read(synthetic, settings, cache, num_processes, progress)
+    R, fR = _read(real, settings, cache, num_processes, progress)
+    Tset = _read(train, settings, cache, num_processes, progress) if train is not None else None
+    Hset = _read(heldout, settings, cache, num_processes, progress) if heldout is not None else None
+    summary: dict = {"package_version": __version__, "title": title,
+                     "inputs": {"synthetic": str(synthetic.folder), "real": str(real.folder),
+                                "train": None if train is None else str(train.folder),
+                                "heldout": None if heldout is None else str(heldout.folder),
+                                "model": None if model_dir is None else str(model_dir)},
+                     "settings": asdict(settings), "features": list(FEATURE_NAMES),
+                     "slices": {"synthetic": len(Y), "real": len(R), "train": None if Tset is None else len(Tset[0]),
+                                "heldout": None if Hset is None else len(Hset[0])}}
+    lines: List[str] = []
+
+    # ---- fidelity: paired
+    i_syn, i_real = pair_slices(Y, R)
+    paired_rows: List[dict] = []
+    pm = None
+    if len(i_syn):
+        ys, rs = Y.images[i_syn], R.images[i_real]
+        pm = fidelity.paired_metrics(ys, rs)
+        if R.heart is not None:
+            ssim_h, psnr_h = masked_fidelity(ys, rs, R.heart[i_real])
+        else:
+            ssim_h = psnr_h = np.full(len(i_syn), np.nan)
+        lp = fidelity.lpips_distances(ys, rs, device=settings.device)
+        lp_values = None if isinstance(lp, fidelity.Unavailable) else lp
+        for k, (a, b) in enumerate(zip(i_syn, i_real)):
+            paired_rows.append({"case": Y.case[a], "z": int(Y.z[a]), "real_case": R.case[b],
+                                "ssim": pm.ssim[k], "ms_ssim": pm.ms_ssim[k], "psnr": pm.psnr[k],
+                                "ssim_heart": ssim_h[k], "psnr_heart": psnr_h[k],
+                                "lpips": math.nan if lp_values is None else float(lp_values[k])})
+        summary["paired"] = {"pairs": int(len(i_syn)), "unpaired": int(len(Y) - len(i_syn)),
+                             **{k: _stats([r[k] for r in paired_rows])
+                                for k in ("ssim", "ms_ssim", "psnr", "ssim_heart", "psnr_heart", "lpips")},
+                             "lpips_unavailable": None if lp_values is not None else lp.reason}
+    else:
+        summary["paired"] = {"pairs": 0, "unpaired": len(Y)}
+
+    # ---- fidelity: distributions
+    dist_rows: List[dict] = []
+    comparisons: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = [
+        ("synthetic vs real", Y.images, R.images, fY, fR)]
+    if Tset is not None:
+        comparisons += [("synthetic vs train", Y.images, Tset[0].images, fY, Tset[1]),
+                        ("real vs train", R.images, Tset[0].images, fR, Tset[1])]
+        if Hset is not None:
+            comparisons.append(("held-out vs train", Hset[0].images, Tset[0].images, Hset[1], Tset[1]))
+    inception: Dict[str, object] = {}
+    incep_reason = None
+    for key, imgs in (("synthetic", Y.images), ("real", R.images),
+                      ("train", None if Tset is None else Tset[0].images),
+                      ("heldout", None if Hset is None else Hset[0].images)):
+        if imgs is None or incep_reason is not None:
+            continue
+        feats = fidelity.inception_features(imgs, weights=settings.inception_weights, device=settings.device)
+        if isinstance(feats, fidelity.Unavailable):
+            incep_reason = feats.reason
+            inception = {}
+        else:
+            inception[key] = feats
+    names = {"synthetic vs real": ("synthetic", "real"), "synthetic vs train": ("synthetic", "train"),
+             "real vs train": ("real", "train"), "held-out vs train": ("heldout", "train")}
+    for label, _a, _b, fa, fb in comparisons:
+        za, zb = _zscore(fR, fa, fb)
+        kid = fidelity.kernel_distance(za, zb, subsets=settings.kid_subsets, seed=settings.seed)
+        row = {"comparison": label, "space": "image features (22)", "n_a": len(fa), "n_b": len(fb),
+               "frechet": fidelity.frechet_distance(za, zb), "kid": kid.mean, "kid_sd": kid.std}
+        dist_rows.append(row)
+        a, b = names[label]
+        if a in inception and b in inception:
+            kid_i = fidelity.kernel_distance(inception[a], inception[b], subsets=settings.kid_subsets, seed=settings.seed)
+            dist_rows.append({"comparison": label, "space": "Inception-v3 pool (2048)", "n_a": len(fa), "n_b": len(fb),
+                              "frechet": fidelity.frechet_distance(inception[a], inception[b]),
+                              "kid": kid_i.mean, "kid_sd": kid_i.std})
+    summary["distances"] = dist_rows
+    summary["inception_unavailable"] = incep_reason
+
+    # ---- privacy: nearest neighbours in the training set
+    priv_rows: List[dict] = []
+    nn_figure = None
+    if Tset is not None:
+        T_s, fT = Tset
+        threshold = privacy.copy_threshold(_flat(T_s.images), noise_sd=settings.copy_noise_sd, seed=settings.seed)
+        summary["privacy"] = {"copy_threshold_rms": threshold, "nndr_limit": NNDR_LIMIT}
+        for role, S, fS in (("synthetic", Y, fY), ("held-out (real, not trained on)", Hset[0] if Hset else None,
+                                                    Hset[1] if Hset else None)):
+            if S is None:
+                continue
+            nb_pix = privacy.nearest_neighbours(_flat(S.images), _flat(T_s.images), k=2, rms=True)
+            zT, zS = _zscore(fT, fT, fS)
+            nb_feat = privacy.nearest_neighbours(zS, zT, k=2)
+            fl_pix = privacy.privacy_flags(nb_pix, threshold, nndr_limit=NNDR_LIMIT)
+            nnd_f = privacy.nndr(nb_feat)
+            memorised_f = nnd_f < NNDR_LIMIT
+            summary["privacy"][role] = {
+                "slices": len(S), "d1_rms_median": float(np.median(nb_pix.distance[:, 0])),
+                "nndr_pixel_median": float(np.median(fl_pix.nndr)),
+                "likely_copy": fl_pix.copy_fraction, "memorised_pixel": fl_pix.memorised_fraction,
+                "d1_feature_median": float(np.median(nb_feat.distance[:, 0])),
+                "nndr_feature_median": float(np.median(nnd_f)), "memorised_feature": float(memorised_f.mean())}
+            if role == "synthetic":
+                nnd_p = fl_pix.nndr
+                for i in range(len(S)):
+                    j = int(nb_pix.index[i, 0])
+                    priv_rows.append({"case": S.case[i], "z": int(S.z[i]), "nearest_case": T_s.case[j],
+                                      "nearest_z": int(T_s.z[j]), "d1_rms": nb_pix.distance[i, 0],
+                                      "d2_rms": nb_pix.distance[i, 1], "nndr_pixel": nnd_p[i],
+                                      "likely_copy": bool(fl_pix.likely_copy[i]),
+                                      "memorised_pixel": bool(fl_pix.memorised[i]),
+                                      "d1_feature": nb_feat.distance[i, 0], "nndr_feature": nnd_f[i],
+                                      "memorised_feature": bool(memorised_f[i])})
+                order = np.argsort(nb_pix.distance[:, 0], kind="stable")[:FIGURE_PAIRS]
+                nn_figure = (S.images[order], T_s.images[nb_pix.index[order, 0]],
+                             [f"{S.case[i]} z{S.z[i]}\nd1 {nb_pix.distance[i, 0]:.3f}" for i in order],
+                             [f"{T_s.case[nb_pix.index[i, 0]]} z{T_s.z[nb_pix.index[i, 0]]}" for i in order])
+
+    # ---- privacy: membership inference
+    mia_rows: List[dict] = []
+    mia = None
+    if model_dir is not None:
+        mkey = f"{Path(model_dir).resolve()}|{Path(train.folder).resolve()}|{Path(heldout.folder).resolve()}"
+        if mkey not in cache.membership:
+            cache.membership[mkey] = membership_inference(model_dir, train, heldout, settings)
+        mia, feats, info = cache.membership[mkey]
+        summary["membership"] = {"auc": mia.auc, "ci_low": mia.ci_low, "ci_high": mia.ci_high,
+                                 "members": mia.n_members, "non_members": mia.n_non_members, "folds": mia.folds,
+                                 **info}
+        for i, row in enumerate(feats):
+            mia_rows.append({"member": int(i < mia.n_members), **{f"err_t{t}": float(v) for t, v in
+                                                                  zip(info["timesteps"], row)}})
+
+    # ---- write
+    with staging_dir(out_dir, overwrite=overwrite) as tmp:
+        _write_csv(tmp / "paired.csv", paired_rows, ["case", "z", "real_case", "ssim", "ms_ssim", "psnr",
+                                                     "ssim_heart", "psnr_heart", "lpips"])
+        _write_csv(tmp / "distances.csv", dist_rows, ["comparison", "space", "n_a", "n_b", "frechet", "kid", "kid_sd"])
+        _write_csv(tmp / "privacy.csv", priv_rows, ["case", "z", "nearest_case", "nearest_z", "d1_rms", "d2_rms",
+                                                    "nndr_pixel", "likely_copy", "memorised_pixel", "d1_feature",
+                                                    "nndr_feature", "memorised_feature"])
+        _write_csv(tmp / "membership.csv", mia_rows, list(mia_rows[0]) if mia_rows else ["member"])
+        if nn_figure is not None:
+            image_pairs(nn_figure[0], nn_figure[1], nn_figure[2], nn_figure[3], tmp / "nearest_neighbours.png",
+                        row_labels=("synthetic", "nearest training slice"))
+        if mia is not None:
+            roc_curve_figure(mia.fpr, mia.tpr, tmp / "roc.png",
+                             title=f"membership inference: AUC {mia.auc:.3f} [{mia.ci_low:.3f}, {mia.ci_high:.3f}]")
+        (tmp / "quality.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+        (tmp / "quality.md").write_text(report_markdown(summary, utility))
+    return summary
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+
+
+def _stats(values: Sequence[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    fin = v[np.isfinite(v)]
+    return {"n": int(v.size), "inf": int(np.isinf(v).sum()),
+            "mean": float(fin.mean()) if fin.size else (math.inf if v.size else math.nan),
+            "sd": float(fin.std(ddof=1)) if fin.size > 1 else math.nan,
+            "median": float(np.median(v)) if v.size else math.nan}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        x = float(obj)
+        return x if math.isfinite(x) else ("inf" if x > 0 else "-inf") if math.isinf(x) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _write_csv(path: Path, rows: List[dict], columns: List[str]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([repr(float(r[c])) if isinstance(r[c], (float, np.floating)) else r[c] for c in columns])
+
+
+def report_markdown(summary: dict, utility: Optional[str] = None) -> str:
+    """``quality.md`` from a report's summary (``quality.json``'s content)."""
+    s = summary["settings"]
+    n = summary["slices"]
+    inp = summary["inputs"]
+    out = [f"# Quality report{': ' + summary['title'] if summary.get('title') else ''}", "",
+           f"- synthetic (`-s`): `{inp['synthetic']}` ({n['synthetic']} slices)",
+           f"- real (`-r`): `{inp['real']}` ({n['real']} slices)"]
+    if inp["train"]:
+        out.append(f"- training set of the diffusion model (`--train`): `{inp['train']}` ({n['train']} slices)")
+    if inp["heldout"]:
+        out.append(f"- held-out real images of that domain (`--heldout`): `{inp['heldout']}` ({n['heldout']} slices)")
+    if inp["model"]:
+        out.append(f"- diffusion model (`-m`): `{inp['model']}`")
+    out += ["", f"Scale: every volume clipped to its 0.5th-99.5th intensity percentiles and scaled to [0, 1]; every "
+            f"slice padded to a centred square and resized to {s['size']} x {s['size']} px (bilinear). "
+            f"Heart region: label > 0 dilated by {HEART_MARGIN} px. Seed {s['seed']}.", ""]
+
+    out += ["## Fidelity", "", "### Paired (a synthetic slice against the real slice it was made from)", ""]
+    p = summary["paired"]
+    if not p["pairs"]:
+        out += ["No pairs: neither `cases.json` provenance (`source_case`) nor identical case names link the "
+                "synthetic set to the real one.", ""]
+    else:
+        out += [f"{p['pairs']} pairs ({p['unpaired']} synthetic slices without a partner). Mean ± sd over slices "
+                "(median in brackets); PSNR in dB, data range 1; identical slices have PSNR inf, counted apart.", "",
+                "| region | SSIM | MS-SSIM (4 scales) | PSNR | LPIPS |", "|---|---|---|---|---|"]
+        out.append(f"| whole slice | {_cell(p['ssim'])} | {_cell(p['ms_ssim'])} | {_cell(p['psnr'], 2)} | "
+                   f"{_cell(p['lpips']) if p['lpips']['n'] else 'skipped'} |")
+        out.append(f"| heart region | {_cell(p['ssim_heart'])} | not defined for a region | "
+                   f"{_cell(p['psnr_heart'], 2)} | |")
+        out.append("")
+        if p.get("lpips_unavailable"):
+            out += [f"LPIPS skipped: {p['lpips_unavailable']}", ""]
+        if not p["ssim_heart"]["n"]:
+            out += ["Heart region: the real set has no label maps.", ""]
+    out += ["### Distributions", "",
+            "Fréchet distance (FD) and kernel distance (KID: unbiased MMD², cubic polynomial kernel, mean ± sd over "
+            f"{s['kid_subsets']} subsets) between slice feature sets. The 22 image features are z-scored with the "
+            "real set's mean and sd. The last rows compare real sets with each other: what a perfect synthetic set "
+            "could reach.", "", "| comparison | feature space | n | FD | KID |", "|---|---|---|---|---|"]
+    for r in summary["distances"]:
+        out.append(f"| {r['comparison']} | {r['space']} | {r['n_a']} / {r['n_b']} | {_fmt(r['frechet'])} | "
+                   f"{_fmt(r['kid'], 4)} ± {_fmt(r['kid_sd'], 4)} |")
+    out.append("")
+    if summary.get("inception_unavailable"):
+        out += [f"Inception-v3 features skipped: {summary['inception_unavailable']}", ""]
+    out += ["ImageNet networks (Inception, LPIPS) were trained on photographs: their features are a weak proxy "
+            "for the appearance of MR images; the 22 image features need no network.", ""]
+
+    out += ["## Privacy", ""]
+    pr = summary.get("privacy")
+    if pr is None:
+        out += ["Not measured: give the diffusion model's training set (`--train`).", ""]
+    else:
+        out += [f"Nearest neighbours in the training set: d1 <= d2, RMS pixel distance at the report scale and "
+                f"Euclidean distance of the z-scored image features; NNDR = d1 / d2. Likely copy: pixel d1 below "
+                f"{pr['copy_threshold_rms']:.4f}, the largest distance of a training slice to itself with Gaussian "
+                f"noise of sd {s['copy_noise_sd']} added (a near-duplicate). Memorised: NNDR < {pr['nndr_limit']}. "
+                "Held-out real slices were never trained on: their flags are the false-positive rate.", "",
+                "| slices | n | median d1 (pixel) | likely copies | median NNDR (pixel) | memorised (pixel) | "
+                "median d1 (features) | median NNDR (features) | memorised (features) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for role in ("synthetic", "held-out (real, not trained on)"):
+            if role in pr:
+                r = pr[role]
+                out.append(f"| {role} | {r['slices']} | {r['d1_rms_median']:.4f} | {100 * r['likely_copy']:.1f}% | "
+                           f"{r['nndr_pixel_median']:.3f} | {100 * r['memorised_pixel']:.1f}% | "
+                           f"{r['d1_feature_median']:.3f} | {r['nndr_feature_median']:.3f} | "
+                           f"{100 * r['memorised_feature']:.1f}% |")
+        out += ["", "`nearest_neighbours.png`: the synthetic slices closest to a training slice (top) above that "
+                "training slice (bottom).", ""]
+    m = summary.get("membership")
+    out += ["### Membership inference against the diffusion model", ""]
+    if m is None:
+        out += ["Not measured: give the model (`-m`), its training set (`--train`) and held-out images (`--heldout`).", ""]
+    else:
+        out += [f"Features: the model's noise-prediction error at t = {', '.join(str(t) for t in m['timesteps'])} "
+                f"(of T = {m['T']}), {s['mia_draws']} noise draws each; classifier: logistic regression, "
+                f"{m['folds']}-fold cross-validation grouped by subject; members: {m['members']} training slices, "
+                f"non-members: {m['non_members']} held-out slices.", "",
+                f"**ROC-AUC {m['auc']:.3f} (bootstrap 95% CI {m['ci_low']:.3f} to {m['ci_high']:.3f})**; 0.5 means "
+                "the model's errors do not tell its training slices from unseen ones (no measurable leakage), 1.0 "
+                "a model that memorised them. `roc.png`: the ROC curve.", ""]
+    out += ["## Utility", ""]
+    out += [utility.rstrip() if utility else
+            "Not measured by this command: utility is a segmenter trained on (or applied to) the synthetic data "
+            "and tested on real images; `nnUNetv2_sddm_study` measures it and writes it here.", ""]
+    return "\n".join(out) + "\n"
+
+
+def _cell(st: dict, digits: int = 3) -> str:
+    if not st["n"]:
+        return "n/a"
+    if st["inf"] == st["n"]:
+        return f"inf (all {st['n']})"
+    text = f"{_fmt(st['mean'], digits)} ± {_fmt(st['sd'], digits)} ({_fmt(st['median'], digits)})"
+    return text + (f", {st['inf']} inf" if st["inf"] else "")
