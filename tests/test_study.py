@@ -291,7 +291,7 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
     res = run_study(cfg, progress=False, log=log2.append)
     ran = [m.group(1) for m in (re.match(r"\[study\] (\w+): .*\((new|resuming an interrupted run)\)$", x)
                                 for x in log2) if m]
-    assert ran == ["predict", "evaluate", "compare", "figures", "report"]
+    assert ran == ["predict", "evaluate", "compare", "quality", "figures", "report"]
     assert sum(x.endswith("skipped") for x in log2) == 8
     assert not (tmp_path / "user").exists()
 
@@ -345,10 +345,20 @@ def test_smoke_study_interrupted_and_resumed(tmp_path, monkeypatch):
         a, b = sitk.ReadImage(str(src[0])), sitk.ReadImage(str(got[0]))
         assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
     assert "## In-domain test and the source round trip" in report and "| 2D nnU-Net | geometric round trip" in report
+    # the quality reports of the DG dataset and the adapted target images; with one held-out subject the
+    # membership inference is skipped and both reports say why
+    for key in ("dg", "da"):
+        q = json.loads((out / "quality" / key / "quality.json").read_text())
+        assert q["slices"]["synthetic"] > 0 and q["paired"]["pairs"] == q["slices"]["synthetic"]
+        assert 0.0 < q["paired"]["ssim"]["mean"] < 1.0 and q["privacy"]["synthetic"]["slices"] == q["slices"]["synthetic"]
+        assert "membership" not in q and "2 subjects" in q["membership_skipped"]
+        md = (out / "quality" / key / "quality.md").read_text()
+        assert "2 subjects" in md and "| 2D nnU-Net |" in md.split("## Utility")[1]
+    assert "## Quality of the synthetic and adapted images" in report and "(quality/dg/quality.md)" in report
     # a rerun of the finished study skips every stage (fingerprints and outputs digests unchanged)
     log3 = []
     run_study(cfg, progress=False, log=log3.append)
-    assert sum(x.endswith("skipped") for x in log3) == 13
+    assert sum(x.endswith("skipped") for x in log3) == 14
 
 
 def test_in_domain_without_held_out_cases_writes_an_empty_table_and_the_report_says_so(tmp_path):

@@ -102,7 +102,7 @@ def _read(images: ImageSet, settings: QualitySettings, cache: ReportCache, num_p
           progress: bool) -> Tuple[ReportSlices, np.ndarray]:
     key = f"{settings.size}|" + "|".join(str(Path(c.image).resolve()) for c in images.cases)
     if key not in cache.slices:
-        s = load_report_slices(images, settings.size, num_processes, progress)
+        s = load_report_slices(images, settings.size, progress)
         cache.slices[key] = (s, slice_feature_matrix(s, num_processes, progress))
     s, f = cache.slices[key]
     return ReportSlices(images.name, s.images, s.heart, s.case, s.subject, s.source_case, s.z), f
@@ -177,12 +177,14 @@ def _fmt(x: float, digits: int = 3) -> str:
 def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, train: Optional[ImageSet] = None,
                    heldout: Optional[ImageSet] = None, model_dir: Optional[PathLike] = None,
                    settings: QualitySettings = QualitySettings(), utility: Optional[str] = None,
-                   title: Optional[str] = None, cache: Optional[ReportCache] = None, num_processes: int = 1,
-                   overwrite: bool = False, progress: bool = True) -> dict:
+                   title: Optional[str] = None, membership_skipped: Optional[str] = None,
+                   cache: Optional[ReportCache] = None, num_processes: int = 1, overwrite: bool = False,
+                   progress: bool = True) -> dict:
     """Write the quality report of ``synthetic`` against ``real`` (and ``train``, ``heldout``,
     the diffusion model ``model_dir``) to ``out_dir`` (module docstring); returns the summary that
     ``quality.json`` holds. ``utility``: Markdown of the study's utility rows (None: the command
-    alone says how to measure it). Refuses an existing ``out_dir`` unless ``overwrite``."""
+    alone says how to measure it); ``membership_skipped``: why there is no membership inference
+    (without ``model_dir``; None: the command's hint). Refuses an existing ``out_dir`` unless ``overwrite``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise SDDMError(f"{out_dir}: output folder exists (use --overwrite to replace it)")
@@ -199,6 +201,7 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
                                 "heldout": None if heldout is None else str(heldout.folder),
                                 "model": None if model_dir is None else str(model_dir)},
                      "settings": asdict(settings), "features": list(FEATURE_NAMES),
+                     "membership_skipped": membership_skipped,
                      "slices": {"synthetic": len(Y), "real": len(R), "train": None if Tset is None else len(Tset[0]),
                                 "heldout": None if Hset is None else len(Hset[0])}}
     lines: List[str] = []
@@ -290,6 +293,10 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
                 "likely_copy": fl_pix.copy_fraction, "memorised_pixel": fl_pix.memorised_fraction,
                 "d1_feature_median": float(np.median(nb_feat.distance[:, 0])),
                 "nndr_feature_median": float(np.median(nnd_f)), "memorised_feature": float(memorised_f.mean())}
+            if role == "synthetic" and any(S.source_case):
+                own = [(S.source_case[i], int(S.z[i])) == (T_s.case[j], int(T_s.z[j]))
+                       for i, j in enumerate(nb_pix.index[:, 0])]
+                summary["privacy"][role]["nearest_is_source"] = float(np.mean(own))
             if role == "synthetic":
                 nnd_p = fl_pix.nndr
                 for i in range(len(S)):
@@ -409,7 +416,7 @@ def report_markdown(summary: dict, utility: Optional[str] = None) -> str:
                    f"{_cell(p['psnr_heart'], 2)} | |")
         out.append("")
         if p.get("lpips_unavailable"):
-            out += [f"LPIPS skipped: {p['lpips_unavailable']}", ""]
+            out += [p["lpips_unavailable"], ""]
         if not p["ssim_heart"]["n"]:
             out += ["Heart region: the real set has no label maps.", ""]
     out += ["### Distributions", "",
@@ -422,7 +429,7 @@ def report_markdown(summary: dict, utility: Optional[str] = None) -> str:
                    f"{_fmt(r['kid'], 4)} ± {_fmt(r['kid_sd'], 4)} |")
     out.append("")
     if summary.get("inception_unavailable"):
-        out += [f"Inception-v3 features skipped: {summary['inception_unavailable']}", ""]
+        out += [summary["inception_unavailable"], ""]
     out += ["ImageNet networks (Inception, LPIPS) were trained on photographs: their features are a weak proxy "
             "for the appearance of MR images; the 22 image features need no network.", ""]
 
@@ -446,12 +453,18 @@ def report_markdown(summary: dict, utility: Optional[str] = None) -> str:
                            f"{r['nndr_pixel_median']:.3f} | {100 * r['memorised_pixel']:.1f}% | "
                            f"{r['d1_feature_median']:.3f} | {r['nndr_feature_median']:.3f} | "
                            f"{100 * r['memorised_feature']:.1f}% |")
+        if "nearest_is_source" in pr.get("synthetic", {}):
+            out += ["", f"The synthetic slices were made from training slices (`cases.json` provenance): for "
+                    f"{100 * pr['synthetic']['nearest_is_source']:.1f}% of them the nearest training slice is the one "
+                    "it was made from. Closeness to that slice is by design (a restyled copy keeps its anatomy); the "
+                    "copy flag asks whether the restyling changed it by more than faint noise would."]
         out += ["", "`nearest_neighbours.png`: the synthetic slices closest to a training slice (top) above that "
                 "training slice (bottom).", ""]
     m = summary.get("membership")
     out += ["### Membership inference against the diffusion model", ""]
     if m is None:
-        out += ["Not measured: give the model (`-m`), its training set (`--train`) and held-out images (`--heldout`).", ""]
+        out += [summary.get("membership_skipped") or "Not measured: give the model (`-m`), its training set "
+                "(`--train`) and held-out images (`--heldout`).", ""]
     else:
         out += [f"Features: the model's noise-prediction error at t = {', '.join(str(t) for t in m['timesteps'])} "
                 f"(of T = {m['T']}), {s['mia_draws']} noise draws each; classifier: logistic regression, "

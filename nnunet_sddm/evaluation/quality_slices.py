@@ -37,6 +37,7 @@ from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.evaluation.evaluate import map_jobs
 from nnunet_sddm.evaluation.image_features import FEATURE_NAMES, normalize_volume, slice_features
 from nnunet_sddm.utilities.errors import SDDMError
+from nnunet_sddm.utilities.progress import progress_bar
 
 PathLike = Union[str, os.PathLike]
 
@@ -129,8 +130,7 @@ def _label_to_report(label: np.ndarray, resize: SquareResize) -> np.ndarray:
     return np.stack([ndimage.binary_dilation(m, st, iterations=HEART_MARGIN) if m.any() else m for m in fg])
 
 
-def _volume_to_report(args: Tuple[ImageCase, int]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    case, size = args
+def _volume_to_report(case: ImageCase, size: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     vol = read_volume(case.image)
     resize = SquareResize(int(vol.data.shape[1]), int(vol.data.shape[2]), int(size), pad_value=0.0)
     x = resize.forward(torch.from_numpy(normalize_volume(vol.data).astype(np.float32)))[:, 0]
@@ -145,11 +145,11 @@ def _volume_to_report(args: Tuple[ImageCase, int]) -> Tuple[np.ndarray, Optional
     return images, heart
 
 
-def load_report_slices(images: ImageSet, size: int = REPORT_SIZE, num_processes: int = 1,
-                       progress: bool = True) -> ReportSlices:
-    """Every slice of every volume of ``images`` at the report scale (module docstring)."""
-    parts = map_jobs(_volume_to_report, [(c, size) for c in images.cases], num_processes,
-                     desc=f"reading {images.name}", unit="volume", progress=progress)
+def load_report_slices(images: ImageSet, size: int = REPORT_SIZE, progress: bool = True) -> ReportSlices:
+    """Every slice of every volume of ``images`` at the report scale (module docstring). Read in
+    this process: the resize runs in torch, which must not run in forked workers."""
+    parts = [_volume_to_report(c, size) for c in progress_bar(images.cases, desc=f"reading {images.name}",
+                                                              unit="volume", disable=not progress)]
     n = [p[0].shape[0] for p in parts]
     rep = lambda values: np.repeat(np.asarray(values, dtype=object).astype(str), n)  # noqa: E731
     heart = np.concatenate([p[1] for p in parts]) if images.labelled else None
@@ -198,8 +198,8 @@ def _features_of_slice(img: np.ndarray) -> List[float]:
 
 
 def slice_feature_matrix(slices: ReportSlices, num_processes: int = 1, progress: bool = True) -> np.ndarray:
-    """The 22 image features (``image_features.slice_features``) of every report slice: ``(N, 22)``
-    float64, in ``FEATURE_NAMES`` order."""
+    """The 22 image features (``image_features.slice_features``, numpy and scipy only, so safe in
+    forked workers) of every report slice: ``(N, 22)`` float64, in ``FEATURE_NAMES`` order."""
     rows = map_jobs(_features_of_slice, list(slices.images), num_processes, desc=f"features {slices.name}",
                     unit="slice", progress=progress, chunksize=16)
     return np.asarray(rows, dtype=np.float64).reshape(len(slices), len(FEATURE_NAMES))

@@ -9,7 +9,8 @@
 ``stage_*``      one module per stage: data, diffusion, synthesis (DG), adaptation (DA),
                  alternatives (histogram matching, FDA), preprocess, train, in_domain (held-out
                  source cases and the source round trip), predict, evaluate,
-                 compare, figures, report
+                 compare, quality (fidelity, privacy, utility of the DG and DA image sets),
+                 figures, report
 ``nnunet_steps`` nnU-Net's planning and training commands
 ``pipeline``     assembles the stages and runs them
 ``figures``, ``report``   the figures and ``report.md``
@@ -17,4 +18,4 @@
 
 #: The stages of a study, in order (``--from`` / ``--until`` take these names).
 STAGE_NAMES = ("data", "diffusion", "synthesis", "adaptation", "alternatives", "preprocess", "train", "in_domain",
-               "predict", "evaluate", "compare", "figures", "report")
+               "predict", "evaluate", "compare", "quality", "figures", "report")

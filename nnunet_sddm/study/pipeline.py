@@ -1,7 +1,8 @@
-"""A study: the paper's experiment (Table 1 and figures) as thirteen resumable stages.
+"""A study: the paper's experiment (Table 1 and figures) as fourteen resumable stages.
 
     data -> diffusion -> synthesis (DG) -> adaptation (DA) -> alternatives (histmatch, FDA)
-         -> preprocess -> train -> in_domain -> predict -> evaluate -> compare -> figures -> report
+         -> preprocess -> train -> in_domain -> predict -> evaluate -> compare -> quality
+         -> figures -> report
 
 Each stage is its own module (``stage_<name>``); this module assembles them and runs them with
 the stage runner (``stages``). Study folder layout (``OUT``)::
@@ -24,6 +25,8 @@ the stage runner (``stages``). Study folder layout (``OUT``)::
     comparison/                Table-1 tables (md/csv/tex; mean over repeats), tests.csv (paired tests,
                                Holm, bootstrap CIs, repeat agreement), welch.csv (the paper's test),
                                structures.csv (missing/spurious structures), table_finite.*, fig_*.png
+    quality/dg/ quality/da/    quality reports (quality.md, CSVs, figures): fidelity, privacy and utility of
+                               the DG dataset and of the DA-adapted target images
     figures/                   sweep.png, domain_shift/ (t-SNE), ci_<segmenter>_<metric>.png
     logs/                      output of nnU-Net's commands
     report.md
@@ -34,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from nnunet_sddm.study import (STAGE_NAMES, stage_adaptation, stage_alternatives, stage_compare, stage_data,
                                stage_diffusion, stage_evaluate, stage_figures, stage_in_domain, stage_predict,
-                               stage_preprocess, stage_report, stage_synthesis, stage_train)
+                               stage_preprocess, stage_quality, stage_report, stage_synthesis, stage_train)
 from nnunet_sddm.study.config_tree import StudyConfig
 from nnunet_sddm.study.context import make_context, nnunet_environment
 from nnunet_sddm.study.provenance import write_record
@@ -43,7 +46,7 @@ from nnunet_sddm.study.stages import Stage, StageRunner
 STAGES: List[Stage] = [m.STAGE for m in (stage_data, stage_diffusion, stage_synthesis, stage_adaptation,
                                          stage_alternatives, stage_preprocess, stage_train, stage_in_domain,
                                          stage_predict,
-                                         stage_evaluate, stage_compare, stage_figures, stage_report)]
+                                         stage_evaluate, stage_compare, stage_quality, stage_figures, stage_report)]
 if tuple(s.name for s in STAGES) != STAGE_NAMES:  # pragma: no cover - a stage added in one place only
     raise ImportError(f"study stages {[s.name for s in STAGES]} differ from STAGE_NAMES {STAGE_NAMES}")
 

@@ -1,7 +1,7 @@
 """``report.md``: the study's results, figures, settings, seeds, software versions and stage times.
 
 Everything in the report is read from the study folder (``study.json``, ``study_state.json``,
-``in_domain/``, ``comparison/``, ``figures/``, ``evaluation/``), so it always describes the files next to it;
+``in_domain/``, ``comparison/``, ``quality/``, ``figures/``, ``evaluation/``), so it always describes the files next to it;
 links are relative to the study folder.
 """
 from __future__ import annotations
@@ -243,6 +243,50 @@ def in_domain_lines(ctx) -> List[str]:
     return L + [""]
 
 
+def quality_lines(ctx) -> List[str]:
+    """One row per quality report (``quality/<set>/quality.json``): paired fidelity, the Frechet
+    distance to the source training set against the real images', the privacy flags and the
+    membership AUC."""
+    from nnunet_sddm.study.stage_quality import SETS, quality_dir
+
+    L = ["Fidelity, privacy and utility of every image set the study made, in full in `quality/<set>/quality.md`. "
+         "SSIM / PSNR: each synthetic slice against the real slice it was made from; FD: Fréchet distance of the 22 "
+         "image features to the diffusion model's training slices, for the set and for the real images it was made "
+         "from; likely copies / memorised: synthetic slices that nearly duplicate a training slice / whose nearest "
+         "training slice is much nearer than the second (NNDR < 0.6), with the rate of held-out real slices in "
+         "brackets (the flags' false-positive rate); MIA AUC: membership inference against the diffusion model "
+         "(0.5: no measurable leakage).", "",
+         "| set | pairs | SSIM | PSNR (dB) | FD to training set (its real inputs) | likely copies | memorised | "
+         "MIA AUC (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+    found = False
+    for key, title in SETS.items():
+        path = quality_dir(ctx) / key / "quality.json"
+        if not path.is_file():
+            continue
+        found = True
+        q = json.loads(path.read_text())
+        p = q.get("paired", {})
+        fd = {r["comparison"]: r["frechet"] for r in q.get("distances", []) if r["space"].startswith("image")}
+        pr = q.get("privacy") or {}
+        syn, held = pr.get("synthetic", {}), pr.get("held-out (real, not trained on)", {})
+
+        def rate(d: dict, k: str, ref: dict) -> str:
+            if k not in d:
+                return "n/a"
+            return f"{100 * d[k]:.1f}%" + (f" ({100 * ref[k]:.1f}%)" if k in ref else "")
+
+        m = q.get("membership")
+        mia = f"{m['auc']:.3f} ({m['ci_low']:.3f} to {m['ci_high']:.3f})" if m else "not measured"
+        num = lambda st: "n/a" if not st or not st.get("n") else (  # noqa: E731
+            "inf" if st["mean"] == "inf" else f"{st['mean']:.3f}")
+        fd_text = (f"{fd['synthetic vs train']:.2f} ({fd['real vs train']:.2f})"
+                   if "synthetic vs train" in fd and "real vs train" in fd else "n/a")
+        L.append(f"| [{title}](quality/{key}/quality.md) | {p.get('pairs', 0)} | {num(p.get('ssim'))} | "
+                 f"{num(p.get('psnr'))} | {fd_text} | {rate(syn, 'likely_copy', held)} | "
+                 f"{rate(syn, 'memorised_pixel', held)} | {mia} |")
+    return (L if found else ["The quality stage wrote no report."]) + [""]
+
+
 def write_report(ctx) -> Path:
     """Write ``OUT/report.md`` and return its path."""
     out = ctx.out
@@ -289,6 +333,7 @@ def write_report(ctx) -> Path:
               "penalty; each cell shows how many cases remain.", "", (comp / "table_finite.md").read_text().strip(), ""]
     L += ["### Missing and spurious structures", ""] + missing_lines(ctx)
     L += ["## Which rows changed against the baseline?", ""] + improvement_summary(ctx) + [""]
+    L += ["## Quality of the synthetic and adapted images", ""] + quality_lines(ctx)
 
     # ---- figures
     figs = state.get("figures", {}).get("result", {})

@@ -23,4 +23,4 @@ def report_outputs(ctx: StudyContext) -> List[Path]:
 
 STAGE = Stage("report", "report.md", run_report, report_inputs, report_outputs,
               ("data", "diffusion", "synthesis", "adaptation", "alternatives", "preprocess", "train", "predict",
-               "evaluate", "compare", "figures"))
+               "evaluate", "compare", "quality", "figures"))
