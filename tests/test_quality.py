@@ -71,13 +71,15 @@ def test_image_sets_and_pairs(sets):
     assert R.images.shape[1:] == (REPORT_SIZE, REPORT_SIZE) and R.images.dtype == np.float32
     assert 0.0 <= R.images.min() and R.images.max() <= 1.0 and R.images.max() > 0.9
     assert R.heart is not None and 0.0 < R.heart.mean() < 0.5
-    i_syn, i_real = pair_slices(Y, R)
-    assert len(i_syn) == len(Y) and np.array_equal(Y.images[i_syn], R.images[i_real])
-    assert list(R.z[i_real]) == list(Y.z[i_syn])
+    pairs = pair_slices(Y, R)
+    assert len(pairs) == len(Y) == pairs.by_provenance and pairs.by_name == 0
+    assert np.array_equal(Y.images[pairs.synthetic], R.images[pairs.real])
+    assert list(R.z[pairs.real]) == list(Y.z[pairs.synthetic])
     # no provenance: pairs by case name (both draws name their subjects PhA0000 ...)
     O = load_report_slices(image_set(sets["other"] / "imagesTr", "-s"), progress=False)
-    i_o, i_r = pair_slices(O, R)  # by name where the slice counts agree
-    assert 0 < len(i_o) < len(O) and all(R.case[b] == O.case[a] for a, b in zip(i_o, i_r))
+    named = pair_slices(O, R)  # by name where the slice counts agree
+    assert 0 < len(named) == named.by_name < len(O)
+    assert all(R.case[b] == O.case[a] for a, b in zip(named.synthetic, named.real))
     with pytest.raises(SDDMError, match="the case it was made from"):
         pair_slices(Y, type(R)(**{**R.__dict__, "case": np.where(R.case == "PhA0000_ED", "PhA0000_ES", R.case)}))
     with pytest.raises(SDDMError, match="not a folder"):
@@ -102,11 +104,14 @@ def test_copy_of_the_training_set_is_flagged(sets, tmp_path):
     assert q["paired"]["ssim"]["mean"] == pytest.approx(1.0, abs=1e-6)
     assert q["paired"]["psnr"]["inf"] == q["paired"]["pairs"]
     fd = {r["comparison"]: r["frechet"] for r in q["distances"]}
-    assert fd["synthetic vs real"] == pytest.approx(0.0, abs=1e-6)
+    assert fd["synthetic vs train"] == pytest.approx(0.0, abs=1e-6)
     assert fd["held-out vs train"] > 1e-3
+    # -r is the training set: comparing it with itself would say nothing, so those rows are left out
+    assert q["real_is_train"] and "real vs train" not in fd and "synthetic vs real" not in fd
+    assert q["paired"]["by_provenance"] == q["paired"]["pairs"] and q["paired"]["by_name"] == 0
     syn = q["privacy"]["synthetic"]
-    assert syn["likely_copy"] == 1.0 and syn["d1_rms_median"] == 0.0
-    held = q["privacy"]["held-out (real, not trained on)"]
+    assert syn["likely_copy"] == 1.0 and syn["d1_rms_median"] == 0.0 and syn["nearest_is_source"] == 1.0
+    held = q["privacy"]["heldout"]
     assert held["likely_copy"] == 0.0
     m = q["membership"]
     assert 0.0 <= m["ci_low"] <= m["auc"] <= m["ci_high"] <= 1.0
@@ -133,7 +138,8 @@ def test_independent_draw_is_not_flagged(sets, tmp_path):
     assert q["privacy"]["synthetic"]["d1_rms_median"] > q["privacy"]["copy_threshold_rms"]
     assert "membership" not in q and (out / "nearest_neighbours.png").is_file() and not (out / "roc.png").exists()
     assert "Not measured: give the model" in (out / "quality.md").read_text()
-    assert q["paired"]["pairs"] > 0 and q["paired"]["ssim"]["mean"] < 0.99  # by name: other anatomy
+    assert q["paired"]["pairs"] == q["paired"]["by_name"] > 0 and q["paired"]["ssim"]["mean"] < 0.99  # other anatomy
+    assert "Pairs by name assume" in (out / "quality.md").read_text()
     # same command, same result (also with worker processes); --overwrite replaces the report
     files = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".csv", ".json", ".md")}
     assert _run(["-s", str(sets["other"] / "imagesTr"), "-r", str(sets["real"]), "--train",

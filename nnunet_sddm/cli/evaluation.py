@@ -178,8 +178,11 @@ def quality_main(argv: Optional[List[str]] = None) -> int:
                    help="FID Inception-v3 weights (torch-fidelity's pt_inception-2015-12-05 file; needs the "
                         "torch-fidelity package); without them that column is skipped")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the report (default 0)")
-    p.add_argument("-device", default="cpu", help="cpu (default), cuda or mps: where the networks run")
-    p.add_argument("-np", dest="num_processes", type=int, default=None, help="worker processes (default: CPUs, max 8)")
+    p.add_argument("-device", default="auto",
+                   help="auto (default: CUDA, then MPS, then the CPU), cpu, cuda or mps: where the diffusion model "
+                        "(membership inference) and the optional ImageNet networks run")
+    p.add_argument("-np", dest="num_processes", type=int, default=None,
+                   help="worker processes for the image features (default: CPUs, max 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)

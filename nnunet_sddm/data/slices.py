@@ -154,6 +154,14 @@ class SquareResize:
         x = F.pad(slices.float()[:, None], self._pads(), value=self.pad_value)
         return resample_bilinear(x, (self.size, self.size))
 
+    def forward_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label maps ``(n, h, w)`` -> ``(n, size, size)`` on the grid of ``forward``: padded with 0,
+        nearest-neighbour resize (pixel centres, as the bilinear resize), values kept."""
+        if labels.shape[-2:] != (self.height, self.width):
+            raise ValueError(f"expected label maps of shape (n, {self.height}, {self.width}), got {tuple(labels.shape)}")
+        x = F.pad(labels.float()[:, None], self._pads(), value=0.0)
+        return F.interpolate(x, size=(self.size, self.size), mode="nearest-exact")[:, 0]
+
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, 1, size, size)`` -> ``(n, h, w)``: resize to the padded square and crop."""
         x = resample_bilinear(x, (self.side, self.side))

@@ -5,7 +5,7 @@ Sets (``quality_slices``: nnU-Net raw datasets or image folders, every slice at 
 ``Y`` synthetic (``-s``), ``R`` real (``-r``: the images ``Y`` was made from, and the reference of
 fidelity), optionally ``T`` the diffusion model's training set (``--train``) and ``H`` held-out
 real images of ``T``'s domain (``--heldout``); ``phi`` the 22 image features, z-scored with the
-mean and sd of ``R``.
+mean and sd of ``T`` (of ``R`` without ``T``) for the distances, of ``T`` for the neighbours.
 
 Fidelity
 * paired (slice ``y`` of ``Y`` and the slice ``r`` of ``R`` it was made from): SSIM, MS-SSIM
@@ -21,7 +21,7 @@ Privacy (``Y`` against ``T``; and ``H`` against ``T``, the false-positive rate o
 * nearest-neighbour distances ``d1 <= d2`` of each slice to ``T``: RMS pixel distance at the report
   scale and Euclidean distance in the ``phi`` space z-scored with ``T``; ``NNDR = d1 / d2``;
 * flags: likely copy (pixel ``d1`` below the threshold of near-duplicates, ``privacy.copy_threshold``),
-  memorised (``NNDR < 0.6``);
+  memorised (``NNDR < 0.6``); constant (blank) slices of either set are left out;
 * membership inference (with ``-m`` and ``--heldout``): the model's denoising error at several
   ``t`` in ``[0.3 T, 0.6 T)`` for ``T``'s slices (members) and ``H``'s (non-members), a
   cross-validated logistic regression grouped by subject, ROC-AUC with a bootstrap 95% CI.
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from nnunet_sddm import __version__
-from nnunet_sddm.diffusion.model_folder import LoadedModel, load_model
+from nnunet_sddm.diffusion.model_folder import LoadedModel, load_model, resolve_model_dir
 from nnunet_sddm.diffusion.slice_dataset import PAD_VALUE, volume_model_slices
 from nnunet_sddm.evaluation import fidelity, membership, privacy
 from nnunet_sddm.evaluation.figures import image_pairs, roc_curve_figure
@@ -95,12 +95,16 @@ class ReportCache:
     model folder likewise."""
 
     slices: Dict[str, Tuple[ReportSlices, np.ndarray]] = field(default_factory=dict)
-    membership: Dict[str, Tuple["membership.MembershipResult", np.ndarray, dict]] = field(default_factory=dict)
+    membership: Dict[str, Tuple["membership.MembershipResult", List[dict], dict]] = field(default_factory=dict)
+
+
+def _key(images: ImageSet, settings: QualitySettings) -> str:
+    return f"{settings.size}|" + "|".join(str(Path(c.image).resolve()) for c in images.cases)
 
 
 def _read(images: ImageSet, settings: QualitySettings, cache: ReportCache, num_processes: int,
           progress: bool) -> Tuple[ReportSlices, np.ndarray]:
-    key = f"{settings.size}|" + "|".join(str(Path(c.image).resolve()) for c in images.cases)
+    key = _key(images, settings)
     if key not in cache.slices:
         s = load_report_slices(images, settings.size, progress)
         cache.slices[key] = (s, slice_feature_matrix(s, num_processes, progress))
@@ -126,11 +130,12 @@ def masked_fidelity(synthetic: np.ndarray, real: np.ndarray, mask: np.ndarray) -
     return ssim, psnr
 
 
-def model_space(images: ImageSet, model: LoadedModel) -> Tuple[torch.Tensor, np.ndarray]:
+def model_space(images: ImageSet, model: LoadedModel) -> Tuple[torch.Tensor, List[Tuple[str, str, int]]]:
     """Every slice of ``images`` in ``model``'s space, ``(N, 1, S, S)`` in ``[-1, 1]`` (spacing-mode
-    slices centre-cropped or padded with the background value to ``S``), and each slice's subject."""
+    slices centre-cropped or padded with the background value to ``S``), and ``(case, subject, z)``
+    of each slice."""
     size = model.image_size
-    chunks, subjects = [], []
+    chunks, where = [], []
     for c in images.cases:
         x = volume_model_slices(c.image, size, model.data_config)
         h, w = x.shape[-2:]
@@ -142,28 +147,33 @@ def model_space(images: ImageSet, model: LoadedModel) -> Tuple[torch.Tensor, np.
             out[:, :, oy:oy + crop.shape[-2], ox:ox + crop.shape[-1]] = crop
             x = out
         chunks.append(x)
-        subjects += [c.subject] * x.shape[0]
-    return torch.cat(chunks), np.asarray(subjects)
+        where += [(c.case, c.subject, z) for z in range(x.shape[0])]
+    return torch.cat(chunks), where
 
 
 def membership_inference(model_dir: PathLike, members: ImageSet, non_members: ImageSet,
-                         settings: QualitySettings) -> Tuple["membership.MembershipResult", np.ndarray, dict]:
+                         settings: QualitySettings) -> Tuple["membership.MembershipResult", List[dict], dict]:
     """Membership inference against the diffusion model in ``model_dir`` (module docstring).
-    Returns the result, the per-slice features ``(n1 + n2, k)`` (members first) and the ``t`` used."""
+    Returns the result, one row per slice (members first: case, subject, z, member, out-of-fold
+    score, the error at each ``t``) and the settings used (``timesteps``, ``T``)."""
     model = load_model(model_dir, device=settings.device)
     T = model.diffusion.num_timesteps
     ts = membership.default_timesteps(T, settings.mia_timesteps)
-    xm, gm = model_space(members, model)
-    xn, gn = model_space(non_members, model)
+    xm, wm = model_space(members, model)
+    xn, wn = model_space(non_members, model)
     fm, fn = (membership.denoising_errors(model, x.to(settings.device), timesteps=ts, draws=settings.mia_draws,
                                           seed=settings.seed) for x in (xm, xn))
+    gm, gn = [w[1] for w in wm], [w[1] for w in wn]
     folds = min(settings.folds, len(set(gm)), len(set(gn)))
     if folds < 2:
         raise SDDMError(f"membership inference needs at least 2 subjects among the members ({members.folder}: "
                         f"{len(set(gm))}) and the non-members ({non_members.folder}: {len(set(gn))})")
-    result = membership.membership_auc(fm, fn, groups_members=list(gm), groups_non_members=list(gn), folds=folds,
+    result = membership.membership_auc(fm, fn, groups_members=gm, groups_non_members=gn, folds=folds,
                                        n_boot=settings.n_boot, seed=settings.seed)
-    return result, np.concatenate([fm, fn]), {"timesteps": ts, "T": T, "members": len(fm), "non_members": len(fn)}
+    rows = [{"case": c, "subject": g, "z": z, "member": int(k < len(wm)), "score": float(score),
+             **{f"err_t{t}": float(v) for t, v in zip(ts, feats)}}
+            for k, ((c, g, z), score, feats) in enumerate(zip(wm + wn, result.scores, np.concatenate([fm, fn])))]
+    return result, rows, {"timesteps": ts, "T": T}
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -190,11 +200,19 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
         raise SDDMError(f"{out_dir}: output folder exists (use --overwrite to replace it)")
     if model_dir is not None and (train is None or heldout is None):
         raise SDDMError("-m: membership inference needs both --train (members) and --heldout (non-members)")
+    if heldout is not None and train is None:
+        raise SDDMError("--heldout: held-out images are compared with the training set; give --train too")
+    if model_dir is not None:
+        model_dir = resolve_model_dir(model_dir)
     cache = cache if cache is not None else ReportCache()
     Y, fY = _read(synthetic, settings, cache, num_processes, progress)
     R, fR = _read(real, settings, cache, num_processes, progress)
     Tset = _read(train, settings, cache, num_processes, progress) if train is not None else None
     Hset = _read(heldout, settings, cache, num_processes, progress) if heldout is not None else None
+    for option, S in (("-s", Y), ("-r", R), ("--train", Tset and Tset[0]), ("--heldout", Hset and Hset[0])):
+        if S is not None and len(S) < 2:
+            raise SDDMError(f"{option}: {len(S)} slice(s); the report needs at least 2 per set")
+    same_rt = Tset is not None and _key(real, settings) == _key(train, settings)
     summary: dict = {"package_version": __version__, "title": title,
                      "inputs": {"synthetic": str(synthetic.folder), "real": str(real.folder),
                                 "train": None if train is None else str(train.folder),
@@ -207,10 +225,10 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
     lines: List[str] = []
 
     # ---- fidelity: paired
-    i_syn, i_real = pair_slices(Y, R)
+    pairs = pair_slices(Y, R)
+    i_syn, i_real = pairs.synthetic, pairs.real
     paired_rows: List[dict] = []
-    pm = None
-    if len(i_syn):
+    if len(pairs):
         ys, rs = Y.images[i_syn], R.images[i_real]
         pm = fidelity.paired_metrics(ys, rs)
         if R.heart is not None:
@@ -224,25 +242,30 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
                                 "ssim": pm.ssim[k], "ms_ssim": pm.ms_ssim[k], "psnr": pm.psnr[k],
                                 "ssim_heart": ssim_h[k], "psnr_heart": psnr_h[k],
                                 "lpips": math.nan if lp_values is None else float(lp_values[k])})
-        summary["paired"] = {"pairs": int(len(i_syn)), "unpaired": int(len(Y) - len(i_syn)),
+        summary["paired"] = {"pairs": len(pairs), "unpaired": int(len(Y) - len(pairs)),
+                             "by_provenance": pairs.by_provenance, "by_name": pairs.by_name,
+                             "real_labelled": R.heart is not None,
                              **{k: _stats([r[k] for r in paired_rows])
                                 for k in ("ssim", "ms_ssim", "psnr", "ssim_heart", "psnr_heart", "lpips")},
                              "lpips_unavailable": None if lp_values is not None else lp.reason}
     else:
-        summary["paired"] = {"pairs": 0, "unpaired": len(Y)}
+        summary["paired"] = {"pairs": 0, "unpaired": len(Y), "by_provenance": 0, "by_name": 0}
 
     # ---- fidelity: distributions
     dist_rows: List[dict] = []
-    comparisons: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = [
-        ("synthetic vs real", Y.images, R.images, fY, fR)]
+    # (a set compared with itself says nothing: with -r = --train only the rows against the training set)
+    comparisons: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    if not same_rt:
+        comparisons.append(("synthetic vs real", Y.images, R.images, fY, fR))
     if Tset is not None:
-        comparisons += [("synthetic vs train", Y.images, Tset[0].images, fY, Tset[1]),
-                        ("real vs train", R.images, Tset[0].images, fR, Tset[1])]
+        comparisons.append(("synthetic vs train", Y.images, Tset[0].images, fY, Tset[1]))
+        if not same_rt:
+            comparisons.append(("real vs train", R.images, Tset[0].images, fR, Tset[1]))
         if Hset is not None:
             comparisons.append(("held-out vs train", Hset[0].images, Tset[0].images, Hset[1], Tset[1]))
     inception: Dict[str, object] = {}
     incep_reason = None
-    for key, imgs in (("synthetic", Y.images), ("real", R.images),
+    for key, imgs in (("synthetic", Y.images), ("real", None if same_rt else R.images),
                       ("train", None if Tset is None else Tset[0].images),
                       ("heldout", None if Hset is None else Hset[0].images)):
         if imgs is None or incep_reason is not None:
@@ -255,8 +278,10 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
             inception[key] = feats
     names = {"synthetic vs real": ("synthetic", "real"), "synthetic vs train": ("synthetic", "train"),
              "real vs train": ("real", "train"), "held-out vs train": ("heldout", "train")}
+    fZ = Tset[1] if Tset is not None else fR  # one scale for every row (and every report of one study)
+    summary["zscore_reference"] = "train" if Tset is not None else "real"
     for label, _a, _b, fa, fb in comparisons:
-        za, zb = _zscore(fR, fa, fb)
+        za, zb = _zscore(fZ, fa, fb)
         kid = fidelity.kernel_distance(za, zb, subsets=settings.kid_subsets, seed=settings.seed)
         row = {"comparison": label, "space": "image features (22)", "n_a": len(fa), "n_b": len(fb),
                "frechet": fidelity.frechet_distance(za, zb), "kid": kid.mean, "kid_sd": kid.std}
@@ -268,18 +293,27 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
                               "frechet": fidelity.frechet_distance(inception[a], inception[b]),
                               "kid": kid_i.mean, "kid_sd": kid_i.std})
     summary["distances"] = dist_rows
+    summary["real_is_train"] = same_rt
     summary["inception_unavailable"] = incep_reason
 
     # ---- privacy: nearest neighbours in the training set
     priv_rows: List[dict] = []
     nn_figure = None
     if Tset is not None:
-        T_s, fT = Tset
+        T_all, fT_all = Tset
+        keep_t = _informative(T_all.images)
+        T_s, fT = _subset(T_all, keep_t), fT_all[keep_t]
         threshold = privacy.copy_threshold(_flat(T_s.images), noise_sd=settings.copy_noise_sd, seed=settings.seed)
-        summary["privacy"] = {"copy_threshold_rms": threshold, "nndr_limit": NNDR_LIMIT}
-        for role, S, fS in (("synthetic", Y, fY), ("held-out (real, not trained on)", Hset[0] if Hset else None,
-                                                    Hset[1] if Hset else None)):
-            if S is None:
+        summary["privacy"] = {"copy_threshold_rms": threshold, "nndr_limit": NNDR_LIMIT,
+                              "train_blank": int((~keep_t).sum())}
+        for role, S_all, fS_all in (("synthetic", Y, fY), ("heldout", Hset[0] if Hset else None,
+                                                           Hset[1] if Hset else None)):
+            if S_all is None:
+                continue
+            keep = _informative(S_all.images)
+            S, fS = _subset(S_all, keep), fS_all[keep]
+            if len(S) == 0:
+                summary["privacy"][role] = {"slices": 0, "blank": int((~keep).sum())}
                 continue
             nb_pix = privacy.nearest_neighbours(_flat(S.images), _flat(T_s.images), k=2, rms=True)
             zT, zS = _zscore(fT, fT, fS)
@@ -288,14 +322,17 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
             nnd_f = privacy.nndr(nb_feat)
             memorised_f = nnd_f < NNDR_LIMIT
             summary["privacy"][role] = {
-                "slices": len(S), "d1_rms_median": float(np.median(nb_pix.distance[:, 0])),
+                "slices": len(S), "blank": int((~keep).sum()), "d1_rms_median": float(np.median(nb_pix.distance[:, 0])),
                 "nndr_pixel_median": float(np.median(fl_pix.nndr)),
                 "likely_copy": fl_pix.copy_fraction, "memorised_pixel": fl_pix.memorised_fraction,
                 "d1_feature_median": float(np.median(nb_feat.distance[:, 0])),
                 "nndr_feature_median": float(np.median(nnd_f)), "memorised_feature": float(memorised_f.mean())}
-            if role == "synthetic" and any(S.source_case):
-                own = [(S.source_case[i], int(S.z[i])) == (T_s.case[j], int(T_s.z[j]))
-                       for i, j in enumerate(nb_pix.index[:, 0])]
+            trained = set(T_s.case.tolist())
+            made_from = [i for i in range(len(S)) if S.source_case[i] in trained]
+            if role == "synthetic" and made_from:
+                own = [(S.source_case[i], int(S.z[i])) == (T_s.case[nb_pix.index[i, 0]], int(T_s.z[nb_pix.index[i, 0]]))
+                       for i in made_from]
+                summary["privacy"][role]["made_from_training"] = len(made_from)
                 summary["privacy"][role]["nearest_is_source"] = float(np.mean(own))
             if role == "synthetic":
                 nnd_p = fl_pix.nndr
@@ -317,16 +354,13 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
     mia_rows: List[dict] = []
     mia = None
     if model_dir is not None:
-        mkey = f"{Path(model_dir).resolve()}|{Path(train.folder).resolve()}|{Path(heldout.folder).resolve()}"
+        mkey = f"{Path(model_dir).resolve()}|{_key(train, settings)}|{_key(heldout, settings)}"
         if mkey not in cache.membership:
             cache.membership[mkey] = membership_inference(model_dir, train, heldout, settings)
-        mia, feats, info = cache.membership[mkey]
+        mia, mia_rows, info = cache.membership[mkey]
         summary["membership"] = {"auc": mia.auc, "ci_low": mia.ci_low, "ci_high": mia.ci_high,
                                  "members": mia.n_members, "non_members": mia.n_non_members, "folds": mia.folds,
                                  **info}
-        for i, row in enumerate(feats):
-            mia_rows.append({"member": int(i < mia.n_members), **{f"err_t{t}": float(v) for t, v in
-                                                                  zip(info["timesteps"], row)}})
 
     # ---- write
     with staging_dir(out_dir, overwrite=overwrite) as tmp:
@@ -346,6 +380,18 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
         (tmp / "quality.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
         (tmp / "quality.md").write_text(report_markdown(summary, utility))
     return summary
+
+
+def _informative(images: np.ndarray) -> np.ndarray:
+    """``(N,)`` bool: the slices that are not constant (a blank slice equals every other blank slice:
+    it would count as a copy and as memorised)."""
+    flat = images.reshape(len(images), -1)
+    return flat.max(axis=1) > flat.min(axis=1)
+
+
+def _subset(slices: ReportSlices, keep: np.ndarray) -> ReportSlices:
+    return ReportSlices(slices.name, slices.images[keep], None if slices.heart is None else slices.heart[keep],
+                        slices.case[keep], slices.subject[keep], slices.source_case[keep], slices.z[keep])
 
 
 def _flat(images: np.ndarray) -> np.ndarray:
@@ -407,8 +453,16 @@ def report_markdown(summary: dict, utility: Optional[str] = None) -> str:
         out += ["No pairs: neither `cases.json` provenance (`source_case`) nor identical case names link the "
                 "synthetic set to the real one.", ""]
     else:
-        out += [f"{p['pairs']} pairs ({p['unpaired']} synthetic slices without a partner). Mean ± sd over slices "
-                "(median in brackets); PSNR in dB, data range 1; identical slices have PSNR inf, counted apart.", "",
+        how = [f"{p['by_provenance']} by `cases.json` provenance"] if p["by_provenance"] else []
+        how += [f"{p['by_name']} by identical case names and slice counts"] if p["by_name"] else []
+        out += [f"{p['pairs']} pairs ({'; '.join(how)}; {p['unpaired']} synthetic slices without a partner). Mean ± "
+                "sd over slices (median in brackets); PSNR in dB, data range 1; identical slices have PSNR inf, "
+                f"counted apart. Heart region: the {p['ssim_heart']['n']} pairs whose real slice shows a heart.", ""]
+        if p["by_name"]:
+            out += ["Pairs by name assume that a synthetic case was made from the real case of the same name (as "
+                    "`nnUNetv2_sddm_adapt` names its outputs); for unrelated sets that happen to share names the "
+                    "paired numbers are meaningless.", ""]
+        out += [
                 "| region | SSIM | MS-SSIM (4 scales) | PSNR | LPIPS |", "|---|---|---|---|---|"]
         out.append(f"| whole slice | {_cell(p['ssim'])} | {_cell(p['ms_ssim'])} | {_cell(p['psnr'], 2)} | "
                    f"{_cell(p['lpips']) if p['lpips']['n'] else 'skipped'} |")
@@ -418,44 +472,55 @@ def report_markdown(summary: dict, utility: Optional[str] = None) -> str:
         if p.get("lpips_unavailable"):
             out += [p["lpips_unavailable"], ""]
         if not p["ssim_heart"]["n"]:
-            out += ["Heart region: the real set has no label maps.", ""]
+            out += ["Heart region: " + ("no paired real slice shows a heart in its label map." if p.get("real_labelled")
+                                        else "the real set has no label maps."), ""]
     out += ["### Distributions", "",
             "Fréchet distance (FD) and kernel distance (KID: unbiased MMD², cubic polynomial kernel, mean ± sd over "
-            f"{s['kid_subsets']} subsets) between slice feature sets. The 22 image features are z-scored with the "
-            "real set's mean and sd. The last rows compare real sets with each other: what a perfect synthetic set "
-            "could reach.", "", "| comparison | feature space | n | FD | KID |", "|---|---|---|---|---|"]
+            f"{s['kid_subsets']} subsets of min(1000, n_a, n_b) slices; sd 0 when that is both whole sets) between "
+            "slice feature sets. The 22 image features are z-scored with the mean and sd of the "
+            + ("training set (`--train`)" if summary.get("zscore_reference") == "train" else "real set (`-r`)")
+            + ". Rows between two real sets are the reference: unseen real images of the training domain "
+            "(held-out vs train) are as close to it as a synthetic set of that domain can be expected to come."
+            + (" The real set is the training set here, so only the rows against the training set are shown."
+               if summary.get("real_is_train") else ""), "", "| comparison | feature space | n | FD | KID |", "|---|---|---|---|---|"]
     for r in summary["distances"]:
         out.append(f"| {r['comparison']} | {r['space']} | {r['n_a']} / {r['n_b']} | {_fmt(r['frechet'])} | "
                    f"{_fmt(r['kid'], 4)} ± {_fmt(r['kid_sd'], 4)} |")
     out.append("")
     if summary.get("inception_unavailable"):
         out += [summary["inception_unavailable"], ""]
+    elif any(r["space"].startswith("Inception") for r in summary["distances"]):
+        out += ["FD in the 2048-dimensional Inception space is biased upwards for sets of fewer than a few "
+                "thousand slices and is not comparable across set sizes; KID is unbiased.", ""]
     out += ["ImageNet networks (Inception, LPIPS) were trained on photographs: their features are a weak proxy "
             "for the appearance of MR images; the 22 image features need no network.", ""]
 
     out += ["## Privacy", ""]
     pr = summary.get("privacy")
     if pr is None:
-        out += ["Not measured: give the diffusion model's training set (`--train`).", ""]
+        out += [summary.get("membership_skipped") if summary.get("membership_skipped") and not inp["train"]
+                else "Not measured: give the diffusion model's training set (`--train`).", ""]
     else:
         out += [f"Nearest neighbours in the training set: d1 <= d2, RMS pixel distance at the report scale and "
                 f"Euclidean distance of the z-scored image features; NNDR = d1 / d2. Likely copy: pixel d1 below "
                 f"{pr['copy_threshold_rms']:.4f}, the largest distance of a training slice to itself with Gaussian "
                 f"noise of sd {s['copy_noise_sd']} added (a near-duplicate). Memorised: NNDR < {pr['nndr_limit']}. "
-                "Held-out real slices were never trained on: their flags are the false-positive rate.", "",
+                "Held-out real slices were never trained on: their flags are the false-positive rate. Constant "
+                "(blank) slices are left out: a blank slice equals every other one.", "",
                 "| slices | n | median d1 (pixel) | likely copies | median NNDR (pixel) | memorised (pixel) | "
                 "median d1 (features) | median NNDR (features) | memorised (features) |",
                 "|---|---|---|---|---|---|---|---|---|"]
-        for role in ("synthetic", "held-out (real, not trained on)"):
-            if role in pr:
+        for role, label in (("synthetic", "synthetic"), ("heldout", "held-out (real, not trained on)")):
+            if role in pr and pr[role]["slices"]:
                 r = pr[role]
-                out.append(f"| {role} | {r['slices']} | {r['d1_rms_median']:.4f} | {100 * r['likely_copy']:.1f}% | "
+                out.append(f"| {label} | {r['slices']} | {r['d1_rms_median']:.4f} | {100 * r['likely_copy']:.1f}% | "
                            f"{r['nndr_pixel_median']:.3f} | {100 * r['memorised_pixel']:.1f}% | "
                            f"{r['d1_feature_median']:.3f} | {r['nndr_feature_median']:.3f} | "
                            f"{100 * r['memorised_feature']:.1f}% |")
         if "nearest_is_source" in pr.get("synthetic", {}):
-            out += ["", f"The synthetic slices were made from training slices (`cases.json` provenance): for "
-                    f"{100 * pr['synthetic']['nearest_is_source']:.1f}% of them the nearest training slice is the one "
+            out += ["", f"{pr['synthetic']['made_from_training']} synthetic slices were made from training slices "
+                    f"(`cases.json` provenance): for {100 * pr['synthetic']['nearest_is_source']:.1f}% of them the "
+                    "nearest training slice is the one "
                     "it was made from. Closeness to that slice is by design (a restyled copy keeps its anatomy); the "
                     "copy flag asks whether the restyling changed it by more than faint noise would."]
         out += ["", "`nearest_neighbours.png`: the synthetic slices closest to a training slice (top) above that "

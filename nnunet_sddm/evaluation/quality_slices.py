@@ -24,11 +24,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from nnunet_sddm.data.raw_dataset import list_images, list_labels, load_cases_json, split_ending
@@ -69,6 +68,7 @@ class ImageSet:
 
     @property
     def labelled(self) -> bool:
+        """Whether every case has a label map."""
         return bool(self.cases) and all(c.label is not None for c in self.cases)
 
 
@@ -123,9 +123,7 @@ def image_set(spec: PathLike, name: str) -> ImageSet:
 
 
 def _label_to_report(label: np.ndarray, resize: SquareResize) -> np.ndarray:
-    x = F.pad(torch.from_numpy(label.astype(np.float32))[:, None], resize._pads(), value=0.0)
-    x = F.interpolate(x, size=(resize.size, resize.size), mode="nearest")
-    fg = x[:, 0].numpy() > 0
+    fg = resize.forward_labels(torch.from_numpy(label.astype(np.float32))).numpy() > 0
     st = ndimage.generate_binary_structure(2, 1)
     return np.stack([ndimage.binary_dilation(m, st, iterations=HEART_MARGIN) if m.any() else m for m in fg])
 
@@ -159,10 +157,25 @@ def load_report_slices(images: ImageSet, size: int = REPORT_SIZE, progress: bool
                         z=np.concatenate([np.arange(k, dtype=np.int64) for k in n]))
 
 
-def pair_slices(synthetic: ReportSlices, real: ReportSlices) -> Tuple[np.ndarray, np.ndarray]:
-    """Indices ``(i_syn, i_real)`` of the paired slices (module docstring), in synthetic order. A
-    volume paired by name only is left unpaired when the slice counts differ (the same name need
-    not mean the same scan); one paired by provenance must match.
+@dataclass(frozen=True)
+class SlicePairs:
+    """Paired slices: ``synthetic[k]`` of the synthetic set and ``real[k]`` of the real set
+    (``(K,)`` int64 indices, synthetic order); ``by_provenance`` / ``by_name``: how many of the K
+    pairs were linked by ``cases.json`` provenance / by identical case names."""
+
+    synthetic: np.ndarray
+    real: np.ndarray
+    by_provenance: int
+    by_name: int
+
+    def __len__(self) -> int:
+        return int(self.synthetic.shape[0])
+
+
+def pair_slices(synthetic: ReportSlices, real: ReportSlices) -> SlicePairs:
+    """The paired slices of ``synthetic`` and ``real`` (module docstring). A volume paired by name
+    only is left unpaired when the slice counts differ (the same name need not mean the same
+    scan); one paired by provenance must match.
 
     Raises ``SDDMError`` when a synthetic volume and the real case its ``source_case`` names have
     different slice counts."""
@@ -175,6 +188,7 @@ def pair_slices(synthetic: ReportSlices, real: ReportSlices) -> Tuple[np.ndarray
         syn_counts[c] = syn_counts.get(c, 0) + 1
     i_syn: List[int] = []
     i_real: List[int] = []
+    by_provenance = 0
     for i, (c, src, z) in enumerate(zip(synthetic.case, synthetic.source_case, synthetic.z)):
         if src:
             if src not in counts:
@@ -183,13 +197,23 @@ def pair_slices(synthetic: ReportSlices, real: ReportSlices) -> Tuple[np.ndarray
                 raise SDDMError(f"{synthetic.name} case {c}: {syn_counts[c]} slices, but the case it was made from, "
                                 f"{src} ({real.name}), has {counts[src]}")
             partner = src
+            by_provenance += 1
         elif counts.get(c) == syn_counts[c]:
             partner = c
         else:
             continue
         i_syn.append(i)
         i_real.append(where[(partner, int(z))])
-    return np.asarray(i_syn, dtype=np.int64), np.asarray(i_real, dtype=np.int64)
+    return SlicePairs(np.asarray(i_syn, dtype=np.int64), np.asarray(i_real, dtype=np.int64), by_provenance,
+                      len(i_syn) - by_provenance)
+
+
+def merged_set(name: str, sets: Sequence[ImageSet], keep: Optional[Sequence[str]] = None) -> ImageSet:
+    """One image set of the cases of ``sets`` (e.g. a dataset's ``imagesTr`` and ``imagesTs``),
+    restricted to the case ids ``keep`` when given, sorted by case id."""
+    cases = {c.case: c for s in sets for c in s.cases}
+    wanted = set(cases) if keep is None else set(keep)
+    return ImageSet(name=name, folder=sets[0].folder, cases=tuple(cases[k] for k in sorted(wanted & set(cases))))
 
 
 def _features_of_slice(img: np.ndarray) -> List[float]:

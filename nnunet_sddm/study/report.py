@@ -251,12 +251,12 @@ def quality_lines(ctx) -> List[str]:
 
     L = ["Fidelity, privacy and utility of every image set the study made, in full in `quality/<set>/quality.md`. "
          "SSIM / PSNR: each synthetic slice against the real slice it was made from; FD: Fréchet distance of the 22 "
-         "image features to the diffusion model's training slices, for the set and for the real images it was made "
-         "from; likely copies / memorised: synthetic slices that nearly duplicate a training slice / whose nearest "
+         "image features to the diffusion model's training slices, for the set, for the real images it was made "
+         "from (when they are not the training slices themselves) and for unseen real source slices (the reference); likely copies / memorised: synthetic slices that nearly duplicate a training slice / whose nearest "
          "training slice is much nearer than the second (NNDR < 0.6), with the rate of held-out real slices in "
          "brackets (the flags' false-positive rate); MIA AUC: membership inference against the diffusion model "
          "(0.5: no measurable leakage).", "",
-         "| set | pairs | SSIM | PSNR (dB) | FD to training set (its real inputs) | likely copies | memorised | "
+         "| set | pairs | SSIM | PSNR (dB) | FD to training set: set / its inputs / unseen real | likely copies | memorised | "
          "MIA AUC (95% CI) |", "|---|---|---|---|---|---|---|---|"]
     found = False
     for key, title in SETS.items():
@@ -268,7 +268,7 @@ def quality_lines(ctx) -> List[str]:
         p = q.get("paired", {})
         fd = {r["comparison"]: r["frechet"] for r in q.get("distances", []) if r["space"].startswith("image")}
         pr = q.get("privacy") or {}
-        syn, held = pr.get("synthetic", {}), pr.get("held-out (real, not trained on)", {})
+        syn, held = pr.get("synthetic", {}), pr.get("heldout", {})
 
         def rate(d: dict, k: str, ref: dict) -> str:
             if k not in d:
@@ -279,8 +279,8 @@ def quality_lines(ctx) -> List[str]:
         mia = f"{m['auc']:.3f} ({m['ci_low']:.3f} to {m['ci_high']:.3f})" if m else "not measured"
         num = lambda st: "n/a" if not st or not st.get("n") else (  # noqa: E731
             "inf" if st["mean"] == "inf" else f"{st['mean']:.3f}")
-        fd_text = (f"{fd['synthetic vs train']:.2f} ({fd['real vs train']:.2f})"
-                   if "synthetic vs train" in fd and "real vs train" in fd else "n/a")
+        fd_text = " / ".join(f"{fd[k]:.2f}" if k in fd else "-"
+                             for k in ("synthetic vs train", "real vs train", "held-out vs train"))
         L.append(f"| [{title}](quality/{key}/quality.md) | {p.get('pairs', 0)} | {num(p.get('ssim'))} | "
                  f"{num(p.get('psnr'))} | {fd_text} | {rate(syn, 'likely_copy', held)} | "
                  f"{rate(syn, 'memorised_pixel', held)} | {mia} |")

@@ -18,11 +18,13 @@ from typing import Any, Dict, List, Optional, Tuple
 from nnunet_sddm.diffusion.model_folder import load_config
 from nnunet_sddm.diffusion.slice_dataset import select_images
 from nnunet_sddm.evaluation.quality import QualitySettings, ReportCache, quality_report
-from nnunet_sddm.evaluation.quality_slices import ImageSet, image_set
+from nnunet_sddm.data.raw_dataset import list_images
+from nnunet_sddm.evaluation.quality_slices import ImageSet, image_set, merged_set
 from nnunet_sddm.study.config_tree import SEGMENTERS
 from nnunet_sddm.study.context import StudyContext
 from nnunet_sddm.study.stage_in_domain import read_in_domain
 from nnunet_sddm.study.stages import Stage
+from nnunet_sddm.utilities.errors import SDDMError
 
 #: The image sets reported on: folder name under ``OUT/quality`` -> title.
 SETS = {"dg": "DG dataset (source training images restyled by the diffusion model)",
@@ -37,33 +39,36 @@ def _settings(ctx: StudyContext) -> QualitySettings:
     return QualitySettings(seed=int(ctx.cfg.seed), device=str(ctx.device))
 
 
-def _training_set(ctx: StudyContext) -> ImageSet:
-    """The source training images the diffusion model read (its ``data`` selection)."""
-    source = image_set(ctx.raw("source") / "imagesTr", "source training images")
+def _privacy_sets(ctx: StudyContext) -> Tuple[Optional[ImageSet], Optional[ImageSet], Optional[str]]:
+    """The diffusion model's training images (members) and the other source images of the same
+    selection (vendor, centre; non-members), and why the membership inference is skipped (None:
+    it runs). Without a training set the model can be checked against (a model trained on another
+    dataset), both are None."""
     data_cfg = load_config(ctx.model_dir).get("data", {})
-    chosen = set(select_images(ctx.raw("source"), data_cfg))
-    test = ctx.raw("source") / "imagesTs"
-    cases = list(source.cases)
-    if data_cfg.get("include_test") and test.is_dir() and any(test.iterdir()):
-        cases += list(image_set(test, "source test images").cases)
-    return dataclasses.replace(source, cases=tuple(c for c in cases if c.case in chosen))
-
-
-def _heldout_set(ctx: StudyContext, train: ImageSet) -> Tuple[Optional[ImageSet], Optional[str]]:
-    """The held-out source cases and None, or None and why the membership inference is skipped
-    (no held-out cases, the diffusion model trained on them, fewer than 2 subjects a side)."""
-    test = ctx.raw("source") / "imagesTs"
-    if not test.is_dir() or not any(p.name.endswith(("_0000.nii.gz", "_0000.nii")) for p in test.iterdir()):
-        return None, "Not measured: the source has no held-out cases (`imagesTs`) to serve as non-members."
-    if load_config(ctx.model_dir).get("data", {}).get("include_test"):
-        return None, ("Not measured: the diffusion model was trained on the held-out source cases too "
-                      "(`data.include_test`), so there are no non-members.")
-    heldout = image_set(test, "held-out source images")
-    n_train, n_held = len({c.subject for c in train.cases}), len({c.subject for c in heldout.cases})
-    if min(n_train, n_held) < 2:
-        return heldout, (f"Not measured: cross-validation needs at least 2 subjects on each side ({n_train} "
-                         f"training, {n_held} held-out).")
-    return heldout, None
+    source = ctx.dataset_name("source")
+    trained_on = data_cfg.get("dataset")
+    if trained_on is None or Path(str(trained_on)).name != source:
+        return None, None, (f"Not measured: the diffusion model was trained on `{trained_on}`, not on the study's "
+                            f"source `{source}`, so its training slices are not at hand.")
+    folders = [f for f in (ctx.raw("source") / "imagesTr", ctx.raw("source") / "imagesTs")
+               if f.is_dir() and list_images(f)]
+    every = merged_set("source images", [image_set(f, "source images") for f in folders])
+    try:
+        chosen = select_images(ctx.raw("source"), data_cfg)
+        same_domain = select_images(ctx.raw("source"), {**data_cfg, "include_test": True, "cases": None})
+    except SDDMError as e:
+        return None, None, f"Not measured: the diffusion model's training selection does not fit the source ({e})."
+    members = merged_set("the diffusion model's training images", [every], keep=list(chosen))
+    others = [c for c in same_domain if c not in chosen]
+    if not others:
+        return members, None, ("Not measured: every source image of the model's selection was used to train it, so "
+                               "there are no non-members.")
+    heldout = merged_set("source images the diffusion model never saw", [every], keep=others)
+    n_m, n_h = len({c.subject for c in members.cases}), len({c.subject for c in heldout.cases})
+    if min(n_m, n_h) < 2:
+        return members, heldout, (f"Not measured: cross-validation needs at least 2 subjects on each side ({n_m} "
+                                  f"training, {n_h} held-out).")
+    return members, heldout, None
 
 
 def _table(ctx: StudyContext) -> Dict[str, float]:
@@ -120,10 +125,10 @@ def run_quality(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     out = quality_dir(ctx)
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(ctx)
-    train = _training_set(ctx)
-    heldout, skipped = _heldout_set(ctx, train)
+    train, heldout, skipped = _privacy_sets(ctx)
     cache = ReportCache()
-    pairs = {"dg": (image_set(ctx.raw("synthetic"), "DG dataset"), train),
+    pairs = {"dg": (image_set(ctx.raw("synthetic"), "DG dataset"),
+                    image_set(ctx.raw("source") / "imagesTr", "source training images")),
              "da": (image_set(ctx.adapted, "DA-adapted target images"),
                     image_set(ctx.target_images, "target images"))}
     result: Dict[str, Any] = {}
