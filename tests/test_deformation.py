@@ -43,14 +43,16 @@ def heart_stack() -> np.ndarray:
     return np.stack(slices)
 
 
-def topology(mask: np.ndarray):
-    """(components with full connectivity, holes) computed independently of the module."""
-    full = np.ones((3,) * mask.ndim, bool)
-    n = ndimage.label(mask, structure=full)[1]
+def topology(mask: np.ndarray, min_voxels: int = DeformationSettings().topology_min_voxels):
+    """(components with full connectivity, holes) of a 2D mask, pieces of >= min_voxels voxels,
+    computed independently of the module."""
+    full = np.ones((3, 3), bool)
+    comp, n = ndimage.label(mask, structure=full)
+    n = int(np.sum(np.bincount(comp.ravel())[1:] >= min_voxels))
     comp, nc = ndimage.label(~mask)  # face connectivity for the complement
-    border = set(np.unique(np.concatenate([comp[0].ravel(), comp[-1].ravel(), comp[:, 0].ravel(),
-                                           comp[:, -1].ravel()]))) - {0}
-    return n, nc - len(border)
+    border = set(np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))) - {0}
+    sizes = np.bincount(comp.ravel())
+    return n, sum(1 for h in range(1, nc + 1) if h not in border and sizes[h] >= min_voxels)
 
 
 def blob(shape, centre, radius):
@@ -112,7 +114,7 @@ def test_isotropic_3d_volume_is_deformed_along_every_axis():
     d = out.deformation
     assert all(a != 0.0 for a in d.angles_deg) and len(set(d.scale)) == 1 and d.shift_vox[0] != 0.0
     assert not d.keeps_slices()
-    assert topology(out.label == 1)[0] == 1
+    assert ndimage.label(out.label == 1)[1] == 1
 
 
 def test_sampled_parameters_stay_in_their_ranges():
@@ -224,7 +226,7 @@ def test_retries_follow_the_seeded_sequence_of_draws():
     r = np.hypot(yy - 23.5, xx - 23.5)
     lab = ((r > 12) & (r <= 13.5)).astype(np.uint8) * MYO
     assert topology(lab == MYO) == (1, 1)
-    s = DeformationSettings(elastic_grid=6, elastic_sd=1.0, scale=(0.97, 1.0), max_tries=40)
+    s = DeformationSettings(elastic_grid=6, elastic_sd=1.0, scale=(0.97, 1.0), max_tries=40, topology_min_voxels=1)
     retried = 0
     for seed in range(8):
         try:
@@ -232,11 +234,11 @@ def test_retries_follow_the_seeded_sequence_of_draws():
         except SDDMError as e:
             assert f"thin{seed}" in str(e) and "label 2" in str(e)
             continue
-        assert topology(out.label == MYO) == (1, 1)
+        assert topology(out.label == MYO, 1) == (1, 1)
         rng = np.random.default_rng(seed)
         for k in range(out.tries):
             d = sample_deformation(lab.shape, (1.0, 1.0), s, rng)
-            ok, reason = topology_preserved(lab, d.warp_label(lab))
+            ok, reason = topology_preserved(lab, d.warp_label(lab), min_voxels=1)
             assert ok == (k == out.tries - 1), (seed, k, reason)
         assert np.array_equal(d.grid(), out.deformation.grid())
         retried += out.tries > 1
@@ -247,9 +249,39 @@ def test_a_structure_that_every_draw_destroys_raises_naming_case_and_structure()
     lab = np.zeros((40, 40), np.uint8)
     lab[20, 4:36:3] = 2  # 11 single-pixel dots, 3 px apart
     lab[5:12, 5:12] = 1
-    halve = DeformationSettings(rotation_deg=0.0, scale=(0.5, 0.5), shift_fraction=0.0, elastic_sd=0.0, max_tries=3)
+    halve = DeformationSettings(rotation_deg=0.0, scale=(0.5, 0.5), shift_fraction=0.0, elastic_sd=0.0, max_tries=3,
+                                topology_min_voxels=1)
     with pytest.raises(SDDMError, match=r"patient007.*3 deformations.*label 2 \(MYO\)"):
         deform_pair(None, lab, (1.0, 1.0), halve, seed=0, name="patient007", label_names={1: "LV", 2: "MYO"})
+
+
+def test_specks_below_min_voxels_may_come_and_go_but_a_structure_may_not_vanish():
+    lab = heart_slice()
+    speck = lab.copy()
+    speck[2:4, 2:4] = RV  # a 4-voxel RV speck appears
+    assert topology_preserved(lab, speck)[0] is False  # default min_voxels=1: every voxel counts
+    assert topology_preserved(lab, speck, min_voxels=5) == (True, "")
+    ok, why = topology_preserved(lab, speck, min_voxels=4)
+    assert not ok and "label 3" in why
+    pin = lab.copy()
+    pin[32, 50] = 0  # a pinhole in the RV
+    assert lab[31:34, 49:52].min() == RV
+    assert not topology_preserved(lab, pin)[0] and topology_preserved(lab, pin, min_voxels=2)[0]
+    tiny = np.zeros((32, 32), np.uint8)
+    tiny[10:12, 10:12] = 1
+    gone = np.zeros_like(tiny)
+    ok, why = topology_preserved(tiny, gone, min_voxels=5)
+    assert not ok and "label 1 vanished" in why
+    with pytest.raises(SDDMError, match="min_voxels"):
+        topology_preserved(tiny, gone, min_voxels=0)
+    # deform_pair applies settings.topology_min_voxels: halving the content loses one of two specks
+    disc = blob((40, 40), (20, 20), 8)
+    disc[4, 4] = disc[5, 35] = 1
+    halve = dict(rotation_deg=0.0, scale=(0.5, 0.5), shift_fraction=0.0, elastic_sd=0.0, max_tries=2)
+    out = deform_pair(None, disc, (1.0, 1.0), DeformationSettings(**halve), seed=0)
+    assert out.tries == 1 and ndimage.label(out.label, np.ones((3, 3)))[1] < 3
+    with pytest.raises(SDDMError, match="label 1 lost or merged pieces"):
+        deform_pair(None, disc, (1.0, 1.0), DeformationSettings(**halve, topology_min_voxels=1), seed=0)
 
 
 def test_structure_absent_from_input_and_empty_label_map():
