@@ -107,6 +107,18 @@ def test_values_dtype_and_topology_kept_for_many_seeds_3d_thick_stack():
         assert out.deformation.scale[0] == 1.0 and out.deformation.shift_vox[0] == 0.0
 
 
+def test_thick_stack_tilts_only_when_asked_and_is_then_checked_as_a_volume():
+    lab = heart_stack()
+    s = DeformationSettings(tilt_deg=3.0)
+    d = sample_deformation(lab.shape, SPACING_3D, s, np.random.default_rng(0))
+    assert 0 < abs(d.angles_deg[1]) <= 3.0 and 0 < abs(d.angles_deg[2]) <= 3.0 and not d.keeps_slices()
+    assert sample_deformation(lab.shape, SPACING_3D, DeformationSettings(), np.random.default_rng(0)).keeps_slices()
+    out = deform_pair(None, lab, SPACING_3D, s, seed=0)
+    full = np.ones((3, 3, 3), bool)
+    for v in (LV, MYO, RV):
+        assert ndimage.label(out.label == v, full)[1] == ndimage.label(lab == v, full)[1]
+
+
 def test_isotropic_3d_volume_is_deformed_along_every_axis():
     lab = np.zeros((24, 24, 24), np.uint8)
     lab[blob(lab.shape, (12, 12, 12), 7) > 0] = 1

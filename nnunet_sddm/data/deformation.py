@@ -26,8 +26,9 @@ in the pull-back, so it moves content by about ``-u``; its distribution is symme
 is immaterial. (This is the map ``i_in = A (i_out - c) + c + t' + u`` with ``t' = -A t``; storing
 the forward shift ``t`` lets a recorded ``shift_vox`` read as "the heart moved by this much".)
 
-Rotation sign: a positive angle in the plane of axes ``(a, b)`` (2D: ``(y, x)``) turns the vector
-``(b, a)`` towards ``+a`` (from ``+x`` towards ``+y``; clockwise on screen with ``y`` pointing down).
+Rotation sign: a positive angle in the plane of axes ``(a, b)`` (2D: ``(y, x)``) turns a vector
+from the ``+b`` axis towards the ``+a`` axis (2D: from ``+x`` towards ``+y``, i.e. clockwise on
+screen with ``y`` pointing down); angles are measured in mm space.
 3D: ``R = R_z R_y R_x``; ``R_z`` turns the image plane (axes ``y, x``), ``R_y`` and ``R_x`` tilt the
 plane (axes ``z, x`` and ``z, y``).
 
@@ -45,15 +46,20 @@ Sampling: labels nearest-neighbour (order 0) with constant background 0 outside 
 exactly (the values are resampled as indices). Images linear (order 1) with mode ``"nearest"``
 (edge values are continued, so no artificial black border appears for a model to learn).
 
+Topology (``topology_preserved``): no new label value; every structure (non-zero value) still
+present, with as many connected components (full connectivity) and holes (dual connectivity) as
+before, pieces smaller than ``topology_min_voxels`` not counted. Thick-slice stacks: this per
+slice, and in the volume no structure split into more 3D components.
+
 Seeding: ``deform_pair(..., seed)`` draws deformations one after the other from
 ``numpy.random.default_rng(seed)`` with ``sample_deformation``; the first one that keeps the label
-map's topology (``topology_preserved``) is used. Same seed -> identical bytes.
+map's topology is used, at most ``max_tries``. Same seed -> identical bytes.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
