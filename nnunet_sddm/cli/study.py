@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "-> DA adaptation -> histogram matching and FDA -> nnU-Net plan/preprocess -> train every "
                     "segmenter on the real and the synthetic source (and with nnU-Net's augmentation) -> in-domain "
                     "test and source round trip on the source's held-out cases -> predict every row's input -> "
-                    "evaluate -> compare -> figures -> report.md. "
+                    "evaluate -> compare -> quality report of the DG and DA images -> figures -> report.md. "
                     "Stages that are done and unchanged are skipped, so re-running the same command resumes. "
                     "Settings: defaults <- --quick <- -c STUDY.json <- the options below.")
     p.add_argument("-c", "--config", default=None, help="STUDY.json (every key: docs/reference/study_json.md)")
