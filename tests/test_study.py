@@ -560,3 +560,80 @@ def test_predict_stage_runs_the_prediction_code_of_nnunetv2_sddm_predict(tmp_pat
         stage_predict.run_predict(ctx, resume=False)
     assert not (ctx.out / "predictions").exists() or not [p for p in (ctx.out / "predictions").rglob("*")
                                                           if p.is_file()]
+
+
+def _crop_around_heart(folder: Path, side: int = 64) -> None:
+    """Crop every image/label pair of a raw dataset in place to ``side x side`` pixels around the
+    labelled heart (all slices kept; SimpleITK's region of interest keeps the physical geometry)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    for split in ("Tr", "Ts"):
+        for lab_path in sorted((folder / f"labels{split}").glob("*.nii.gz")) if (folder / f"labels{split}").is_dir() else []:
+            img_path = folder / f"images{split}" / lab_path.name.replace(".nii.gz", "_0000.nii.gz")
+            lab, img = sitk.ReadImage(str(lab_path)), sitk.ReadImage(str(img_path))
+            arr = sitk.GetArrayFromImage(lab)  # (z, y, x)
+            zz, yy, xx = np.nonzero(arr)
+            size = lab.GetSize()
+            start = [int(np.clip((c.min() + c.max()) // 2 - side // 2, 0, n - side)) for c, n in ((xx, size[0]), (yy, size[1]))]
+            roi = dict(size=[side, side, size[2]], index=[start[0], start[1], 0])
+            sitk.WriteImage(sitk.RegionOfInterest(lab, **roi), str(lab_path))
+            sitk.WriteImage(sitk.RegionOfInterest(img, **roi), str(img_path))
+    records = json.loads((folder / "cases.json").read_text())
+    for r in records:
+        r["shape"] = [r["shape"][0], side, side]
+    (folder / "cases.json").write_text(json.dumps(records, indent=2))
+
+
+@pytest.mark.timeout(900)
+def test_smoke_study_on_real_data_crops(tmp_path, monkeypatch, shared_data):
+    """Every stage on real cardiac MR: 4 ACDC patients (2 diagnostic groups; one patient per group held
+    out as the in-domain test set) as the source, the 3 M&Ms-1 sample subjects (vendors A, B, C) as the
+    target, each volume cropped to 64 x 64 pixels around the heart; the smoke settings otherwise."""
+    from dataset_converters.acdc import convert_acdc
+    from dataset_converters.mnms import convert_mnms
+    from nnunet_sddm.study.pipeline import run_study
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / "user" / var).mkdir(parents=True)
+        monkeypatch.setenv(var, str(tmp_path / "user" / var))
+    root = tmp_path / "ACDC" / "training"
+    root.mkdir(parents=True)
+    for pid in ("patient001", "patient002", "patient021", "patient022"):
+        (root / pid).symlink_to(shared_data / "ACDC" / "training" / pid)
+    source = convert_acdc(tmp_path / "ACDC", 81, name="ACDCSmoke", held_out_per_group=1, seed=0)
+    mnms = shared_data / "MnMs1-sample"
+    target = convert_mnms(mnms, 82, info_csv=mnms / "info.csv")
+    for folder in (source, target):
+        _crop_around_heart(folder)
+    groups = {r["group"] for r in json.loads((source / "cases.json").read_text())}
+    assert len(groups) == 2 and len(list((source / "imagesTs").glob("*.nii.gz"))) == 4
+
+    out = tmp_path / "study"
+    cfg = smoke_config(out).to_dict()
+    cfg["source"] = {"dataset": "81"}
+    cfg["target"] = {"dataset": "82", "split": "Tr"}
+    # the phantom smoke study covers the augmented segmenter and the figures; here they only cost time
+    cfg["alternatives"]["nnunet_aug"] = False
+    cfg["figures"] = {"sweep": None, "tsne": False}
+    cfg = build_config(cfg)
+    res = run_study(cfg, progress=False, log=lambda *_: None)
+    state = json.loads((out / STATE_FILE).read_text())["stages"]
+    assert all(state[s]["status"] == "done" for s in state) and len(state) == 14
+    report = (out / "report.md").read_text()
+    # the target table has a number in every row; the in-domain test ran on the 4 held-out ACDC cases
+    rows = list(csv.DictReader(open(out / "comparison" / "table.csv")))
+    assert len(rows) == len(cfg.approaches()) and all(0.0 <= float(r["DSC"]) <= 1.0 for r in rows)
+    in_domain = list(csv.DictReader(open(out / "in_domain" / "in_domain.csv")))
+    assert in_domain and all(r["cases"] == "4" for r in in_domain)
+    # adapted target images keep the M&Ms geometry exactly
+    import SimpleITK as sitk
+
+    for p in sorted((target / "imagesTr").glob("*.nii.gz")):
+        a, b = sitk.ReadImage(str(p)), sitk.ReadImage(str(out / "adapted" / "target" / p.name))
+        assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
+        assert a.GetDirection() == b.GetDirection()
+    # the quality reports, with a membership inference (2 training and 2 held-out ACDC patients)
+    q = json.loads((out / "quality" / "dg" / "quality.json").read_text())
+    assert q["membership"]["members"] > 0 and q["membership"]["folds"] == 2
+    assert "## Quality of the synthetic and adapted images" in report and res["report"]
