@@ -248,3 +248,94 @@ def test_unknown_label_value_names_the_case(phantoms, tmp_path):
     with pytest.raises(SDDMError, match=r"PhA0000_ED.*not among the model's labels \[1\]"):
         train_model("11", "tiny", {**FAST, "model.condition": "labels", "model.label_values": [1]},
                     model_dir=tmp_path / "v", progress=False)
+
+
+def test_spacing_mode_label_maps_share_the_image_grid_and_crops(tmp_path):
+    from nnunet_sddm.data.slices import SpacingResample
+    from nnunet_sddm.diffusion.slice_dataset import SliceSet
+    from nnunet_sddm.diffusion.trainer import Trainer
+
+    t = SpacingResample(20, 30, (1.0, 1.0), 2.0, multiple=4)
+    lab = torch.zeros(1, 20, 30)
+    lab[0, 4:12, 6:14] = 2
+    out = t.forward_labels(lab)
+    assert out.shape == (1, *t.shape) and set(out.unique().tolist()) == {0, 2}
+    ind = SpacingResample(20, 30, (1.0, 1.0), 2.0, multiple=4, pad_value=0.0).forward((lab > 0).float())[0, 0]
+    yy, xx = torch.meshgrid(torch.arange(t.shape[0]).float(), torch.arange(t.shape[1]).float(), indexing="ij")
+    for w in (ind, (out[0] > 0).float()):  # the same centre of mass as the bilinear image grid
+        assert (w * yy).sum() / w.sum() == pytest.approx(float((ind * yy).sum() / ind.sum()), abs=0.5)
+        assert (w * xx).sum() / w.sum() == pytest.approx(float((ind * xx).sum() / ind.sum()), abs=0.5)
+    # the trainer crops the label maps with the images' offsets: labels = (image > 0) survive the crop
+    g = torch.Generator().manual_seed(0)
+    ext = np.array([[40, 24], [20, 36], [32, 32]], dtype=np.int64)
+    images = torch.full((3, 1, 40, 36), -1.0)
+    for i, (h, w) in enumerate(ext):
+        images[i, :, :h, :w] = torch.rand(1, h, w, generator=g) * 2 - 1
+    labels = (images[:, 0] > 0).to(torch.int16)
+    cfg = apply_overrides(preset_config("tiny"), {**FAST, "model.condition": "labels", "model.label_values": [1],
+                                                  "data.spacing": 2.0, "training.batch_size": 3})
+    trainer = Trainer(cfg, SliceSet(images, ["a", "b", "c"], [0, 0, 0], 2.0, ext, labels), tmp_path / "m",
+                      device="cpu", progress=False)
+    seen = []
+    trainer._forward_backward = lambda x, gen, kw: seen.append((x, kw)) or {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+    for _ in range(3):
+        trainer.train_step()
+    for x, kw in seen:
+        assert kw["cond"].shape == (3, 1, 32, 32) and "domain" not in kw
+        dropped = kw["cond"].flatten(1).sum(1) == 0
+        assert torch.equal(kw["cond"][~dropped, 0], (x[~dropped, 0] > 0).float())
+
+
+@pytest.mark.timeout(120)
+def test_conditional_resume_equals_uninterrupted(phantoms, tmp_path):
+    import os
+    import signal
+
+    from nnunet_sddm.data.phantoms import generate_phantom_dataset
+    from nnunet_sddm.diffusion.model_folder import load_training_state
+
+    generate_phantom_dataset(12, "B", 1, matrix=32)
+    over = {**FAST, "model.condition": "labels", "training.iterations": 4}
+    full, _ = train_model("11", "tiny", over, model_dir=tmp_path / "full", progress=False, pseudo_labelled="12")
+
+    def interrupt(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    part, status = train_model("11", "tiny", over, model_dir=tmp_path / "part", progress=False,
+                               pseudo_labelled="12", callback=interrupt)
+    assert status == "interrupted" and load_training_state(part)["step"] == 2
+    generate_phantom_dataset(13, "C", 1, matrix=32)
+    with pytest.raises(SDDMError, match="data.pseudo_labelled"):  # other target data: refused
+        train_model("11", "tiny", over, model_dir=part, resume=True, progress=False, pseudo_labelled="13")
+    # without the option: the stored data.pseudo_labelled, as every other stored setting
+    _, status = train_model("11", "tiny", over, model_dir=part, resume=True, progress=False)
+    assert status == "finished"
+    for f in (RAW_FILE, EMA_FILE):
+        a, b = load_weights(full / f), load_weights(part / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_train_cli_conditional_options(phantoms, capsys):
+    from nnunet_sddm.cli.diffusion import train_main
+    from nnunet_sddm.data.phantoms import generate_phantom_dataset
+
+    generate_phantom_dataset(12, "B", 1, matrix=32)
+    sets = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in FAST.items()
+                if k not in ("training.label_dropout", "data.cases")), [])
+    assert train_main(["11", "--iterations", "1", "--device", "cpu", "--condition", "labels",
+                       "--label-dropout", "0.25", "--pseudo-labelled", "12", "--cases", "PhA0000_ED", *sets]) == 0
+    cfg = json.loads((Path(capsys.readouterr().out.strip().splitlines()[-1]) / "config.json").read_text())
+    assert (cfg["model"]["condition"], cfg["model"]["domains"], cfg["training"]["label_dropout"]) == \
+        ("labels", ["source", "target"], 0.25)
+    assert cfg["data"]["pseudo_labelled"] == "Dataset012_PhantomB"
+
+
+def test_adaptation_refuses_a_conditional_model(tmp_path):
+    from nnunet_sddm.adaptation.pipeline import open_model
+
+    folder = micro_model_folder(tmp_path / "m", overrides=COND)
+    with pytest.raises(SDDMError, match="mask-conditioned.*adaptation"):
+        open_model(folder, torch.device("cpu"))
+    with pytest.raises(SDDMError, match="mask-conditioned"):
+        open_model(load_model(folder), torch.device("cpu"))

@@ -109,3 +109,11 @@ def complete_condition_config(config: Mapping[str, Any], dataset_folder: Union[s
             raise SDDMError(f"model.domains {m['domains']!r}: with --pseudo-labelled the domains are {DOMAINS} "
                             f"(source cases, then the pseudo-labelled target cases)")
     return cfg
+
+
+def require_unconditional(config: Mapping[str, Any], where: Union[str, os.PathLike], what: str) -> None:
+    """``SDDMError`` naming ``where`` (the model folder) if ``config`` is a conditional model's:
+    ``what`` (e.g. "adaptation") calls the network without a condition."""
+    if is_conditional(config):
+        raise SDDMError(f"{os.fspath(where)}: a mask-conditioned model (model.condition 'labels'); {what} needs an "
+                        f"unconditional model (nnUNetv2_sddm_train without --condition)")
