@@ -339,3 +339,19 @@ def test_adaptation_refuses_a_conditional_model(tmp_path):
         open_model(folder, torch.device("cpu"))
     with pytest.raises(SDDMError, match="mask-conditioned"):
         open_model(load_model(folder), torch.device("cpu"))
+
+
+def test_spacing_mode_conditional_training_run(phantoms, tmp_path):
+    from nnunet_sddm.diffusion.slice_dataset import load_label_slices, load_slices
+
+    spacing = float(nib.load(str(next((phantoms / "imagesTr").glob("*.nii.gz")))).header.get_zooms()[0]) * 1.5
+    data = {"percentiles": [0.5, 99.5], "spacing": spacing, "cases": "PhA0000_ED"}
+    s = load_slices(phantoms, 32, data, cache_dir=tmp_path / "cache", progress=False)
+    lab = load_label_slices(phantoms, 32, data, s, [1, 2, 3], progress=False)
+    assert lab.shape == (len(s), *s.images.shape[-2:]) and lab.dtype == torch.int16
+    for i, (h, w) in enumerate(s.extents):  # labels only inside each slice's extent, images' grid
+        assert not lab[i, h:].any() and not lab[i, :, w:].any()
+    assert lab.any()
+    d, status = train_model("11", "tiny", {**FAST, "model.condition": "labels", "data.spacing": spacing,
+                                           "training.iterations": 2}, model_dir=tmp_path / "s", progress=False)
+    assert status == "finished" and load_model(d).model.cond_channels == 3

@@ -196,10 +196,10 @@ def validate_conditioning(config: Mapping[str, Any]) -> None:
         raise SDDMError(f"model.condition {cond!r}: choose null (unconditional) or 'labels'")
     if values is not None:
         if (not isinstance(values, list) or not values
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 32767 for v in values)
                 or len(set(values)) != len(values)):
             raise SDDMError(f"model.label_values {values!r}: expected a list of distinct foreground label "
-                            f"values (integers >= 1; background 0 is not one of them)")
+                            f"values (integers 1 .. 32767; background 0 is not one of them)")
     if domains is not None:
         if (not isinstance(domains, list) or not domains or any(not isinstance(d, str) or not d for d in domains)
                 or len(set(domains)) != len(domains)):
