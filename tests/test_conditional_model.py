@@ -130,7 +130,9 @@ def test_encode_labels_one_hot_and_unknown_values():
     assert torch.equal(x[0, 1], torch.tensor([[0., 0.], [0., 1.]]))
     assert torch.equal(x[0, 2], torch.tensor([[0., 0.], [1., 0.]]))
     assert torch.equal(x.sum(1), (lab != 0).float())  # background in no channel
-    assert torch.equal(encode_labels(np.array([[[5, 0]]]), [5, 1]), torch.tensor([[[[1., 0.]]], [[[0., 0.]]]]).permute(1, 0, 2, 3))
+    # numpy input, the channel order of label_values (not sorted)
+    assert torch.equal(encode_labels(np.array([[[5, 0, 1]]]), [5, 1]),
+                       torch.tensor([[[[1., 0., 0.]], [[0., 0., 1.]]]]))
     with pytest.raises(SDDMError, match=r"case X7.*\[4, 9\]"):
         encode_labels(torch.tensor([[[0, 4], [9, 1]]]), [1, 2, 3], name="case X7")
     with pytest.raises(SDDMError, match="non-integer"):
