@@ -47,10 +47,15 @@ ModelSpec = Union[LoadedModel, PathLike]
 def open_model(model: ModelSpec, device: torch.device) -> LoadedModel:
     """A ``LoadedModel`` on ``device``: the given one (moved), or the EMA weights of a model
     folder / ``DATASET[:PRESET]`` spec."""
+    from nnunet_sddm.diffusion.conditioning import require_unconditional
+
     if isinstance(model, LoadedModel):
+        require_unconditional(model.config, model.model_dir, "adaptation")
         model.model.to(device)
         return model
-    return load_model(resolve_model_dir(str(model)), device, use_ema=True)
+    loaded = load_model(resolve_model_dir(str(model)), device, use_ema=True)
+    require_unconditional(loaded.config, loaded.model_dir, "adaptation")
+    return loaded
 
 
 def weights_digest(loaded: LoadedModel) -> Optional[Dict[str, str]]:

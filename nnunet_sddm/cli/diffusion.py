@@ -41,6 +41,17 @@ def build_train_parser() -> argparse.ArgumentParser:
                    "or a JSON list)")
     p.add_argument("--vendor", default=None, help="restrict to cases.json records of this vendor")
     p.add_argument("--centre", default=None, help="restrict to cases.json records of this centre")
+    p.add_argument("--condition", choices=["labels"], default=None,
+                   help="train a mask-conditioned model: the case's label map (one-hot, background excluded) as "
+                        "extra input channels; model.label_values defaults to dataset.json's foreground labels. "
+                        "Needs labelsTr. Default: unconditional")
+    p.add_argument("--label-dropout", type=float, default=None, metavar="P",
+                   help="conditional models: probability of training a sample with the null condition (empty "
+                        "mask, null domain) for classifier-free guidance at sampling (default 0.1)")
+    p.add_argument("--pseudo-labelled", default=None, metavar="DATASET2",
+                   help="conditional models: a second raw dataset (imagesTr + labelsTr, e.g. target cases with "
+                        "pseudo-labels, same dataset.json labels) added to the training slices as domain "
+                        "'target' (the main dataset: 'source'); the model gets a domain token")
     p.add_argument("--log-interval", type=int, default=None, help="iterations per log.csv row")
     p.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
     p.add_argument("--sample-interval", type=int, default=None, help="iterations between samples.png updates")
@@ -63,7 +74,8 @@ _FLAG_KEYS = {
     "schedule_sampler": "training.schedule_sampler", "log_interval": "training.log_interval",
     "save_interval": "training.save_interval", "sample_interval": "training.sample_interval",
     "num_samples": "training.num_samples", "include_test": "data.include_test", "cases": "data.cases",
-    "vendor": "data.vendor", "centre": "data.centre",
+    "vendor": "data.vendor", "centre": "data.centre", "condition": "model.condition",
+    "label_dropout": "training.label_dropout",
 }
 
 
@@ -98,7 +110,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(max(1, args.threads))
     model_dir, status = train_model(args.dataset, preset=args.preset, overrides=overrides, model_dir=args.output,
                                     resume=args.resume, overwrite=args.overwrite, device=args.device,
-                                    cache_dir=args.cache_dir)
+                                    cache_dir=args.cache_dir, pseudo_labelled=args.pseudo_labelled)
     if status == "interrupted":
         print(f"interrupted: checkpoint saved in {model_dir}; continue with the same command plus --resume",
               file=sys.stderr)

@@ -221,6 +221,18 @@ class SpacingResample:
         pads = self._pads()
         return F.pad(x, pads, value=self.pad_value) if any(pads) else x
 
+    def forward_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label maps ``(n, h, w)`` -> ``(n, H, W)`` on the grid of ``forward``: nearest-neighbour
+        resampling (pixel centres, ``nearest-exact``) to ``resampled``, then the same padding with 0
+        (background); values kept."""
+        if labels.shape[-2:] != (self.height, self.width):
+            raise ValueError(f"expected label maps of shape (n, {self.height}, {self.width}), got {tuple(labels.shape)}")
+        x = labels.float()[:, None]
+        if tuple(x.shape[-2:]) != self.resampled:
+            x = F.interpolate(x, size=self.resampled, mode="nearest-exact")
+        pads = self._pads()
+        return (F.pad(x, pads, value=0.0) if any(pads) else x)[:, 0].contiguous()
+
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, 1, H, W)`` -> ``(n, h, w)``: crop the padding and resample to the original grid."""
         if tuple(x.shape[-2:]) != self.shape:

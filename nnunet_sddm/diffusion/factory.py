@@ -7,6 +7,7 @@ from nnunet_sddm.diffusion.gaussian_diffusion import GaussianDiffusion, get_name
 from nnunet_sddm.diffusion.presets import validate_config
 from nnunet_sddm.diffusion.respace import SpacedDiffusion, space_timesteps
 from nnunet_sddm.diffusion.unet import UNetModel
+from nnunet_sddm.utilities.errors import SDDMError
 
 
 def model_out_channels(config: Mapping[str, Any]) -> int:
@@ -16,10 +17,19 @@ def model_out_channels(config: Mapping[str, Any]) -> int:
 
 
 def create_model(config: Mapping[str, Any]) -> UNetModel:
-    """The ADM UNet of ``config["model"]`` (``model(x (B,C,H,W), t (B,)) -> (B, out, H, W)``)."""
+    """The ADM UNet of ``config["model"]`` (``model(x (B,C,H,W), t (B,)) -> (B, out, H, W)``); with
+    ``model.condition`` "labels" it takes ``cond`` (one channel per ``model.label_values``) and, with
+    ``model.domains``, a ``domain`` index (see ``UNetModel.forward``)."""
     validate_config(config)
     m = config["model"]
     size = int(m["image_size"])
+    cond_channels = num_domains = 0
+    if m.get("condition") == "labels":
+        if not m.get("label_values"):
+            raise SDDMError("model.condition is 'labels' but model.label_values is not set: give the foreground "
+                            "label values (e.g. --set model.label_values=1,2,3)")
+        cond_channels = len(m["label_values"])
+        num_domains = len(m.get("domains") or [])
     return UNetModel(
         image_size=size, in_channels=int(m["in_channels"]), model_channels=int(m["model_channels"]),
         out_channels=model_out_channels(config), num_res_blocks=int(m["num_res_blocks"]),
@@ -28,7 +38,8 @@ def create_model(config: Mapping[str, Any]) -> UNetModel:
         use_checkpoint=bool(m.get("use_checkpoint", False)), num_heads=int(m["num_heads"]),
         num_head_channels=int(m["num_head_channels"]), num_heads_upsample=int(m["num_heads_upsample"]),
         use_scale_shift_norm=bool(m["use_scale_shift_norm"]), resblock_updown=bool(m["resblock_updown"]),
-        use_new_attention_order=bool(m["use_new_attention_order"]), norm_groups=int(m.get("norm_groups", 32)))
+        use_new_attention_order=bool(m["use_new_attention_order"]), norm_groups=int(m.get("norm_groups", 32)),
+        cond_channels=cond_channels, num_domains=num_domains)
 
 
 def create_diffusion(config: Mapping[str, Any], respacing: Optional[Union[int, str]] = None) -> GaussianDiffusion:

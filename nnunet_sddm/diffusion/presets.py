@@ -26,6 +26,10 @@ _PAPER_MODEL = {
     "num_head_channels": 64, "num_heads_upsample": -1, "dropout": 0.0, "use_scale_shift_norm": True,
     "resblock_updown": True, "use_new_attention_order": False, "use_checkpoint": False,
     "norm_groups": 32,
+    # Conditioning (diffusion/conditioning.py): null = unconditional (today's model, unchanged);
+    # "labels" = label map as extra one-hot input channels (label_values: foreground ints, background
+    # 0 excluded), optionally a domain token (domains: names, e.g. ["source", "target"]).
+    "condition": None, "label_values": None, "domains": None,
 }
 _PAPER_DIFFUSION = {
     "steps": 1000, "noise_schedule": "linear", "learn_sigma": True, "loss": "hybrid",
@@ -34,12 +38,14 @@ _PAPER_DIFFUSION = {
 _DATA = {
     "dataset": None, "include_test": False, "cases": None, "vendor": None, "centre": None, "percentiles": [0.5, 99.5],
     "spacing": None,  # null: resize mode; a number: spacing mode at that in-plane spacing in mm (data/slices.py)
+    "pseudo_labelled": None,  # conditional models: a second raw dataset (pseudo-labels), domain "target"
 }
 _PAPER_TRAINING = {
     "iterations": 120000, "batch_size": 32, "microbatch": None, "lr": 1e-4, "weight_decay": 0.0,
     "ema_rate": 0.9999, "schedule_sampler": "uniform", "seed": 0, "amp": "bf16", "compile": False,
     "log_interval": 100, "save_interval": 10000, "sample_interval": 10000, "num_samples": 16,
     "grad_clip": None,
+    "label_dropout": 0.1,  # conditional models: P(null condition) per sample (classifier-free guidance)
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -167,6 +173,38 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise SDDMError(f"diffusion.loss {d['loss']!r}: choose hybrid, rescaled_hybrid, mse, kl or rescaled_kl")
     if d["loss"] == "mse" and d["learn_sigma"]:
         raise SDDMError("diffusion.loss 'mse' with learn_sigma trains no variance: use 'hybrid'")
+    validate_conditioning(config)
     from nnunet_sddm.data.slices import check_working_spacing  # torch: imported only when validating
 
     check_working_spacing((config.get("data") or {}).get("spacing"), name="data.spacing")
+
+
+def validate_conditioning(config: Mapping[str, Any]) -> None:
+    """``model.condition`` / ``label_values`` / ``domains`` and ``training.label_dropout``
+    checked (``SDDMError`` naming the key). Configurations without the keys (written before they
+    existed) are unconditional."""
+    m = config["model"]
+    cond, values, domains = m.get("condition"), m.get("label_values"), m.get("domains")
+    pseudo = (config.get("data") or {}).get("pseudo_labelled")
+    if cond is None:
+        for key, v in (("model.label_values", values), ("model.domains", domains), ("data.pseudo_labelled", pseudo)):
+            if v is not None:
+                raise SDDMError(f"{key} is {v!r} but model.condition is null (an unconditional model); "
+                                f"set model.condition to 'labels' (--condition labels) or {key} to null")
+        return
+    if cond != "labels":
+        raise SDDMError(f"model.condition {cond!r}: choose null (unconditional) or 'labels'")
+    if values is not None:
+        if (not isinstance(values, list) or not values
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 32767 for v in values)
+                or len(set(values)) != len(values)):
+            raise SDDMError(f"model.label_values {values!r}: expected a list of distinct foreground label "
+                            f"values (integers 1 .. 32767; background 0 is not one of them)")
+    if domains is not None:
+        if (not isinstance(domains, list) or not domains or any(not isinstance(d, str) or not d for d in domains)
+                or len(set(domains)) != len(domains)):
+            raise SDDMError(f"model.domains {domains!r}: expected null or a list of distinct domain names "
+                            f"such as [\"source\", \"target\"]")
+    p = (config.get("training") or {}).get("label_dropout", 0.0)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise SDDMError(f"training.label_dropout {p!r}: expected a probability in [0, 1]")

@@ -32,7 +32,7 @@ import torch
 from nnunet_sddm.data.raw_dataset import list_images, load_cases_json, load_dataset_json
 from nnunet_sddm.data.slices import (IntensityWindow, configured_percentiles, slice_transform, volume_to_model_slices,
                                      working_spacing)
-from nnunet_sddm.data.volumes import read_volume
+from nnunet_sddm.data.volumes import read_geometry, read_volume
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import atomic_path, write_json
 from nnunet_sddm.utilities.nnunet_paths import preprocessed_root
@@ -52,7 +52,9 @@ class SliceSet:
     mode: slice ``i`` is ``images[i, :, :h_i, :w_i]``, the rest -1); cases: the case of each slice
     (N,); slice_index: the ``z`` index of each slice in its volume (N,); spacing: the working
     spacing in mm (None: resize mode); extents: ``(N, 2)`` int64 ``(h_i, w_i)`` in spacing mode,
-    else None.
+    else None. Conditional models (``load_label_slices``, ``concat_slice_sets``): labels, int16
+    ``(N, S, S)`` / ``(N, H, W)`` label maps on the grid of ``images`` (background 0 in the
+    padding); domains, int64 ``(N,)`` indices into ``model.domains`` (None: no domain token).
     """
 
     images: torch.Tensor
@@ -60,6 +62,8 @@ class SliceSet:
     slice_index: List[int]
     spacing: Optional[float] = None
     extents: Optional[np.ndarray] = None
+    labels: Optional[torch.Tensor] = None
+    domains: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -76,12 +80,12 @@ def crop_offsets(extents: np.ndarray, size: int, rng: np.random.Generator) -> np
 
 
 def crop_batch(images: torch.Tensor, extents: np.ndarray, idx: np.ndarray, offsets: np.ndarray,
-               size: int) -> torch.Tensor:
+               size: int, fill: float = PAD_VALUE) -> torch.Tensor:
     """``(B, C, size, size)`` crops of the slices ``idx`` of a spacing-mode ``SliceSet``
     (``images (N, C, H, W)``, ``extents (N, 2)``) at ``offsets (B, 2)`` (``crop_offsets``); pixels
-    outside a slice are -1. On ``images``' device."""
+    outside a slice are ``fill`` (-1; 0 for label maps). On ``images``' device."""
     size = int(size)
-    out = torch.full((len(idx), images.shape[1], size, size), PAD_VALUE, dtype=images.dtype, device=images.device)
+    out = torch.full((len(idx), images.shape[1], size, size), fill, dtype=images.dtype, device=images.device)
     for b, (i, (dy, dx)) in enumerate(zip(np.asarray(idx).tolist(), np.asarray(offsets).tolist())):
         h, w = (int(v) for v in extents[i])
         y0, y1, x0, x1 = max(dy, 0), min(dy + size, h), max(dx, 0), min(dx + size, w)
@@ -231,3 +235,77 @@ def load_slices(dataset_folder: Union[str, os.PathLike], size: int, data_cfg: Ma
         write_json(info, meta)
         arr = arr.astype(np.float16).astype(np.float32)  # identical to what a cache hit returns
     return SliceSet(torch.from_numpy(arr), cases, index, spacing, extents)
+
+
+def label_file(image: Path, file_ending: str) -> Path:
+    """The label map of an image file of a raw dataset: ``imagesTr/CASE_0000<ending>`` ->
+    ``labelsTr/CASE<ending>`` (``imagesTs`` -> ``labelsTs``)."""
+    from nnunet_sddm.data.raw_dataset import case_of
+
+    folder = image.parent.parent / image.parent.name.replace("images", "labels", 1)
+    return folder / f"{case_of(image)}{file_ending}"
+
+
+def load_label_slices(dataset_folder: Union[str, os.PathLike], size: int, data_cfg: Mapping[str, Any],
+                      slices: SliceSet, label_values: Sequence[int], progress: bool = True) -> torch.Tensor:
+    """The label maps of the slices of ``slices`` (``load_slices`` of the same dataset, size and
+    ``data_cfg``) on the grid of their images: int16 ``(N, size, size)`` in resize mode
+    (``SquareResize.forward_labels``), ``(N, H, W)`` in spacing mode (``SpacingResample.forward_labels``,
+    slice ``i`` in the top-left ``extents[i]`` corner like its image, 0 elsewhere).
+
+    ``SDDMError`` naming the case for a missing label file, one whose shape differs from its image,
+    or one with values outside ``{0} | label_values`` (``conditioning.encode_labels``)."""
+    from nnunet_sddm.diffusion.conditioning import encode_labels
+
+    images = select_images(dataset_folder, data_cfg)
+    ending = load_dataset_json(dataset_folder)["file_ending"]
+    spacing = working_spacing(data_cfg)
+    height, width = (int(size), int(size)) if spacing is None else tuple(int(v) for v in slices.images.shape[-2:])
+    out = torch.zeros((len(slices), height, width), dtype=torch.int16)
+    cases = np.asarray(slices.cases)
+    for case, image in progress_bar(images.items(), desc="reading label maps", unit="volume", disable=not progress):
+        rows = np.flatnonzero(cases == case)
+        path = label_file(image, ending)
+        if not path.is_file():
+            raise SDDMError(f"case {case}: label map {path} not found (a conditional model trains on labelled "
+                            f"cases only)")
+        if read_geometry(path)["shape"] != read_geometry(image)["shape"]:
+            raise SDDMError(f"case {case}: label map {path} has shape {read_geometry(path)['shape']}, its image "
+                            f"{image} {read_geometry(image)['shape']}")
+        vol = read_volume(path)
+        lab = np.rint(vol.data)
+        if lab.shape[0] != len(rows):
+            raise SDDMError(f"case {case}: label map {path} has {lab.shape[0]} slices, the training slices "
+                            f"{len(rows)}")
+        values = np.unique(lab)
+        encode_labels(values.reshape(-1, 1, 1), label_values, name=f"case {case} ({path})")
+        transform = slice_transform(data_cfg, size, lab.shape[1:], vol.spacing, name=str(path))
+        maps = transform.forward_labels(torch.from_numpy(lab.astype(np.float32)))
+        if spacing is not None and tuple(maps.shape[-2:]) != tuple(int(v) for v in slices.extents[rows[0]]):
+            raise SDDMError(f"case {case}: label map {path} resamples to {tuple(maps.shape[-2:])}, its image to "
+                            f"{tuple(slices.extents[rows[0]])} (different voxel spacing?)")
+        out[rows, :maps.shape[-2], :maps.shape[-1]] = maps.round().to(torch.int16)
+    return out
+
+
+def concat_slice_sets(sets: Sequence[SliceSet]) -> SliceSet:
+    """One ``SliceSet`` of several (e.g. the source and a pseudo-labelled target dataset), in
+    order; spacing mode: padded to the largest ``(H, W)`` (-1 images, 0 labels). Labels and
+    domains are kept when every set has them."""
+    if len(sets) == 1:
+        return sets[0]
+    spacing = sets[0].spacing
+    if any(s.spacing != spacing for s in sets):
+        raise SDDMError(f"cannot combine slices at working spacings {[s.spacing for s in sets]} mm")
+    height = max(int(s.images.shape[-2]) for s in sets)
+    width = max(int(s.images.shape[-1]) for s in sets)
+
+    def pad(x: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]), value=value)
+
+    images = torch.cat([pad(s.images, PAD_VALUE) for s in sets])
+    labels = torch.cat([pad(s.labels, 0) for s in sets]) if all(s.labels is not None for s in sets) else None
+    domains = np.concatenate([s.domains for s in sets]) if all(s.domains is not None for s in sets) else None
+    extents = None if spacing is None else np.concatenate([s.extents for s in sets])
+    return SliceSet(images, [c for s in sets for c in s.cases], [i for s in sets for i in s.slice_index],
+                    spacing, extents, labels, domains)

@@ -11,6 +11,12 @@ only the step, the weights, the EMA, the optimizer (and loss-aware sampler / gra
 for ``--resume`` to continue exactly as an uninterrupted run. In spacing mode (``data.spacing``)
 the random crop of each slice of step ``s`` comes from ``crop_rng(seed, s)``, drawn for the
 global batch, so it too is a pure function of ``(seed, s)`` whatever the number of ranks.
+
+Conditional models (``model.condition`` "labels"): each batch carries the one-hot label maps of
+its slices (cropped with the images' offsets in spacing mode) and, with ``model.domains``, the
+slices' domain indices. Label dropout (``training.label_dropout``) replaces a sample's condition by
+the null condition (zero label channels, null domain) with draws from the step's generator, so
+it too is a pure function of ``(seed, s, rank)``.
 """
 from __future__ import annotations
 
@@ -31,12 +37,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nnunet_sddm.diffusion.conditioning import complete_condition_config, encode_labels, is_conditional
 from nnunet_sddm.diffusion.factory import create_diffusion, create_model
 from nnunet_sddm.diffusion.model_folder import (CONFIG_FILE, EMA_FILE, RAW_FILE, default_model_dir, load_config,
                                                 load_training_state, load_weights, save_model_folder)
 from nnunet_sddm.diffusion.presets import DEFAULT_PRESET, apply_overrides, preset_config, validate_config
 from nnunet_sddm.data.slices import working_spacing
-from nnunet_sddm.diffusion.slice_dataset import SliceSet, crop_batch, crop_offsets, load_slices
+from nnunet_sddm.diffusion.slice_dataset import (SliceSet, concat_slice_sets, crop_batch, crop_offsets,
+                                                 load_label_slices, load_slices)
 from nnunet_sddm.diffusion.timestep_sampler import create_named_schedule_sampler
 from nnunet_sddm.utilities.devices import resolve_device
 from nnunet_sddm.utilities.distributed import barrier, init_from_env, ranks_from_env
@@ -219,6 +227,18 @@ class Trainer:
         elif tuple(slices.images.shape[1:]) != (channels, size, size):
             raise SDDMError(f"training slices have shape {tuple(slices.images.shape[1:])}, the model expects "
                             f"({self.config['model']['in_channels']}, {size}, {size})")
+        m = self.config["model"]
+        self.conditional = is_conditional(self.config)
+        self.label_values = [int(v) for v in m.get("label_values") or []]
+        self.num_domains = len(m.get("domains") or []) if self.conditional else 0
+        if self.conditional:
+            if slices.labels is None or tuple(slices.labels.shape) != (len(slices), *slices.images.shape[-2:]):
+                raise SDDMError(f"a conditional model (model.condition 'labels') needs the label map of every "
+                                f"training slice on the images' grid; got "
+                                f"{None if slices.labels is None else tuple(slices.labels.shape)}")
+            if self.num_domains and (slices.domains is None or len(slices.domains) != len(slices)):
+                raise SDDMError(f"model.domains {m['domains']} needs the domain of every training slice")
+            self.label_dropout = float(self.tcfg.get("label_dropout") or 0.0)
         self.batch_size = int(self.tcfg["batch_size"])
         if self.batch_size < 1 or self.batch_size % self.world:
             raise SDDMError(f"--batch-size {self.batch_size} must be a positive multiple of the "
@@ -258,6 +278,10 @@ class Trainer:
         if self.tcfg.get("compile"):
             self.net = torch.compile(self.net)
         self.data = slices.images.to(self.device)
+        if self.conditional:
+            self.label_data = slices.labels[:, None].to(self.device)  # (N, 1, H, W) int16
+            self.domain_data = (torch.from_numpy(np.asarray(slices.domains, dtype=np.int64)).to(self.device)
+                                if self.num_domains else None)
 
     # ------------------------------------------------------------------ checkpoints
     def _load_checkpoint(self) -> None:
@@ -303,14 +327,40 @@ class Trainer:
         spaced = create_diffusion(self.config, int(k))
         size, c = int(self.config["model"]["image_size"]), int(self.config["model"]["in_channels"])
         g = torch.Generator().manual_seed(self.seed + 12345)
+        kwargs, what = (self.sample_condition(n), "conditional ") if self.conditional else ({}, "")
         ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         with ctx:
-            x = spaced.p_sample_loop(ema_model, (n, c, size, size), generator=g, device=self.device)
+            x = spaced.p_sample_loop(ema_model, (n, c, size, size), generator=g, device=self.device,
+                                     model_kwargs=kwargs)
         save_image_grid(x.clamp(-1, 1), self.model_dir / "samples.png",
-                        title=f"EMA samples, iteration {self.step}, {spaced.num_timesteps} steps")
+                        title=f"EMA {what}samples, iteration {self.step}, {spaced.num_timesteps} steps")
+
+    def sample_condition(self, n: int) -> Dict[str, torch.Tensor]:
+        """The condition of ``samples.png`` (conditional models): the label maps of the first ``n``
+        training slices with foreground (in slice-set order; all slices if fewer have any),
+        centre-cropped in spacing mode, with their domains; no label dropout (guidance scale 1)."""
+        fg = (self.label_data.flatten(1) != 0).any(dim=1).cpu().numpy()
+        order = np.concatenate([np.flatnonzero(fg), np.flatnonzero(~fg)])
+        idx = np.resize(order, n)
+        return self._condition(idx, None if self.slices.extents is None else
+                               (self.slices.extents[idx] - self.image_size) // 2)
+
+    def _condition(self, idx: np.ndarray, offsets: Optional[np.ndarray]) -> Dict[str, torch.Tensor]:
+        """``{"cond": one-hot (B, K, S, S), "domain": (B,)}`` of the slices ``idx`` (spacing mode:
+        cropped at ``offsets`` like their images)."""
+        if offsets is None:
+            maps = self.label_data[torch.from_numpy(np.asarray(idx)).to(self.device)]
+        else:
+            maps = crop_batch(self.label_data, self.slices.extents, idx, offsets, self.image_size, fill=0)
+        out = {"cond": encode_labels(maps[:, 0], self.label_values, name="training label maps")}
+        if self.num_domains:
+            out["domain"] = self.domain_data[torch.from_numpy(np.asarray(idx)).to(self.device)]
+        return out
 
     # ------------------------------------------------------------------ one step
-    def _forward_backward(self, x: torch.Tensor, gen: torch.Generator) -> Dict[str, float]:
+    def _forward_backward(self, x: torch.Tensor, gen: torch.Generator,
+                          model_kwargs: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
+        model_kwargs = model_kwargs or {}
         t, weights = self.sampler.sample(x.shape[0], self.device, generator=gen)
         noise = torch.randn(x.shape, generator=gen).to(self.device)
         if self.device.type == "cuda":
@@ -325,7 +375,8 @@ class Trainer:
             ac = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
             with sync:
                 with ac:
-                    terms = self.diffusion.training_losses(self.net, x[sl], t[sl], noise=noise[sl])
+                    terms = self.diffusion.training_losses(self.net, x[sl], t[sl], noise=noise[sl],
+                                                           model_kwargs={k: v[sl] for k, v in model_kwargs.items()})
                 loss = (terms["loss"].float() * weights[sl]).sum() / n
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -354,13 +405,22 @@ class Trainer:
         torch.manual_seed(seed)  # dropout
         idx = batch_indices(self.step, self.batch_size, len(self.slices), self.seed)
         mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        offsets = None
         if self.slices.extents is None:
             x = self.data[torch.from_numpy(idx[mine]).to(self.device)]
         else:  # spacing mode: random crops, drawn for the global batch
             offsets = crop_offsets(self.slices.extents[idx], self.image_size, crop_rng(self.seed, self.step))
             x = crop_batch(self.data, self.slices.extents, idx[mine], offsets[mine], self.image_size)
+        kwargs = None
+        if self.conditional:  # the batch's condition, cropped like the images; then label dropout
+            kwargs = self._condition(idx[mine], None if offsets is None else offsets[mine])
+            drop = (torch.rand(x.shape[0], generator=gen) < self.label_dropout).to(self.device)
+            kwargs["cond"] = kwargs["cond"] * (~drop).to(kwargs["cond"].dtype).view(-1, 1, 1, 1)
+            if "domain" in kwargs:
+                kwargs["domain"] = torch.where(drop, torch.full_like(kwargs["domain"], self.num_domains),
+                                               kwargs["domain"])
         self.opt.zero_grad(set_to_none=True)
-        terms = self._forward_backward(x, gen)
+        terms = self._forward_backward(x, gen, kwargs)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         clip = self.tcfg.get("grad_clip")
@@ -491,15 +551,61 @@ def prepare_config(model_dir: Path, preset: Optional[str], overrides: Mapping[st
     return cfg
 
 
+def _dataset_reference(folder: Path) -> str:
+    """``DatasetXXX_Name`` for a folder in ``$nnUNet_raw``, else its absolute path (so that
+    ``--resume`` finds it again)."""
+    from nnunet_sddm.utilities.nnunet_paths import raw_root
+
+    try:
+        if (raw_root() / folder.name).resolve() == folder.resolve():
+            return folder.name
+    except SDDMError:
+        pass
+    return str(folder.resolve())
+
+
+def load_training_slices(cfg: Mapping[str, Any], folder: Path, pseudo_folder: Optional[Path] = None,
+                         cache_dir: Optional[os.PathLike] = None, progress: bool = True) -> SliceSet:
+    """The training slices of ``cfg`` from raw dataset ``folder``; a conditional model's with their
+    label maps, plus (``pseudo_folder``) all ``imagesTr`` cases of the pseudo-labelled dataset, and
+    the domain of each slice when ``model.domains`` is set (0 source, 1 target)."""
+    size = int(cfg["model"]["image_size"])
+    slices = load_slices(folder, size, cfg["data"], cache_dir=cache_dir, progress=progress)
+    if not is_conditional(cfg):
+        return slices
+    values = cfg["model"]["label_values"]
+    slices.labels = load_label_slices(folder, size, cfg["data"], slices, values, progress=progress)
+    sets = [slices]
+    if pseudo_folder is not None:
+        data2 = {**cfg["data"], "include_test": False, "cases": None, "vendor": None, "centre": None}
+        target = load_slices(pseudo_folder, size, data2, progress=progress,
+                             cache_dir=None if cache_dir is None else Path(cache_dir) / pseudo_folder.name)
+        target.labels = load_label_slices(pseudo_folder, size, data2, target, values, progress=progress)
+        sets.append(target)
+    if cfg["model"].get("domains"):
+        for i, s in enumerate(sets):
+            s.domains = np.full(len(s), i, dtype=np.int64)
+    return concat_slice_sets(sets)
+
+
 def train_model(dataset: str, preset: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
                 model_dir: Optional[os.PathLike] = None, resume: bool = False, overwrite: bool = False,
                 device: Optional[str] = None, progress: bool = True, cache_dir: Optional[os.PathLike] = None,
-                callback: Optional[Callable[[int], None]] = None) -> tuple:
+                callback: Optional[Callable[[int], None]] = None, pseudo_labelled: Optional[str] = None) -> tuple:
     """Train (or resume) a diffusion model on the slices of raw dataset ``dataset`` (id, name or
     folder). Default folder: ``$nnUNet_results/DatasetXXX_Name/sddm__<preset>``.
+
+    Conditional model (``model.condition`` "labels", ``--condition labels``): trained on the
+    label maps of the cases as well (``model.label_values`` default: ``dataset.json``'s foreground
+    labels); ``pseudo_labelled`` (or ``data.pseudo_labelled``): a second raw dataset whose
+    ``imagesTr`` / ``labelsTr`` (e.g. target cases with pseudo-labels) join the training slices
+    with domain "target", the main dataset's with "source" (``model.domains``); its
+    ``dataset.json`` labels must equal the source's.
     Returns ``(model_dir, status)`` with status ``"finished"`` or ``"interrupted"``."""
     folder = find_raw_dataset(dataset)
     overrides = dict(overrides or {})
+    if pseudo_labelled is not None:
+        overrides["data.pseudo_labelled"] = _dataset_reference(find_raw_dataset(pseudo_labelled))
     if model_dir is None:
         p = preset
         if p is None and resume:
@@ -508,12 +614,20 @@ def train_model(dataset: str, preset: Optional[str] = None, overrides: Optional[
     model_dir = Path(model_dir)
     overrides.setdefault("data.dataset", folder.name)
     cfg = prepare_config(model_dir, preset, overrides, resume, overwrite)
+    pseudo = cfg["data"].get("pseudo_labelled")
+    pseudo_folder = find_raw_dataset(pseudo) if pseudo is not None else None
+    cfg = complete_condition_config(cfg, folder, pseudo_folder)
+    validate_config(cfg)
+    if resume:  # the filled-in conditioning must be what the folder was trained with
+        diffs = config_differences(load_config(model_dir), cfg)
+        if diffs:
+            raise SDDMError(f"--resume: the conditioning differs from {model_dir / CONFIG_FILE}: " + "; ".join(diffs))
     ranks = ranks_from_env()
     if ranks.distributed and not ranks.is_main:
         # rank 0 fills the cache first; the others then read it
         barrier(init_from_env(device))
-    slices = load_slices(folder, int(cfg["model"]["image_size"]), cfg["data"], cache_dir=cache_dir,
-                         progress=progress and ranks.is_main)
+    slices = load_training_slices(cfg, folder, pseudo_folder, cache_dir=cache_dir,
+                                  progress=progress and ranks.is_main)
     if ranks.distributed and ranks.is_main:
         barrier(init_from_env(device))
     trainer = Trainer(cfg, slices, model_dir, device=device, resume=resume, progress=progress, callback=callback)

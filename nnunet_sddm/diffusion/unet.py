@@ -7,6 +7,13 @@ Module tree and parameter names equal guided-diffusion's ``UNetModel`` for the s
 
 Input ``x``: ``(B, in_channels, H, W)``; timesteps ``(B,)`` (int indices or floats);
 output ``(B, out_channels, H, W)``. ``H`` and ``W`` must be divisible by ``2^(len(channel_mult)-1)``.
+
+Conditioning (mask-conditioned synthesis): ``cond_channels`` K > 0 makes the first convolution take
+``in_channels + K`` channels, the condition ``cond (B, K, H, W)`` concatenated to ``x``;
+``num_domains`` D > 0 adds ``domain_emb = nn.Embedding(D + 1, 4 * model_channels)`` (index D: the
+null domain), added to the timestep embedding as guided-diffusion adds its class embedding
+(``label_emb``). With K = D = 0 (the default) the module tree, the initialisation order and the
+outputs are exactly those of the unconditional model.
 """
 from __future__ import annotations
 
@@ -186,8 +193,12 @@ class UNetModel(nn.Module):
                  channel_mult: Sequence[float] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
                  use_checkpoint: bool = False, num_heads: int = 1, num_head_channels: int = -1,
                  num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
-                 resblock_updown: bool = False, use_new_attention_order: bool = False, norm_groups: int = 32):
+                 resblock_updown: bool = False, use_new_attention_order: bool = False, norm_groups: int = 32,
+                 cond_channels: int = 0, num_domains: int = 0):
         super().__init__()
+        if cond_channels < 0 or num_domains < 0:
+            raise ValueError(f"cond_channels {cond_channels} and num_domains {num_domains} must be >= 0")
+        self.cond_channels, self.num_domains = int(cond_channels), int(num_domains)
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
@@ -197,6 +208,8 @@ class UNetModel(nn.Module):
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(linear(model_channels, time_embed_dim), nn.SiLU(),
                                         linear(time_embed_dim, time_embed_dim))
+        if self.num_domains:  # created here, after time_embed, as guided-diffusion's label_emb
+            self.domain_emb = nn.Embedding(self.num_domains + 1, time_embed_dim)
 
         def res(cin, cout=None, **kw):
             return ResBlock(cin, time_embed_dim, dropout, out_channels=cout, dims=dims, use_checkpoint=use_checkpoint,
@@ -208,7 +221,8 @@ class UNetModel(nn.Module):
                                   norm_groups=norm_groups)
 
         ch = input_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(
+            conv_nd(dims, in_channels + self.cond_channels, ch, 3, padding=1))])
         skip_chans, ds = [ch], 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -238,9 +252,32 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch, norm_groups), nn.SiLU(),
                                  zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, in_channels, H, W), ``timesteps`` (B,) -> (B, out_channels, H, W)."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: Optional[torch.Tensor] = None,
+                domain: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` (B, in_channels, H, W), ``timesteps`` (B,) -> (B, out_channels, H, W).
+
+        Conditional models: ``cond`` (B, cond_channels, H, W), the one-hot label channels (all
+        zero: the null condition), required; ``domain`` (B,) long in ``0 .. num_domains`` (the
+        last: null), default the null domain. An unconditional model refuses both."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.cond_channels:
+            if cond is None:
+                raise ValueError(f"this conditional UNet needs cond (B, {self.cond_channels}, H, W): the one-hot "
+                                 f"label channels (all zero for the null condition)")
+            if cond.shape[0] != x.shape[0] or cond.shape[1] != self.cond_channels or cond.shape[2:] != x.shape[2:]:
+                raise ValueError(f"cond has shape {tuple(cond.shape)}, expected ({x.shape[0]}, {self.cond_channels}, "
+                                 f"{', '.join(str(s) for s in x.shape[2:])})")
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        elif cond is not None:
+            raise ValueError("cond given to an unconditional UNet (cond_channels 0)")
+        if self.num_domains:
+            if domain is None:
+                domain = torch.full((x.shape[0],), self.num_domains, dtype=torch.long, device=x.device)
+            if domain.shape != (x.shape[0],):
+                raise ValueError(f"domain has shape {tuple(domain.shape)}, expected ({x.shape[0]},)")
+            emb = emb + self.domain_emb(domain.long()).to(emb.dtype)
+        elif domain is not None:
+            raise ValueError("domain given to a UNet without a domain token (num_domains 0)")
         skips, h = [], x
         for module in self.input_blocks:
             h = module(h, emb)

@@ -157,6 +157,9 @@ def membership_inference(model_dir: PathLike, members: ImageSet, non_members: Im
     Returns the result, one row per slice (members first: case, subject, z, member, out-of-fold
     score, the error at each ``t``) and the settings used (``timesteps``, ``T``)."""
     model = load_model(model_dir, device=settings.device)
+    from nnunet_sddm.diffusion.conditioning import require_unconditional
+
+    require_unconditional(model.config, model.model_dir, "membership inference")
     T = model.diffusion.num_timesteps
     ts = membership.default_timesteps(T, settings.mia_timesteps)
     xm, wm = model_space(members, model)
