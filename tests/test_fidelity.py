@@ -413,3 +413,22 @@ def test_lpips_with_a_stand_in_alexnet_file(hub, no_network):
     assert np.allclose(lpips_distances(y, x, batch=3), d, rtol=1e-5)
     assert np.all(lpips_distances(noisy(x, sd=0.3), x) > d)
     assert no_network == []
+
+
+def test_region_metrics_come_from_the_same_ssim_maps():
+    x = smooth_slices(3, seed=7)
+    y = noisy(x, sd=0.05, seed=8)
+    region = np.zeros(x.shape, bool)
+    region[0] = True                       # the whole slice
+    region[1, 40:70, 50:90] = True         # a box
+    m = paired_metrics(y, x, region=region)
+    maps = ssim_maps(y, x)
+    assert m.ssim_region[0] == pytest.approx(maps[0].mean(), abs=1e-12)
+    assert m.ssim_region[1] == pytest.approx(maps[1][40:70, 50:90].mean(), abs=1e-12)
+    mse = ((y[1, 40:70, 50:90] - x[1, 40:70, 50:90]) ** 2).mean()
+    assert m.psnr_region[1] == pytest.approx(10 * np.log10(1 / mse), abs=1e-9)
+    assert np.isnan(m.ssim_region[2]) and np.isnan(m.psnr_region[2])  # empty region
+    assert np.array_equal(m.ssim, paired_metrics(y, x).ssim) and paired_metrics(y, x).ssim_region is None
+    assert np.all(np.isposinf(paired_metrics(x, x, region=region).psnr_region[:2]))
+    with pytest.raises(SDDMError, match="region"):
+        paired_metrics(y, x, region=region[:, :10])

@@ -53,7 +53,6 @@ inputs): ``welch.csv``; ``tests.csv``; ``structures.csv``, ``missing.md``, ``fig
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -69,7 +68,7 @@ from nnunet_sddm.evaluation.evaluate import EvaluationResults, load_results, nan
 from nnunet_sddm.evaluation.figures import bar_chart_ci, count_chart
 from nnunet_sddm.evaluation.metrics import HIGHER_IS_BETTER, METRICS
 from nnunet_sddm.evaluation.statistics import finite, holm, paired_tests, welch
-from nnunet_sddm.evaluation.tables import TEST_NAMES, Cell, TableRow, to_csv, to_latex, to_markdown
+from nnunet_sddm.evaluation.tables import TEST_NAMES, Cell, TableRow, records_to_csv, to_csv, to_latex, to_markdown
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import staging_dir
 
@@ -320,16 +319,6 @@ def missing_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """CSV with floats as ``repr`` (full precision, ``nan``), in the given column order."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\r\n")
-    w.writerow(columns)
-    for r in rows:
-        w.writerow([repr(float(r[k])) if isinstance(r[k], float) else r[k] for k in columns])
-    return buf.getvalue()
-
-
 def compare_results(baseline: Union[Entries, Tuple[str, EntrySource]], candidates: Entries,
                     out_dir: Optional[PathLike] = None, alpha: float = 0.01,
                     overwrite: bool = False, test: str = "wilcoxon", seed: int = 0,
@@ -408,8 +397,8 @@ def compare_results(baseline: Union[Entries, Tuple[str, EntrySource]], candidate
                 w.writeheader()
                 for r in welch_rows:
                     w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-            (tmp / "tests.csv").write_bytes(_csv_text(tests_rows, TEST_COLUMNS).encode())
-            (tmp / "structures.csv").write_bytes(_csv_text(counts, STRUCTURE_COLUMNS).encode())
+            (tmp / "tests.csv").write_bytes(records_to_csv(tests_rows, TEST_COLUMNS).encode())
+            (tmp / "structures.csv").write_bytes(records_to_csv(counts, STRUCTURE_COLUMNS).encode())
             (tmp / "missing.md").write_text(missing_markdown(counts))
             count_chart({e: {r["structure"]: r for r in counts if r["entry"] == e and r["structure"] != "all"}
                          for e in names}, tmp / "fig_missing.png",

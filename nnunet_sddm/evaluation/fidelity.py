@@ -112,10 +112,14 @@ PathLike = Union[str, os.PathLike]
 
 @dataclass(frozen=True)
 class PairedMetrics:
-    """Per-slice-pair values, ``(N,)`` float64 each (``psnr`` is ``inf`` for identical slices)."""
+    """Per-slice-pair values, ``(N,)`` float64 each (``psnr`` is ``inf`` for identical slices).
+    ``ssim_region`` / ``psnr_region``: the same over a region given to ``paired_metrics`` (the mean of
+    the SSIM map over it; NaN where it is empty), None without one."""
     ssim: np.ndarray
     ms_ssim: np.ndarray
     psnr: np.ndarray
+    ssim_region: Optional[np.ndarray] = None
+    psnr_region: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -202,23 +206,50 @@ def _ms_ssim(p, t):
     return out
 
 
-def paired_metrics(synthetic: np.ndarray, real: np.ndarray, *, batch: int = 64) -> PairedMetrics:
-    """SSIM, 4-scale MS-SSIM and PSNR of each slice pair ``(synthetic[i], real[i])`` (module header)."""
+def _batches(s: np.ndarray, r: np.ndarray, batch: int):
+    """``(p, t)`` float32 tensors ``(B, 1, H, W)`` of consecutive slice pairs."""
+    import torch
+    for i in range(0, len(s), batch):
+        yield (torch.from_numpy(np.ascontiguousarray(s[i:i + batch], dtype=np.float32))[:, None],
+               torch.from_numpy(np.ascontiguousarray(r[i:i + batch], dtype=np.float32))[:, None])
+
+
+def _psnr(mse: np.ndarray) -> np.ndarray:
+    """``10 log10(1 / MSE)`` (data range 1), ``inf`` where the MSE is 0."""
+    mse = np.asarray(mse, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(mse > 0, 10.0 * np.log10(DATA_RANGE ** 2 / np.where(mse > 0, mse, 1.0)), np.inf)
+
+
+def paired_metrics(synthetic: np.ndarray, real: np.ndarray, *, region: Optional[np.ndarray] = None,
+                   batch: int = 64) -> PairedMetrics:
+    """SSIM, 4-scale MS-SSIM and PSNR of each slice pair ``(synthetic[i], real[i])`` (module header);
+    with ``region`` (``(N, H, W)`` bool, e.g. the heart), also SSIM (the map's mean over the region)
+    and PSNR over the region's pixels, from the same SSIM maps."""
     import torch
     s, r = _check_pair(synthetic, real)
     _check_size(s.shape)
-    ssim, ms = [], []
+    if region is not None and np.shape(region) != s.shape:
+        raise SDDMError(f"region: shape {np.shape(region)} differs from the slices' {s.shape}")
+    ssim, ms, maps = [], [], []
     with torch.inference_mode():
-        for i in range(0, len(s), batch):
-            p = torch.from_numpy(np.ascontiguousarray(s[i:i + batch], dtype=np.float32))[:, None]
-            t = torch.from_numpy(np.ascontiguousarray(r[i:i + batch], dtype=np.float32))[:, None]
-            ssim.append(_valid_mean(_ssim_full_maps(p, t)))
+        for p, t in _batches(s, r, batch):
+            full = _ssim_full_maps(p, t)
+            ssim.append(_valid_mean(full))
             ms.append(_ms_ssim(p, t))
-    mse = ((s - r) ** 2).mean(axis=(1, 2))
-    with np.errstate(divide="ignore"):
-        psnr = np.where(mse > 0, 10.0 * np.log10(DATA_RANGE ** 2 / np.where(mse > 0, mse, 1.0)), np.inf)
+            if region is not None:
+                maps.append(full[:, 0])
     cat = lambda xs: torch.cat(xs).to(torch.float64).numpy()  # noqa: E731
-    return PairedMetrics(ssim=cat(ssim), ms_ssim=cat(ms), psnr=psnr.astype(np.float64))
+    out = dict(ssim=cat(ssim), ms_ssim=cat(ms), psnr=_psnr(((s - r) ** 2).mean(axis=(1, 2))))
+    if region is not None:
+        region, full_maps = np.asarray(region, dtype=bool), cat(maps)
+        ssim_r, psnr_r = np.full(len(s), np.nan), np.full(len(s), np.nan)
+        for i in np.flatnonzero(region.any(axis=(1, 2))):
+            m = region[i]
+            ssim_r[i] = float(full_maps[i][m].mean())
+            psnr_r[i] = _psnr(np.mean((s[i][m] - r[i][m]) ** 2))
+        out.update(ssim_region=ssim_r, psnr_region=psnr_r)
+    return PairedMetrics(**out)
 
 
 def ssim_maps(synthetic: np.ndarray, real: np.ndarray, *, batch: int = 64) -> np.ndarray:
@@ -231,13 +262,8 @@ def ssim_maps(synthetic: np.ndarray, real: np.ndarray, *, batch: int = 64) -> np
     if min(s.shape[1:]) <= _BORDER:
         raise SDDMError(f"paired slices of {s.shape[1]} x {s.shape[2]} pixels are too small for an SSIM map "
                         f"(at least {_BORDER + 1} pixels each way)")
-    out = []
     with torch.inference_mode():
-        for i in range(0, len(s), batch):
-            p = torch.from_numpy(np.ascontiguousarray(s[i:i + batch], dtype=np.float32))[:, None]
-            t = torch.from_numpy(np.ascontiguousarray(r[i:i + batch], dtype=np.float32))[:, None]
-            out.append(_ssim_full_maps(p, t)[:, 0])
-    return torch.cat(out).to(torch.float64).numpy()
+        return torch.cat([_ssim_full_maps(p, t)[:, 0] for p, t in _batches(s, r, batch)]).to(torch.float64).numpy()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ seeds, the summary figures), ``paired.csv``, ``distances.csv``, ``privacy.csv``,
 """
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import math
 import os
@@ -48,10 +48,11 @@ import torch
 
 from nnunet_sddm import __version__
 from nnunet_sddm.diffusion.model_folder import LoadedModel, load_model, resolve_model_dir
-from nnunet_sddm.diffusion.slice_dataset import PAD_VALUE, volume_model_slices
+from nnunet_sddm.diffusion.slice_dataset import crop_batch, volume_model_slices
 from nnunet_sddm.evaluation import fidelity, membership, privacy
 from nnunet_sddm.evaluation.figures import image_pairs, roc_curve_figure
 from nnunet_sddm.evaluation.image_features import FEATURE_NAMES
+from nnunet_sddm.evaluation.tables import records_to_csv
 from nnunet_sddm.evaluation.quality_slices import (HEART_MARGIN, REPORT_SIZE, ImageSet, ReportSlices, load_report_slices,
                                                    pair_slices, slice_feature_matrix)
 from nnunet_sddm.utilities.errors import SDDMError
@@ -109,25 +110,7 @@ def _read(images: ImageSet, settings: QualitySettings, cache: ReportCache, num_p
         s = load_report_slices(images, settings.size, progress)
         cache.slices[key] = (s, slice_feature_matrix(s, num_processes, progress))
     s, f = cache.slices[key]
-    return ReportSlices(images.name, s.images, s.heart, s.case, s.subject, s.source_case, s.z), f
-
-
-def _zscore(reference: np.ndarray, *others: np.ndarray) -> List[np.ndarray]:
-    return list(fidelity.zscore_like(reference, *others))
-
-
-def masked_fidelity(synthetic: np.ndarray, real: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """SSIM (mean of the SSIM map) and PSNR over ``mask`` for slice pairs ``(N, S, S)`` in
-    ``[0, 1]``; ``(N,)`` each, NaN where the mask is empty, PSNR ``inf`` where the region is identical."""
-    ssim_maps = fidelity.ssim_maps(synthetic, real)
-    ssim = np.full(len(mask), np.nan)
-    psnr = np.full(len(mask), np.nan)
-    for i, m in enumerate(mask):
-        if m.any():
-            ssim[i] = float(ssim_maps[i][m].mean())
-            mse = float(np.mean((synthetic[i][m].astype(np.float64) - real[i][m]) ** 2))
-            psnr[i] = math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
-    return ssim, psnr
+    return dataclasses.replace(s, name=images.name), f
 
 
 def model_space(images: ImageSet, model: LoadedModel) -> Tuple[torch.Tensor, List[Tuple[str, str, int]]]:
@@ -138,14 +121,11 @@ def model_space(images: ImageSet, model: LoadedModel) -> Tuple[torch.Tensor, Lis
     chunks, where = [], []
     for c in images.cases:
         x = volume_model_slices(c.image, size, model.data_config)
-        h, w = x.shape[-2:]
-        if (h, w) != (size, size):
-            out = torch.full((x.shape[0], 1, size, size), PAD_VALUE)
-            top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-            crop = x[:, :, top:top + size, left:left + size]
-            oy, ox = (size - crop.shape[-2]) // 2, (size - crop.shape[-1]) // 2
-            out[:, :, oy:oy + crop.shape[-2], ox:ox + crop.shape[-1]] = crop
-            x = out
+        hw = np.asarray(x.shape[-2:], dtype=np.int64)
+        if tuple(hw) != (size, size):  # centred: the crop's offset, or minus the padding before the slice
+            offset = np.where(hw >= size, (hw - size) // 2, -((size - hw) // 2))
+            n = x.shape[0]
+            x = crop_batch(x, np.tile(hw, (n, 1)), np.arange(n), np.tile(offset, (n, 1)), size)
         chunks.append(x)
         where += [(c.case, c.subject, z) for z in range(x.shape[0])]
     return torch.cat(chunks), where
@@ -233,11 +213,9 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
     paired_rows: List[dict] = []
     if len(pairs):
         ys, rs = Y.images[i_syn], R.images[i_real]
-        pm = fidelity.paired_metrics(ys, rs)
-        if R.heart is not None:
-            ssim_h, psnr_h = masked_fidelity(ys, rs, R.heart[i_real])
-        else:
-            ssim_h = psnr_h = np.full(len(i_syn), np.nan)
+        pm = fidelity.paired_metrics(ys, rs, region=None if R.heart is None else R.heart[i_real])
+        ssim_h, psnr_h = ((pm.ssim_region, pm.psnr_region) if R.heart is not None
+                          else (np.full(len(pairs), np.nan),) * 2)
         lp = fidelity.lpips_distances(ys, rs, device=settings.device)
         lp_values = None if isinstance(lp, fidelity.Unavailable) else lp
         for k, (a, b) in enumerate(zip(i_syn, i_real)):
@@ -284,7 +262,7 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
     fZ = Tset[1] if Tset is not None else fR  # one scale for every row (and every report of one study)
     summary["zscore_reference"] = "train" if Tset is not None else "real"
     for label, _a, _b, fa, fb in comparisons:
-        za, zb = _zscore(fZ, fa, fb)
+        za, zb = fidelity.zscore_like(fZ, fa, fb)
         kid = fidelity.kernel_distance(za, zb, subsets=settings.kid_subsets, seed=settings.seed)
         row = {"comparison": label, "space": "image features (22)", "n_a": len(fa), "n_b": len(fb),
                "frechet": fidelity.frechet_distance(za, zb), "kid": kid.mean, "kid_sd": kid.std}
@@ -319,7 +297,7 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
                 summary["privacy"][role] = {"slices": 0, "blank": int((~keep).sum())}
                 continue
             nb_pix = privacy.nearest_neighbours(_flat(S.images), _flat(T_s.images), k=2, rms=True)
-            zT, zS = _zscore(fT, fT, fS)
+            zT, zS = fidelity.zscore_like(fT, fT, fS)
             nb_feat = privacy.nearest_neighbours(zS, zT, k=2)
             fl_pix = privacy.privacy_flags(nb_pix, threshold, nndr_limit=NNDR_LIMIT)
             nnd_f = privacy.nndr(nb_feat)
@@ -367,13 +345,13 @@ def quality_report(synthetic: ImageSet, real: ImageSet, out_dir: PathLike, *, tr
 
     # ---- write
     with staging_dir(out_dir, overwrite=overwrite) as tmp:
-        _write_csv(tmp / "paired.csv", paired_rows, ["case", "z", "real_case", "ssim", "ms_ssim", "psnr",
+        _csv(tmp / "paired.csv", paired_rows, ["case", "z", "real_case", "ssim", "ms_ssim", "psnr",
                                                      "ssim_heart", "psnr_heart", "lpips"])
-        _write_csv(tmp / "distances.csv", dist_rows, ["comparison", "space", "n_a", "n_b", "frechet", "kid", "kid_sd"])
-        _write_csv(tmp / "privacy.csv", priv_rows, ["case", "z", "nearest_case", "nearest_z", "d1_rms", "d2_rms",
+        _csv(tmp / "distances.csv", dist_rows, ["comparison", "space", "n_a", "n_b", "frechet", "kid", "kid_sd"])
+        _csv(tmp / "privacy.csv", priv_rows, ["case", "z", "nearest_case", "nearest_z", "d1_rms", "d2_rms",
                                                     "nndr_pixel", "likely_copy", "memorised_pixel", "d1_feature",
                                                     "nndr_feature", "memorised_feature"])
-        _write_csv(tmp / "membership.csv", mia_rows, list(mia_rows[0]) if mia_rows else ["member"])
+        _csv(tmp / "membership.csv", mia_rows, list(mia_rows[0]) if mia_rows else ["member"])
         if nn_figure is not None:
             image_pairs(nn_figure[0], nn_figure[1], nn_figure[2], nn_figure[3], tmp / "nearest_neighbours.png",
                         row_labels=("synthetic", "nearest training slice"))
@@ -393,8 +371,9 @@ def _informative(images: np.ndarray) -> np.ndarray:
 
 
 def _subset(slices: ReportSlices, keep: np.ndarray) -> ReportSlices:
-    return ReportSlices(slices.name, slices.images[keep], None if slices.heart is None else slices.heart[keep],
-                        slices.case[keep], slices.subject[keep], slices.source_case[keep], slices.z[keep])
+    return dataclasses.replace(slices, images=slices.images[keep],
+                               heart=None if slices.heart is None else slices.heart[keep], case=slices.case[keep],
+                               subject=slices.subject[keep], source_case=slices.source_case[keep], z=slices.z[keep])
 
 
 def _flat(images: np.ndarray) -> np.ndarray:
@@ -424,12 +403,8 @@ def _jsonable(obj):
     return obj
 
 
-def _write_csv(path: Path, rows: List[dict], columns: List[str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        for r in rows:
-            w.writerow([repr(float(r[c])) if isinstance(r[c], (float, np.floating)) else r[c] for c in columns])
+def _csv(path: Path, rows: List[dict], columns: List[str]) -> None:
+    path.write_bytes(records_to_csv(rows, columns).encode())
 
 
 def report_markdown(summary: dict, utility: Optional[str] = None) -> str:

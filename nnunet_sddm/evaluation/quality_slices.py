@@ -22,6 +22,7 @@ same name and slice count (the adapted images of ``nnUNetv2_sddm_adapt`` keep th
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -180,12 +181,7 @@ def pair_slices(synthetic: ReportSlices, real: ReportSlices) -> SlicePairs:
     Raises ``SDDMError`` when a synthetic volume and the real case its ``source_case`` names have
     different slice counts."""
     where: Dict[Tuple[str, int], int] = {(c, int(z)): i for i, (c, z) in enumerate(zip(real.case, real.z))}
-    counts: Dict[str, int] = {}
-    for c in real.case:
-        counts[c] = counts.get(c, 0) + 1
-    syn_counts: Dict[str, int] = {}
-    for c in synthetic.case:
-        syn_counts[c] = syn_counts.get(c, 0) + 1
+    counts, syn_counts = Counter(real.case.tolist()), Counter(synthetic.case.tolist())
     i_syn: List[int] = []
     i_real: List[int] = []
     by_provenance = 0

@@ -147,6 +147,16 @@ def to_latex(rows: Sequence[TableRow], structure: str, alpha: float, test: Optio
     return "\n".join(lines) + "\n"
 
 
+def records_to_csv(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """CSV of dict rows in the given column order, floats as ``repr`` (full precision, ``nan``)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([repr(float(r[k])) if isinstance(r[k], float) else r[k] for k in columns])
+    return buf.getvalue()
+
+
 def to_csv(rows: Sequence[TableRow]) -> str:
     """Machine-readable table: per metric the mean at full precision, mark, p against the best
     row, p against the baseline (as used for the star), n, the spread between repeats (NaN with
