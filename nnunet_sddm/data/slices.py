@@ -162,6 +162,15 @@ class SquareResize:
         x = F.pad(labels.float()[:, None], self._pads(), value=0.0)
         return F.interpolate(x, size=(self.size, self.size), mode="nearest-exact")[:, 0]
 
+    def inverse_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label maps ``(n, size, size)`` -> ``(n, h, w)``: nearest-neighbour resize (pixel centres,
+        as ``forward_labels``) to the padded square, then the padding cropped; values kept."""
+        if tuple(labels.shape[-2:]) != (self.size, self.size):
+            raise ValueError(f"expected label maps of shape (n, {self.size}, {self.size}), got {tuple(labels.shape)}")
+        x = F.interpolate(labels.float()[:, None], size=(self.side, self.side), mode="nearest-exact")
+        left, right, top, bottom = self._pads()
+        return x[:, 0, top:self.side - bottom, left:self.side - right].contiguous()
+
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, 1, size, size)`` -> ``(n, h, w)``: resize to the padded square and crop."""
         x = resample_bilinear(x, (self.side, self.side))

@@ -111,9 +111,26 @@ def complete_condition_config(config: Mapping[str, Any], dataset_folder: Union[s
     return cfg
 
 
+def is_label_generator(config: Mapping[str, Any]) -> bool:
+    """True for a label-map generator (``model.generates`` "labels"; absent: an image model)."""
+    return ((config.get("model") or {}).get("generates") or "images") == "labels"
+
+
 def require_unconditional(config: Mapping[str, Any], where: Union[str, os.PathLike], what: str) -> None:
-    """``SDDMError`` naming ``where`` (the model folder) if ``config`` is a conditional model's:
-    ``what`` (e.g. "adaptation") calls the network without a condition."""
+    """``SDDMError`` naming ``where`` (the model folder) unless ``config`` is an unconditional image
+    model's: ``what`` (e.g. "adaptation") calls the network without a condition on image slices, so
+    it refuses a conditional model and a label-map generator (``model.generates`` "labels")."""
     if is_conditional(config):
         raise SDDMError(f"{os.fspath(where)}: a mask-conditioned model (model.condition 'labels'); {what} needs an "
                         f"unconditional model (nnUNetv2_sddm_train without --condition)")
+    if is_label_generator(config):
+        raise SDDMError(f"{os.fspath(where)}: a label-map generator (model.generates 'labels'), which generates "
+                        f"label maps, not images; {what} needs an unconditional image model (nnUNetv2_sddm_train "
+                        f"without --generate labels)")
+
+
+def require_label_generator(config: Mapping[str, Any], where: Union[str, os.PathLike]) -> None:
+    """``SDDMError`` naming ``where`` unless ``config`` is a label-map generator's."""
+    if not is_label_generator(config):
+        raise SDDMError(f"{os.fspath(where)}: an image model (model.generates 'images'); generating label maps "
+                        f"needs a label-map generator (nnUNetv2_sddm_train DATASET --generate labels)")

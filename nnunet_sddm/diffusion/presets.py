@@ -30,6 +30,10 @@ _PAPER_MODEL = {
     # "labels" = label map as extra one-hot input channels (label_values: foreground ints, background
     # 0 excluded), optionally a domain token (domains: names, e.g. ["source", "target"]).
     "condition": None, "label_values": None, "domains": None,
+    # What the model generates (diffusion/label_maps.py): "images" (default; also when the key is
+    # absent) or "labels", a label-map generator: one-hot label maps with the background channel,
+    # in_channels = 1 + len(label_values), label_names their dataset.json names.
+    "generates": "images", "label_names": None,
 }
 _PAPER_DIFFUSION = {
     "steps": 1000, "noise_schedule": "linear", "learn_sigma": True, "loss": "hybrid",
@@ -39,6 +43,9 @@ _DATA = {
     "dataset": None, "include_test": False, "cases": None, "vendor": None, "centre": None, "percentiles": [0.5, 99.5],
     "spacing": None,  # null: resize mode; a number: spacing mode at that in-plane spacing in mm (data/slices.py)
     "pseudo_labelled": None,  # conditional models: a second raw dataset (pseudo-labels), domain "target"
+    # label-map generators: the median slice geometry of the training label maps, the default grid
+    # of generated maps ({"shape": [h, w], "spacing": [sz, sy, sx]}, mm; diffusion/label_maps.py)
+    "label_geometry": None,
 }
 _PAPER_TRAINING = {
     "iterations": 120000, "batch_size": 32, "microbatch": None, "lr": 1e-4, "weight_decay": 0.0,
@@ -186,6 +193,17 @@ def validate_conditioning(config: Mapping[str, Any]) -> None:
     m = config["model"]
     cond, values, domains = m.get("condition"), m.get("label_values"), m.get("domains")
     pseudo = (config.get("data") or {}).get("pseudo_labelled")
+    generates = m.get("generates") or "images"
+    if generates not in ("images", "labels"):
+        raise SDDMError(f"model.generates {generates!r}: choose 'images' or 'labels' (a label-map generator)")
+    if generates == "labels":
+        validate_label_generator(config)
+        return
+    for key in ("model.label_names", "data.label_geometry"):
+        section, name = key.split(".")
+        if (config.get(section) or {}).get(name) is not None:
+            raise SDDMError(f"{key} is set but model.generates is 'images'; it belongs to label-map generators "
+                            f"(--generate labels)")
     if cond is None:
         for key, v in (("model.label_values", values), ("model.domains", domains), ("data.pseudo_labelled", pseudo)):
             if v is not None:
@@ -194,12 +212,7 @@ def validate_conditioning(config: Mapping[str, Any]) -> None:
         return
     if cond != "labels":
         raise SDDMError(f"model.condition {cond!r}: choose null (unconditional) or 'labels'")
-    if values is not None:
-        if (not isinstance(values, list) or not values
-                or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 32767 for v in values)
-                or len(set(values)) != len(values)):
-            raise SDDMError(f"model.label_values {values!r}: expected a list of distinct foreground label "
-                            f"values (integers 1 .. 32767; background 0 is not one of them)")
+    _check_label_values(values)
     if domains is not None:
         if (not isinstance(domains, list) or not domains or any(not isinstance(d, str) or not d for d in domains)
                 or len(set(domains)) != len(domains)):
@@ -208,3 +221,49 @@ def validate_conditioning(config: Mapping[str, Any]) -> None:
     p = (config.get("training") or {}).get("label_dropout", 0.0)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
         raise SDDMError(f"training.label_dropout {p!r}: expected a probability in [0, 1]")
+
+
+def _check_label_values(values: Any) -> None:
+    """``model.label_values``: null or distinct foreground values 1 .. 32767 (``SDDMError``)."""
+    if values is not None:
+        if (not isinstance(values, list) or not values
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 32767 for v in values)
+                or len(set(values)) != len(values)):
+            raise SDDMError(f"model.label_values {values!r}: expected a list of distinct foreground label "
+                            f"values (integers 1 .. 32767; background 0 is not one of them)")
+
+
+def validate_label_generator(config: Mapping[str, Any]) -> None:
+    """A label-map generator (``model.generates`` "labels") checked: unconditional (``model.condition``,
+    ``model.domains``, ``data.pseudo_labelled`` null), resize mode (``data.spacing`` null),
+    ``model.label_values`` valid and ``model.in_channels`` = 1 + their number (the background
+    channel), ``model.label_names`` one distinct name per value, ``data.label_geometry`` null or
+    ``{"shape": [h, w], "spacing": [sz, sy, sx]}``. ``SDDMError`` naming the key."""
+    m, data = config["model"], config.get("data") or {}
+    for key, v in (("model.condition", m.get("condition")), ("model.domains", m.get("domains")),
+                   ("data.pseudo_labelled", data.get("pseudo_labelled"))):
+        if v is not None:
+            raise SDDMError(f"{key} is {v!r}, but a label-map generator (model.generates 'labels') is unconditional; "
+                            f"set {key} to null")
+    if data.get("spacing") is not None:
+        raise SDDMError(f"data.spacing is {data['spacing']!r}: a label-map generator trains in resize mode only "
+                        f"(data.spacing null)")
+    values, names = m.get("label_values"), m.get("label_names")
+    _check_label_values(values)
+    if values is not None and int(m["in_channels"]) != len(values) + 1:
+        raise SDDMError(f"model.in_channels {m['in_channels']}: a label-map generator of {len(values)} foreground "
+                        f"labels {values} has {len(values) + 1} input channels (background first)")
+    if names is not None:
+        if (not isinstance(names, list) or any(not isinstance(n, str) or not n for n in names)
+                or len(set(names)) != len(names) or values is None or len(names) != len(values)):
+            raise SDDMError(f"model.label_names {names!r}: expected one distinct name per model.label_values "
+                            f"{values!r}")
+    geo = data.get("label_geometry")
+    if geo is not None:
+        ok = (isinstance(geo, Mapping) and isinstance(geo.get("shape"), list) and len(geo["shape"]) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in geo["shape"])
+              and isinstance(geo.get("spacing"), list) and len(geo["spacing"]) == 3
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in geo["spacing"]))
+        if not ok:
+            raise SDDMError(f"data.label_geometry {geo!r}: expected null or {{\"shape\": [h, w], "
+                            f"\"spacing\": [sz, sy, sx]}} (positive pixels and mm)")

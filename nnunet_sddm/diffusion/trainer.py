@@ -17,6 +17,11 @@ its slices (cropped with the images' offsets in spacing mode) and, with ``model.
 slices' domain indices. Label dropout (``training.label_dropout``) replaces a sample's condition by
 the null condition (zero label channels, null domain) with draws from the step's generator, so
 it too is a pure function of ``(seed, s, rank)``.
+
+Label-map generators (``model.generates`` "labels", diffusion/label_maps.py): the batch of step
+``s`` is the one-hot encoding (background channel included, values in {-1, 1}) of the label maps of
+its slices, selected exactly as image slices are, so resumption is exact in this mode as well;
+``samples.png`` shows the argmax label index of each sample as grey levels.
 """
 from __future__ import annotations
 
@@ -37,14 +42,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nnunet_sddm.diffusion.conditioning import complete_condition_config, encode_labels, is_conditional
+from nnunet_sddm.diffusion.conditioning import (complete_condition_config, encode_labels, is_conditional,
+                                                is_label_generator)
+from nnunet_sddm.diffusion.label_maps import complete_label_config, encode_label_maps
 from nnunet_sddm.diffusion.factory import create_diffusion, create_model
 from nnunet_sddm.diffusion.model_folder import (CONFIG_FILE, EMA_FILE, RAW_FILE, default_model_dir, load_config,
                                                 load_training_state, load_weights, save_model_folder)
 from nnunet_sddm.diffusion.presets import DEFAULT_PRESET, apply_overrides, preset_config, validate_config
 from nnunet_sddm.data.slices import working_spacing
 from nnunet_sddm.diffusion.slice_dataset import (SliceSet, concat_slice_sets, crop_batch, crop_offsets,
-                                                 load_label_slices, load_slices)
+                                                 label_file, load_label_slices, load_slices, select_images)
 from nnunet_sddm.diffusion.timestep_sampler import create_named_schedule_sampler
 from nnunet_sddm.utilities.devices import resolve_device
 from nnunet_sddm.utilities.distributed import barrier, init_from_env, ranks_from_env
@@ -220,7 +227,15 @@ class Trainer:
             raise SDDMError(f"training slices are at working spacing {slices.spacing} mm, the configuration's "
                             f"data.spacing is {spacing}")
         channels = int(self.config["model"]["in_channels"])
-        if spacing is not None:
+        self.generates_labels = is_label_generator(self.config)
+        if self.generates_labels:
+            values = self.config["model"]["label_values"]
+            if slices.labels is None or tuple(slices.labels.shape) != (len(slices), size, size):
+                raise SDDMError(f"a label-map generator needs the label map of every training slice at "
+                                f"({size}, {size}); got {None if slices.labels is None else tuple(slices.labels.shape)}")
+            if channels != len(values) + 1:
+                raise SDDMError(f"model.in_channels {channels} != 1 + {len(values)} label values {values}")
+        elif spacing is not None:
             if slices.images.shape[1] != channels or len(slices.extents) != len(slices):
                 raise SDDMError(f"training slices have shape {tuple(slices.images.shape[1:])} and "
                                 f"{len(slices.extents)} extents, the model expects {channels} channel(s)")
@@ -277,7 +292,8 @@ class Trainer:
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.tcfg.get("compile"):
             self.net = torch.compile(self.net)
-        self.data = slices.images.to(self.device)
+        # label-map generators: the int16 label maps (N, S, S), one-hot encoded batch by batch
+        self.data = (slices.labels if self.generates_labels else slices.images).to(self.device)
         if self.conditional:
             self.label_data = slices.labels[:, None].to(self.device)  # (N, 1, H, W) int16
             self.domain_data = (torch.from_numpy(np.asarray(slices.domains, dtype=np.int64)).to(self.device)
@@ -332,6 +348,9 @@ class Trainer:
         with ctx:
             x = spaced.p_sample_loop(ema_model, (n, c, size, size), generator=g, device=self.device,
                                      model_kwargs=kwargs)
+        if self.generates_labels:  # the argmax channel index as a grey level (background black)
+            x = (x.float().argmax(dim=1).cpu().float() / max(1, c - 1) * 2.0 - 1.0)[:, None]
+            what = "label-map "
         save_image_grid(x.clamp(-1, 1), self.model_dir / "samples.png",
                         title=f"EMA {what}samples, iteration {self.step}, {spaced.num_timesteps} steps")
 
@@ -408,6 +427,8 @@ class Trainer:
         offsets = None
         if self.slices.extents is None:
             x = self.data[torch.from_numpy(idx[mine]).to(self.device)]
+            if self.generates_labels:
+                x = encode_label_maps(x, self.config["model"]["label_values"], name="training label maps")
         else:  # spacing mode: random crops, drawn for the global batch
             offsets = crop_offsets(self.slices.extents[idx], self.image_size, crop_rng(self.seed, self.step))
             x = crop_batch(self.data, self.slices.extents, idx[mine], offsets[mine], self.image_size)
@@ -568,9 +589,14 @@ def load_training_slices(cfg: Mapping[str, Any], folder: Path, pseudo_folder: Op
                          cache_dir: Optional[os.PathLike] = None, progress: bool = True) -> SliceSet:
     """The training slices of ``cfg`` from raw dataset ``folder``; a conditional model's with their
     label maps, plus (``pseudo_folder``) all ``imagesTr`` cases of the pseudo-labelled dataset, and
-    the domain of each slice when ``model.domains`` is set (0 source, 1 target)."""
+    the domain of each slice when ``model.domains`` is set (0 source, 1 target). A label-map
+    generator's slices carry the label maps (``labels``) it trains on, on its images' grid."""
     size = int(cfg["model"]["image_size"])
     slices = load_slices(folder, size, cfg["data"], cache_dir=cache_dir, progress=progress)
+    if is_label_generator(cfg):
+        slices.labels = load_label_slices(folder, size, cfg["data"], slices, cfg["model"]["label_values"],
+                                          progress=progress)
+        return slices
     if not is_conditional(cfg):
         return slices
     values = cfg["model"]["label_values"]
@@ -588,6 +614,22 @@ def load_training_slices(cfg: Mapping[str, Any], folder: Path, pseudo_folder: Op
     return concat_slice_sets(sets)
 
 
+def training_label_files(folder: Path, data_cfg: Mapping[str, Any]) -> List[Path]:
+    """The label maps of the training selection of raw dataset ``folder`` (``SDDMError`` naming the
+    case of a missing one)."""
+    from nnunet_sddm.data.raw_dataset import load_dataset_json
+
+    ending = load_dataset_json(folder)["file_ending"]
+    files = []
+    for case, image in select_images(folder, data_cfg).items():
+        path = label_file(image, ending)
+        if not path.is_file():
+            raise SDDMError(f"case {case}: label map {path} not found (a label-map generator trains on labelled "
+                            f"cases only)")
+        files.append(path)
+    return files
+
+
 def train_model(dataset: str, preset: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
                 model_dir: Optional[os.PathLike] = None, resume: bool = False, overwrite: bool = False,
                 device: Optional[str] = None, progress: bool = True, cache_dir: Optional[os.PathLike] = None,
@@ -601,6 +643,10 @@ def train_model(dataset: str, preset: Optional[str] = None, overrides: Optional[
     ``imagesTr`` / ``labelsTr`` (e.g. target cases with pseudo-labels) join the training slices
     with domain "target", the main dataset's with "source" (``model.domains``); its
     ``dataset.json`` labels must equal the source's.
+    Label-map generator (``model.generates`` "labels", ``--generate labels``): trained on the
+    one-hot label maps of the cases (diffusion/label_maps.py); ``model.label_values`` /
+    ``label_names`` default to ``dataset.json``'s, ``data.label_geometry`` is the median slice grid
+    of the training label maps.
     Returns ``(model_dir, status)`` with status ``"finished"`` or ``"interrupted"``."""
     folder = find_raw_dataset(dataset)
     overrides = dict(overrides or {})
@@ -617,6 +663,8 @@ def train_model(dataset: str, preset: Optional[str] = None, overrides: Optional[
     pseudo = cfg["data"].get("pseudo_labelled")
     pseudo_folder = find_raw_dataset(pseudo) if pseudo is not None else None
     cfg = complete_condition_config(cfg, folder, pseudo_folder)
+    if is_label_generator(cfg):
+        cfg = complete_label_config(cfg, folder, training_label_files(folder, cfg["data"]))
     validate_config(cfg)
     if resume:  # the filled-in conditioning must be what the folder was trained with
         diffs = config_differences(load_config(model_dir), cfg)
