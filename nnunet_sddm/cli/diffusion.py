@@ -1,4 +1,5 @@
-"""``nnUNetv2_sddm_train`` and ``nnUNetv2_sddm_import_checkpoint``: argument parsing only."""
+"""``nnUNetv2_sddm_train``, ``nnUNetv2_sddm_generate_labels`` and ``nnUNetv2_sddm_import_checkpoint``:
+argument parsing only."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,10 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="train a mask-conditioned model: the case's label map (one-hot, background excluded) as "
                         "extra input channels; model.label_values defaults to dataset.json's foreground labels. "
                         "Needs labelsTr. Default: unconditional")
+    p.add_argument("--generate", choices=["images", "labels"], default=None,
+                   help="what the model generates: images (default) or labels, a label-map generator: an "
+                        "unconditional model of the cases' label maps (labelsTr), one-hot with the background "
+                        "channel, that nnUNetv2_sddm_generate_labels samples new anatomies from (resize mode only)")
     p.add_argument("--label-dropout", type=float, default=None, metavar="P",
                    help="conditional models: probability of training a sample with the null condition (empty "
                         "mask, null domain) for classifier-free guidance at sampling (default 0.1)")
@@ -74,7 +79,7 @@ _FLAG_KEYS = {
     "schedule_sampler": "training.schedule_sampler", "log_interval": "training.log_interval",
     "save_interval": "training.save_interval", "sample_interval": "training.sample_interval",
     "num_samples": "training.num_samples", "include_test": "data.include_test", "cases": "data.cases",
-    "vendor": "data.vendor", "centre": "data.centre", "condition": "model.condition",
+    "vendor": "data.vendor", "centre": "data.centre", "condition": "model.condition", "generate": "model.generates",
     "label_dropout": "training.label_dropout",
 }
 
@@ -117,6 +122,44 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
         print(model_dir)
+    return 0
+
+
+def build_generate_labels_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_generate_labels",
+        description="Sample new label maps (anatomies) from a label-map generator (nnUNetv2_sddm_train --generate "
+                    "labels), clean them (argmax, largest connected component per structure, holes filled) and "
+                    "redraw those that lack a structure. Output: OUT/labelsTr/<case>.nii.gz (one 2D slice per "
+                    "file, a (1, H, W) volume), OUT/cases.json (settings, draws per case), OUT/shape_report.md and "
+                    "OUT/shape_stats.csv (shape statistics, compared with --real).")
+    p.add_argument("-m", "--model", required=True, help="label-map generator folder or DATASET[:PRESET]")
+    p.add_argument("-n", "--num", type=int, required=True, help="number of label maps")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="steps of the respaced chain (default: the model's "
+                   "diffusion.sample_respacing)")
+    p.add_argument("--like", default=None, metavar="DATASET", help="raw dataset whose median slice geometry (shape "
+                   "and spacing of its labelsTr) the maps get (default: the training data's, recorded in the model)")
+    p.add_argument("--real", default=None, metavar="DATASET", help="raw dataset whose labelsTr slices (those holding "
+                   "every structure) the shape report compares with")
+    p.add_argument("-b", "--batch-size", type=int, default=16, help="maps sampled at once (part of the seeding)")
+    p.add_argument("--max-draws", type=int, default=20, help="draws per map before giving up (default 20)")
+    p.add_argument("-device", "--device", default=None, help="cpu, cuda, cuda:N, mps or auto (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p
+
+
+@cli_entry
+def generate_labels_main(argv: Optional[List[str]] = None) -> int:
+    """``nnUNetv2_sddm_generate_labels``."""
+    a = build_generate_labels_parser().parse_args(argv)
+    from nnunet_sddm.sampling.label_generation import GenerationSettings, generate_label_maps
+
+    settings = GenerationSettings(n=a.num, seed=a.seed, steps=a.steps, batch_size=a.batch_size,
+                                  max_draws=a.max_draws)
+    print(generate_label_maps(a.model, a.output, settings, like=a.like, real=a.real, overwrite=a.overwrite,
+                              device=a.device))
     return 0
 
 

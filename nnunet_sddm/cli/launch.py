@@ -25,6 +25,7 @@ SCRIPTS: Dict[str, str] = {
     "nnUNetv2_sddm_trainer_path": "plugin_trainers.discovery:print_trainer_path",
     "nnUNetv2_sddm_train": "nnunet_sddm.cli.diffusion:train_main",
     "nnUNetv2_sddm_import_checkpoint": "nnunet_sddm.cli.diffusion:import_checkpoint_main",
+    "nnUNetv2_sddm_generate_labels": "nnunet_sddm.cli.diffusion:generate_labels_main",
     "nnUNetv2_sddm_adapt": "nnunet_sddm.cli.adaptation:adapt_main",
     "nnUNetv2_sddm_synthesize": "nnunet_sddm.cli.adaptation:synthesize_main",
     "nnUNetv2_sddm_predict": "nnunet_sddm.cli.prediction:predict_main",

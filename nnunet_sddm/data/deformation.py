@@ -409,6 +409,15 @@ def _topology(mask: np.ndarray, fg: np.ndarray, bg: np.ndarray, min_voxels: int 
     return _count(mask, fg, min_voxels), holes
 
 
+def components_and_holes(mask: np.ndarray, connectivity: Optional[int] = None) -> Tuple[int, int]:
+    """(connected components, holes) of a binary mask ``(y, x)`` or ``(z, y, x)``: components with
+    ``connectivity`` (``scipy.ndimage.generate_binary_structure``; default full, 8 in 2D), holes the
+    components of the complement with the dual connectivity that do not reach the border (a ring: 1, 1)."""
+    m = np.asarray(mask, dtype=bool)
+    fg, bg = _structure(m.ndim, connectivity)
+    return _topology(m, fg, bg)
+
+
 def _label_name(v: object, names: Optional[Mapping[int, str]]) -> str:
     try:
         key = int(v)
