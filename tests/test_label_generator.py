@@ -156,6 +156,14 @@ def test_train_and_generate_end_to_end(phantoms, tmp_path, capsys):
     assert load_model(model).model.out[-1].out_channels == 8  # learn_sigma: 2K
     with pytest.raises(SDDMError, match="label-map generator.*adaptation"):
         open_model(model, torch.device("cpu"))
+    from nnunet_sddm.cli.adaptation import adapt_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the command: exit 2, the reason, nothing written
+        adapt_main(["-i", str(phantoms / "imagesTr"), "-o", str(tmp_path / "adapted"), "-m", str(model),
+                    "-N", "1", "--steps", "2", "--device", "cpu", "--quiet"])
+    assert e.value.code == 2 and "label-map generator" in capsys.readouterr().err
+    assert not (tmp_path / "adapted").exists()
 
     out = tmp_path / "gen"
     assert generate_labels_main(["-m", str(model), "-n", "5", "-o", str(out), "--seed", "7", "-b", "2",
