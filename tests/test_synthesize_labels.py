@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from _datasets_fixtures import set_corner_voxel
 from _interrupt import interrupt_after_writes
 from _micro_model import micro_model_folder, one_torch_thread
 
@@ -67,7 +68,8 @@ def test_labels_as_is(nnunet_env, phantoms, models):
         src_lab = phantoms / "labelsTr" / f"{rec['source_case']}.nii.gz"
         assert (new / "labelsTr" / f"{case}.nii.gz").read_bytes() == src_lab.read_bytes()
         img = new / "imagesTr" / f"{case}_0000.nii.gz"
-        assert same_geometry(src_lab, img) and same_geometry(phantoms / "imagesTr" / f"{rec['source_case']}_0000.nii.gz", img)
+        src_img = phantoms / "imagesTr" / f"{rec['source_case']}_0000.nii.gz"
+        assert same_geometry(src_lab, img) and same_geometry(src_img, img)
         x = _data(img)
         assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0
     # different copies -> different images; the same seed -> the same images (copy 0 of seed 1 == copy 1 of seed 0)
@@ -270,10 +272,7 @@ def test_bad_inputs(nnunet_env, phantoms, models, capsys):
     assert not (raw_root() / "Dataset060_PhantomASDDMGen").exists()
     # a label value the model was not trained on: the case is named, before anything is written
     path = phantoms / "labelsTr" / "PhA0001_ES.nii.gz"
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).copy()
-    data[0, 0, 0] = 7
-    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(path))
+    set_corner_voxel(path, 7)
     with pytest.raises(SDDMError, match=r"case PhA0001_ES.*\[7\].*not among the model's labels"):
         synthesize_from_labels(51, 61, cond, **FAST)
     assert not list(raw_root().glob("*061*")) and not list(raw_root().glob(".*061*"))

@@ -195,7 +195,8 @@ class LabelSampler:
 
     # ------------------------------------------------------------------ sampling
     def iter_generated(self, maps: Iterable[Tuple[str, np.ndarray, Sequence[float]]], seed: int,
-                       total_slices: Optional[int] = None, desc: str = "generating") -> Iterator[Tuple[str, np.ndarray]]:
+                       total_slices: Optional[int] = None,
+                       desc: str = "generating") -> Iterator[Tuple[str, np.ndarray]]:
         """``(key, label map (z, y, x), spacing (z, y, x) mm)`` -> ``(key, image (z, y, x) float32
         in GENERATED_WINDOW)`` as each is done; slice ``z`` from the stream ``(seed, "<key>/<z>")``.
         Slices of several maps share batches (padded to the batch size: results do not depend on
@@ -377,9 +378,10 @@ def synthesize_from_labels(source: Union[int, str, os.PathLike], new_id: int, mo
                 "deformation": drawn.get((m.case, k)), "copy": k, "synthetic": True, "generated": True,
                 "seed": seed + k, "model": identity["model"], "steps": int(sampler.steps),
                 "guidance_scale": float(sampler.guidance_scale), "domain": sampler.domain, "dataset": ds.folder_name})
+    maps_of = f"the label maps of {labels_from_path}" if labels_from_path else f"the labels of {ds.src.name}"
     finish_run(ds, record, ranks, {
-        "description": f"SD-DM images generated from {'the label maps of ' + labels_from_path if labels_from_path else 'the labels of ' + ds.src.name} "
-                       f"({labels}, {copies} cop{'y' if copies == 1 else 'ies'} per label map)",
+        "description": f"SD-DM images generated from {maps_of} ({labels}, {copies} cop{'y' if copies == 1 else 'ies'} "
+                       f"per label map)",
         "nnunet_sddm_version": nnunet_sddm.__version__,
         "sddm_synthesis": {"mode": "labels", "source": ds.src.name, "model": identity["model"], "labels": labels,
                            "labels_from": labels_from_path, "copies": copies, "steps": int(sampler.steps),
