@@ -101,6 +101,19 @@ def test_changing_the_mask_changes_the_output(models):
     assert np.abs(a[1] - b[1]).max() > 1e-3
 
 
+def test_spacing_mode_keeps_the_map_grid(tmp_path):
+    """A model with data.spacing: the map is resampled to the working spacing and the samples back."""
+    with one_torch_thread():
+        folder = micro_model_folder(tmp_path / "s", randomise_output=True, overrides={**COND, "data.spacing": 2.0})
+        sampler = LabelSampler.open(str(folder), steps=2, device="cpu", batch_size=2, progress=False)
+        lab = np.zeros((3, 20, 26), np.float32)
+        lab[:, 4:15, 5:18], lab[:, 7:12, 8:14] = 2, 1
+        out = dict(sampler.iter_generated([("s", lab, (8.0, 1.5, 1.5))], seed=0))["s"]
+        assert out.shape == (3, 20, 26) and np.isfinite(out).all() and 0.0 <= out.min() and out.max() <= 1.0
+        with pytest.raises(SDDMError, match="spacing"):
+            dict(sampler.iter_generated([("s", lab, (8.0, 0.0, 1.5))], seed=0))
+
+
 @pytest.mark.timeout(120)
 def test_labels_deformed(nnunet_env, phantoms, models):
     from nnunet_sddm.data.volumes import same_geometry
