@@ -176,3 +176,12 @@ def sheared_affine() -> np.ndarray:
 def listing(folder: Path) -> list:
     """All entries below ``folder`` (hidden ones included), relative, sorted."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
+
+
+def set_corner_voxel(path: Path, value: int) -> None:
+    """Overwrite voxel (0, 0, 0) of a NIfTI file with ``value``, keeping its header (e.g. an
+    unknown label value in a label map)."""
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = value
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(path))

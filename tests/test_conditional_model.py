@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _datasets_fixtures import set_corner_voxel
 from _micro_model import MICRO, micro_model_folder
 from nnunet_sddm.diffusion import create_diffusion, create_model, load_model, preset_config
 from nnunet_sddm.diffusion.conditioning import encode_labels
@@ -240,10 +241,7 @@ def test_pseudo_labelled_dataset(phantoms, tmp_path):
 
 def test_unknown_label_value_names_the_case(phantoms, tmp_path):
     path = phantoms / "labelsTr" / "PhA0001_ES.nii.gz"
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).copy()
-    data[0, 0, 0] = 7
-    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(path))
+    set_corner_voxel(path, 7)
     with pytest.raises(SDDMError, match=r"PhA0001_ES.*\[7\]"):
         train_model("11", "tiny", {**FAST, "model.condition": "labels"}, model_dir=tmp_path / "u", progress=False)
     # a model told other label values refuses the dataset's labels, naming the first case

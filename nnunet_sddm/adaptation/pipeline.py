@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,16 +44,23 @@ PathLike = Union[str, os.PathLike]
 ModelSpec = Union[LoadedModel, PathLike]
 
 
-def open_model(model: ModelSpec, device: torch.device) -> LoadedModel:
+def load_spec(model: ModelSpec, device: torch.device) -> LoadedModel:
     """A ``LoadedModel`` on ``device``: the given one (moved), or the EMA weights of a model
-    folder / ``DATASET[:PRESET]`` spec."""
+    folder / ``DATASET[:PRESET]`` spec (conditional or not)."""
+    if isinstance(model, LoadedModel):
+        model.model.to(device)
+        return model
+    return load_model(resolve_model_dir(str(model)), device, use_ema=True)
+
+
+def open_model(model: ModelSpec, device: torch.device) -> LoadedModel:
+    """``load_spec`` of an unconditional model (adaptation calls the network without a condition;
+    ``SDDMError`` naming the folder for a mask-conditioned one)."""
     from nnunet_sddm.diffusion.conditioning import require_unconditional
 
     if isinstance(model, LoadedModel):
         require_unconditional(model.config, model.model_dir, "adaptation")
-        model.model.to(device)
-        return model
-    loaded = load_model(resolve_model_dir(str(model)), device, use_ema=True)
+    loaded = load_spec(model, device)
     require_unconditional(loaded.config, loaded.model_dir, "adaptation")
     return loaded
 
@@ -64,6 +71,17 @@ def weights_digest(loaded: LoadedModel) -> Optional[Dict[str, str]]:
     files = [Path(loaded.model_dir) / name for name in (EMA_FILE, RAW_FILE)]
     digest = {f.name: sha256_file(f) for f in files if f.is_file()}
     return digest or None
+
+
+def model_identity(loaded: LoadedModel) -> Dict[str, Any]:
+    """The model part of a run's identity: package version, model folder, the digest of its
+    weights and its ``config.json``."""
+    return {
+        "package_version": nnunet_sddm.__version__,
+        "model": str(Path(loaded.model_dir).resolve()),
+        "weights": weights_digest(loaded),
+        "model_config": loaded.config,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,14 +156,7 @@ class Adapter:
         """The JSON-able description of a run with this adapter (package version, model folder and
         the digest of its weights, settings, amp; ``batch_size`` only where it changes results:
         DDA's batch-wide norm), plus ``extra``."""
-        rec: Dict[str, Any] = {
-            "package_version": nnunet_sddm.__version__,
-            "model": str(Path(self.loaded.model_dir).resolve()),
-            "weights": weights_digest(self.loaded),
-            "model_config": self.loaded.config,
-            "settings": self.settings.to_dict(),
-            "amp": self.amp,
-        }
+        rec: Dict[str, Any] = {**model_identity(self.loaded), "settings": self.settings.to_dict(), "amp": self.amp}
         if self.settings.reference_behaviour:
             rec["batch_size"] = self.batch_size
         rec.update(extra)
@@ -197,37 +208,58 @@ class Adapter:
         process wrote. The caller has opened ``record`` (rank 0) or loaded it (other ranks).
         ``slice_counts``: ``{input: slices}`` from the caller's ``check_images`` (those inputs are
         not read and checked again)."""
-        pairs = [(Path(i), Path(o)) for i, o in pairs]
-        keys = list(seed_keys) if seed_keys is not None else [case_of(i) for i, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise SDDMError("two inputs share a case id (their random streams would coincide)")
-        for i, o in pairs:
-            if i.resolve() == o.resolve():
-                raise SDDMError(f"{o}: output would overwrite its own input")
-        todo = [(i, o, k) for (i, o), k in zip(pairs, keys) if not record.is_finished(o)]
-        if not todo:
-            return []
-        known = dict(slice_counts or {})
-        unchecked = [i for i, _, _ in todo if i not in known]
-        known.update(zip(unchecked, self.check_images(unchecked)))
-        counts = [known[i] for i, _, _ in todo]
-        dist_utils.barrier(self.ranks)  # every rank has listed its work before anyone writes
-        mine = dist_utils.shard(list(zip(todo, counts)), self.ranks)
-        by_key = {k: (i, o) for (i, o, k), _ in mine}
+        def results(items: Sequence[Tuple[Path, str]], total: int, desc: str) -> Iterator[Tuple[str, np.ndarray]]:
+            def volumes() -> Iterator[VolumeItem]:
+                for i, k in items:
+                    vol = read_volume(i)
+                    yield k, vol.data, vol.spacing
 
-        def volumes() -> Iterator[VolumeItem]:
-            for (i, _, k), _ in mine:
-                vol = read_volume(i)
-                yield k, vol.data, vol.spacing
+            return self.iter_adapted(volumes(), total_slices=total, desc=desc)
 
-        written = []
-        desc = "adapting" + (f" [rank {self.ranks.rank}]" if self.ranks.distributed else "")
-        for key, adapted in self.iter_adapted(volumes(), total_slices=sum(c for _, c in mine), desc=desc):
-            src, out = by_key[key]
-            write_like(adapted, src, out)
-            record.mark_finished(out)
-            written.append(out)
-        return written
+        return run_file_jobs(pairs, record, self.ranks, self.check_images, results, seed_keys=seed_keys,
+                             slice_counts=slice_counts, desc="adapting")
+
+
+#: ``(input, key) pairs, their total slices, a progress label`` -> ``(key, result (z, y, x))`` as each is done.
+FileResults = Callable[[Sequence[Tuple[Path, str]], int, str], Iterator[Tuple[str, np.ndarray]]]
+
+
+def run_file_jobs(pairs: Sequence[Tuple[PathLike, PathLike]], record: RunRecord, ranks: dist_utils.Ranks,
+                  check: Callable[[List[Path]], List[int]], results: FileResults,
+                  seed_keys: Optional[Sequence[str]] = None, slice_counts: Optional[Mapping[Path, int]] = None,
+                  desc: str = "adapting") -> List[Path]:
+    """The file loop of every run into a recorded folder (``Adapter.adapt_files``, label-conditioned
+    synthesis): the ``(input, output)`` pairs whose outputs ``record`` does not list as finished are
+    checked (``check``: slice counts, ``SDDMError`` naming the file; skipped for inputs in
+    ``slice_counts``), split over the ranks and computed by ``results``; each result is written
+    atomically with its input's geometry (``write_like``) and entered in ``record``. ``seed_keys``
+    name each pair's random streams (default: the input's case id). Returns the outputs this
+    process wrote."""
+    pairs = [(Path(i), Path(o)) for i, o in pairs]
+    keys = list(seed_keys) if seed_keys is not None else [case_of(i) for i, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise SDDMError("two inputs share a case id (their random streams would coincide)")
+    for i, o in pairs:
+        if i.resolve() == o.resolve():
+            raise SDDMError(f"{o}: output would overwrite its own input")
+    todo = [(i, o, k) for (i, o), k in zip(pairs, keys) if not record.is_finished(o)]
+    if not todo:
+        return []
+    known = dict(slice_counts or {})
+    unchecked = [i for i, _, _ in todo if i not in known]
+    known.update(zip(unchecked, check(unchecked)))
+    counts = [known[i] for i, _, _ in todo]
+    dist_utils.barrier(ranks)  # every rank has listed its work before anyone writes
+    mine = dist_utils.shard(list(zip(todo, counts)), ranks)
+    by_key = {k: (i, o) for (i, o, k), _ in mine}
+    written = []
+    desc = desc + (f" [rank {ranks.rank}]" if ranks.distributed else "")
+    for key, result in results([(i, k) for (i, _, k), _ in mine], sum(c for _, c in mine), desc):
+        src, out = by_key[key]
+        write_like(result, src, out)
+        record.mark_finished(out)
+        written.append(out)
+    return written
 
 
 def adapt_arrays(volumes: Mapping[str, np.ndarray], model: ModelSpec, settings: SamplerSettings,

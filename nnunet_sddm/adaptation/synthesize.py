@@ -28,7 +28,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import nnunet_sddm
 from nnunet_sddm.adaptation.pipeline import Adapter, ModelSpec
@@ -91,11 +92,125 @@ def _mapped_splits(src: Path, new_cases: Dict[str, List[str]], subjects: Dict[st
             raise SDDMError(f"{p}: source splits do not place {len(missing)} training case(s) in a "
                             f"validation fold (e.g. {missing[0]}); fix the source splits")
         return out
+    return _subject_splits(new_cases, subjects)
+
+
+def _subject_splits(new_cases: Dict[str, List[str]], subjects: Dict[str, str]) -> Optional[list]:
+    """Patient-level folds (at most 5) over the new cases, all cases of a subject together; None
+    for fewer than 2 subjects."""
     case_to_subject = {n: subjects[c] for c, names in new_cases.items() for n in names}
     n_subjects = len(set(case_to_subject.values()))
     if n_subjects < 2:
         return None
     return patient_level_splits(case_to_subject, n_folds=min(5, n_subjects))
+
+
+@dataclass(frozen=True)
+class NewDataset:
+    """The raw dataset a synthesis builds from ``src`` (any mode).
+
+    Attributes:
+        src: the source raw dataset folder; dataset_json: its ``dataset.json``.
+        folder_name: ``DatasetNEW_<name>``; existing: datasets with the new id (replaced only with
+            ``overwrite``).
+    """
+
+    src: Path
+    dataset_json: dict
+    folder_name: str
+    existing: List[Path]
+
+    @property
+    def ending(self) -> str:
+        return self.dataset_json["file_ending"]
+
+    @property
+    def final(self) -> Path:
+        return raw_root() / self.folder_name
+
+    @property
+    def partial(self) -> Path:
+        """The staging folder ``$nnUNet_raw/.DatasetNEW_<name>.partial``."""
+        return _partial_folder(self.folder_name)
+
+    @property
+    def split_path(self) -> Path:
+        return preprocessed_root() / self.folder_name / "splits_final.json"
+
+
+def new_dataset(source: Union[int, str, os.PathLike], new_id: int, name: Optional[str], suffix: str,
+                overwrite: bool) -> NewDataset:
+    """The source and the new dataset's names (default name ``<source name><suffix>``); ``SDDMError``
+    for the source's own id, an existing dataset of the new id without ``overwrite`` or a
+    multi-channel source."""
+    src = find_raw_dataset(source)
+    src_id, src_name = parse_dataset_folder_name(src.name)
+    if int(new_id) == src_id:
+        raise SDDMError(f"the new dataset id {new_id} is the source's ({src.name}); choose another id")
+    folder_name = dataset_folder_name(new_id, name or f"{src_name}{suffix}")
+    existing = check_target_free(int(new_id), overwrite)
+    dj = load_dataset_json(src)
+    if len(dj.get("channel_names", {"0": None})) != 1:
+        raise SDDMError(f"{src / 'dataset.json'}: only single-channel datasets can be synthesised")
+    return NewDataset(src, dj, folder_name, existing)
+
+
+def check_splits_free(ds: NewDataset, splits: Optional[list], overwrite: bool) -> None:
+    """``SDDMError`` if the new dataset's ``splits_final.json`` would replace a file left there
+    (without ``overwrite``)."""
+    if splits is not None and ds.split_path.exists() and not overwrite:
+        raise SDDMError(f"{ds.split_path} exists already (left from an earlier dataset {ds.folder_name}?); pass "
+                        f"--overwrite to replace it")
+
+
+T = TypeVar("T")
+
+
+def start_run(ds: NewDataset, record: RunRecord, outputs: Sequence[Path], ranks: dist_utils.Ranks,
+              check: Callable[[], T], stage: Optional[Callable[[], None]] = None,
+              resume_keys: Sequence[str] = RESUME_KEYS) -> Optional[T]:
+    """Open a synthesis run on every rank: ``check()`` the inputs (every rank, before anything is
+    written; its result is returned), then rank 0 creates or continues the staging folder (a
+    continued one must match the run's identity on ``resume_keys``), removes temporary leftovers
+    of a killed run, opens ``record`` for ``outputs`` and calls ``stage`` (files the sampling
+    reads). An ``SDDMError`` on any rank is raised on all; other ranks then load the record."""
+    ok, msg, result = True, "", None
+    try:
+        result = check()
+        if ranks.is_main:
+            _prepare_partial(ds.partial, record.identity, resume_keys)
+            for sub in ("", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):  # leftovers of a killed run
+                remove_stale_temp(ds.partial / sub)  # would be published into the dataset
+            record.open(list(outputs))
+            if stage is not None:
+                stage()
+    except SDDMError as e:
+        ok, msg = False, str(e)
+    dist_utils.all_ok(ok, msg, ranks)
+    if not ranks.is_main:
+        record.load()
+    return result
+
+
+def finish_run(ds: NewDataset, record: RunRecord, ranks: dist_utils.Ranks, dataset_json: Dict[str, object],
+               records: List[dict], splits: Optional[list], overwrite: bool) -> None:
+    """After every rank's share: rank 0 merges the ranks' records, writes ``dataset.json`` (the
+    source's with the new name, ``numTraining`` and the entries of ``dataset_json``) and
+    ``cases.json`` (``records``, training cases first), publishes the staging folder and writes
+    ``splits``."""
+    dist_utils.barrier(ranks)
+    if ranks.is_main:
+        if ranks.distributed:
+            record.merge_ranks()
+        n_train = sum(1 for r in records if r["split"] == "Tr")
+        new_dj = dict(ds.dataset_json)
+        new_dj.update({"name": ds.folder_name.split("_", 1)[1], "numTraining": n_train, **dataset_json})
+        write_json(new_dj, ds.partial / "dataset.json")
+        write_json(sorted(records, key=lambda r: (r["split"] != "Tr", r["case"])), ds.partial / "cases.json")
+        _publish(ds.partial, ds.final, ds.existing, overwrite)
+        if splits is not None:
+            write_json(splits, ds.split_path)
+    dist_utils.barrier(ranks)
 
 
 def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model: ModelSpec, settings: SamplerSettings,
@@ -114,20 +229,9 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model:
 
     Returns the new raw dataset folder.
     """
-    copies = int(copies)
-    if copies < 1:
-        raise SDDMError(f"--copies must be >= 1, got {copies}")
-    src = find_raw_dataset(source)
-    src_id, src_name = parse_dataset_folder_name(src.name)
-    if int(new_id) == src_id:
-        raise SDDMError(f"the new dataset id {new_id} is the source's ({src.name}); choose another id")
-    folder_name = dataset_folder_name(new_id, name or f"{src_name}SDDM")
-    final = raw_root() / folder_name
-    existing = check_target_free(int(new_id), overwrite)
-    dj = load_dataset_json(src)
-    if len(dj.get("channel_names", {"0": None})) != 1:
-        raise SDDMError(f"{src / 'dataset.json'}: only single-channel datasets can be synthesised")
-    ending = dj["file_ending"]
+    copies = check_copies(copies)
+    ds = new_dataset(source, new_id, name, "SDDM", overwrite)
+    src, ending, partial = ds.src, ds.ending, ds.partial
     listing = _source_listing(src, ending, include_test)
     records = {r["case"]: r for r in load_cases_json(src)}
 
@@ -139,33 +243,19 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model:
     new_cases = {case: [synthetic_case(case, k) for k in range(copies)] for split, case, _, _ in listing
                  if split == "Tr"}
     splits = _mapped_splits(src, new_cases, subjects)
-    split_path = preprocessed_root() / folder_name / "splits_final.json"
-    if splits is not None and split_path.exists() and not overwrite:
-        raise SDDMError(f"{split_path} exists already (left from an earlier dataset {folder_name}?); pass "
-                        f"--overwrite to replace it")
+    check_splits_free(ds, splits, overwrite)
 
-    partial = _partial_folder(folder_name)
-    identity = adapter.identity(source=str(src.resolve()), dataset=folder_name, copies=copies,
+    identity = adapter.identity(source=str(src.resolve()), dataset=ds.folder_name, copies=copies,
                                 include_test=bool(include_test))
     jobs = [[(split, case, img, lab) for split, case, img, lab in listing if split == "Tr" or k == 0]
             for k in range(copies)]
     pairs = [[(img, partial / f"images{split}" / f"{synthetic_case(case, k)}_0000{ending}")
               for split, case, img, _ in jobs[k]] for k in range(copies)]
     record = RunRecord(partial / RECORD_FILE, identity, RESUME_KEYS, ranks)
-    ok, msg, counts = True, "", {}
-    try:
-        inputs = [img for _, _, img, _ in listing]
-        counts = dict(zip(inputs, adapter.check_images(inputs)))  # once for all copies, before anything is written
-        if ranks.is_main:
-            _prepare_partial(partial, identity)
-            for sub in ("", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):  # leftovers of a killed run
-                remove_stale_temp(partial / sub)  # would be published into the dataset
-            record.open([o for copy in pairs for _, o in copy])
-    except SDDMError as e:
-        ok, msg = False, str(e)
-    dist_utils.all_ok(ok, msg, ranks)
-    if not ranks.is_main:
-        record.load()
+    inputs = [img for _, _, img, _ in listing]
+    # slice counts once for all copies, before anything is written
+    counts = start_run(ds, record, [o for copy in pairs for _, o in copy], ranks,
+                       lambda: dict(zip(inputs, adapter.check_images(inputs))))
 
     model_name = identity["model"]
     new_records: List[dict] = []
@@ -175,41 +265,46 @@ def synthesize_dataset(source: Union[int, str, os.PathLike], new_id: int, model:
                                                          slice_counts=counts)
         for split, case, img, lab in jobs[k]:
             new = synthetic_case(case, k)
-            base = {key: v for key, v in records.get(case, {}).items() if key not in ("case", "split", "dataset")}
+            base = source_record(records, case)
             subject = subjects[case]
             new_records.append({**base, "case": new, "subject": subject, "split": split,
                                 "source_case": case, "source_dataset": src.name, "copy": k, "synthetic": True,
                                 "seed": copy_settings.seed, "model": model_name,
-                                "sampler": copy_settings.to_dict(), "amp": amp, "dataset": folder_name})
+                                "sampler": copy_settings.to_dict(), "amp": amp, "dataset": ds.folder_name})
             if ranks.is_main and lab is not None:
-                target = partial / f"labels{split}" / f"{new}{ending}"
-                if not target.exists():
-                    with atomic_path(target) as tmp:
-                        shutil.copyfile(lab, tmp)
-    dist_utils.barrier(ranks)
-    if ranks.is_main:
-        if ranks.distributed:
-            record.merge_ranks()
-        n_train = sum(1 for r in new_records if r["split"] == "Tr")
-        new_dj = dict(dj)
-        new_dj.update({
-            "name": folder_name.split("_", 1)[1], "numTraining": n_train,
-            "description": f"SD-DM synthetic copy of {src.name} ({copies} cop{'y' if copies == 1 else 'ies'} "
-                           f"per training case)",
-            "nnunet_sddm_version": nnunet_sddm.__version__,
-            "sddm_synthesis": {"source": src.name, "model": model_name, "sampler": settings.to_dict(),
-                               "copies": copies, "include_test": bool(include_test), "amp": amp},
-        })
-        write_json(new_dj, partial / "dataset.json")
-        write_json(sorted(new_records, key=lambda r: (r["split"] != "Tr", r["case"])), partial / "cases.json")
-        _publish(partial, final, existing, overwrite)
-        if splits is not None:
-            write_json(splits, split_path)
-    dist_utils.barrier(ranks)
-    return final
+                copy_label(lab, partial / f"labels{split}" / f"{new}{ending}")
+    finish_run(ds, record, ranks, {
+        "description": f"SD-DM synthetic copy of {src.name} ({copies} cop{'y' if copies == 1 else 'ies'} "
+                       f"per training case)",
+        "nnunet_sddm_version": nnunet_sddm.__version__,
+        "sddm_synthesis": {"source": src.name, "model": model_name, "sampler": settings.to_dict(),
+                           "copies": copies, "include_test": bool(include_test), "amp": amp},
+    }, new_records, splits, overwrite)
+    return ds.final
 
 
-def _prepare_partial(partial: Path, record: dict) -> None:
+def check_copies(copies: int) -> int:
+    """``copies`` as an int; ``SDDMError`` unless >= 1."""
+    copies = int(copies)
+    if copies < 1:
+        raise SDDMError(f"--copies must be >= 1, got {copies}")
+    return copies
+
+
+def source_record(records: Dict[str, dict], case: str) -> dict:
+    """The fields of source case ``case``'s ``cases.json`` record that its synthetic cases inherit
+    (all but ``case``, ``split`` and ``dataset``; empty without a record)."""
+    return {key: v for key, v in records.get(case, {}).items() if key not in ("case", "split", "dataset")}
+
+
+def copy_label(label: Path, target: Path) -> None:
+    """Byte copy of ``label`` to ``target`` (atomic), unless ``target`` exists (a resumed run's)."""
+    if not target.exists():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(label, tmp)
+
+
+def _prepare_partial(partial: Path, record: dict, resume_keys: Sequence[str] = RESUME_KEYS) -> None:
     """Create the staging folder, or check that an existing one belongs to the same run."""
     rec_path = partial / RECORD_FILE
     if partial.exists():
@@ -217,7 +312,7 @@ def _prepare_partial(partial: Path, record: dict) -> None:
             old = json.loads(rec_path.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        same = old is not None and all(old.get(k) == record.get(k) for k in RESUME_KEYS + ("batch_size",))
+        same = old is not None and all(old.get(k) == record.get(k) for k in tuple(resume_keys) + ("batch_size",))
         if same:
             return
         shutil.rmtree(partial)  # a different (or unreadable) unfinished run: start afresh

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -76,12 +76,98 @@ def window_only(volume: np.ndarray, window: IntensityWindow) -> np.ndarray:
 
 
 @dataclass
+class SliceJob:
+    """One volume's slices waiting for the sampler: ``inputs`` ``(z, C, H, W)`` (the model-space
+    references of adaptation, the one-hot conditions of label-conditioned synthesis) and
+    ``finish``, which turns the volume's ``(z, 1, H, W)`` samples into its result ``(z, y, x)``."""
+
+    inputs: torch.Tensor
+    finish: Callable[[torch.Tensor], np.ndarray]
+
+
+@dataclass
 class _InFlight:
-    window: IntensityWindow
-    resize: SliceTransform
-    slices: torch.Tensor            # (z, 1, H, W) model-space references
-    out: torch.Tensor               # (z, 1, H, W) adapted
+    job: SliceJob
+    out: Optional[torch.Tensor] = None  # (z, 1, H, W) samples, allocated with the first one
     remaining: int = field(default=0)
+
+
+#: A batch sampler: model-space inputs ``(B, C, H, W)`` and their ``B`` slice keys -> ``(B, 1, H, W)``.
+BatchSampler = Callable[[torch.Tensor, List[str]], torch.Tensor]
+
+
+def iter_sampled(jobs: Iterable[Tuple[str, Union[SliceJob, np.ndarray]]], sample: BatchSampler, batch_size: int,
+                 pad_batches: bool = True, progress: bool = True, total_slices: Optional[int] = None,
+                 desc: str = "adapting") -> Iterator[Tuple[str, np.ndarray]]:
+    """The batching of slices of many volumes through a sampler (see ``iter_adapted``).
+
+    ``jobs``: ``(case, SliceJob)``, or ``(case, result (z, y, x))`` for a volume that needs no
+    sampling (yielded at once); pulled lazily, only when no batch can be filled yet. Yields
+    ``(case, job.finish(samples))`` as soon as a volume's last slice is sampled. Slice ``z`` of
+    ``case`` has key ``"<case>/<z>"``. Batches hold slices of one model-space shape; the
+    scheduling and ``pad_batches`` are those described in ``iter_adapted``."""
+    max_queued = QUEUE_BATCHES * batch_size
+    source = iter(jobs)
+    queues: Dict[Tuple[int, int], deque] = {}   # model-space shape -> (order, case, z)
+    queued = 0
+    order = 0
+    state: Dict[str, _InFlight] = {}
+    seen = set()
+    bar = progress_bar(total=total_slices, desc=desc, unit="slice", disable=not progress)
+    exhausted = False
+
+    def full() -> bool:
+        return any(len(q) >= batch_size for q in queues.values())
+
+    try:
+        while True:
+            while not exhausted and not full() and queued < max_queued:
+                try:
+                    case, job = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if case in seen:
+                    raise SDDMError(f"case {case!r} given twice")
+                seen.add(case)
+                if not isinstance(job, SliceJob):
+                    bar.update(np.shape(job)[0])
+                    yield case, job
+                    continue
+                z_count = int(job.inputs.shape[0])
+                state[case] = _InFlight(job, None, z_count)
+                q = queues.setdefault(tuple(job.inputs.shape[-2:]), deque())
+                for z in range(z_count):
+                    q.append((order, case, z))
+                    order += 1
+                queued += z_count
+            if not queued:
+                break
+            waiting = [q for q in queues.values() if q]
+            ready = [q for q in waiting if len(q) >= batch_size]
+            # a full batch (oldest first); else the longest queue (oldest first among equals)
+            q = min(ready, key=lambda d: d[0][0]) if ready else min(waiting, key=lambda d: (-len(d), d[0][0]))
+            batch = [q.popleft()[1:] for _ in range(min(batch_size, len(q)))]
+            queued -= len(batch)
+            y0 = torch.cat([state[c].job.inputs[z:z + 1] for c, z in batch])
+            keys = [f"{c}/{z}" for c, z in batch]
+            n_pad = batch_size - len(batch) if pad_batches else 0
+            if n_pad:
+                y0 = torch.cat([y0, y0[:1].expand(n_pad, -1, -1, -1)])
+                keys += [f"\x00padding/{j}" for j in range(n_pad)]
+            x = sample(y0, keys)[:len(batch)].cpu()
+            for (c, z), xs in zip(batch, x):
+                s = state[c]
+                if s.out is None:
+                    s.out = torch.empty((int(s.job.inputs.shape[0]), *xs.shape), dtype=xs.dtype)
+                s.out[z] = xs
+                s.remaining -= 1
+                if s.remaining == 0:
+                    del state[c]
+                    yield c, s.job.finish(s.out)
+            bar.update(len(batch))
+    finally:
+        bar.close()
 
 
 def iter_adapted(volumes: Iterable[VolumeItem], loaded: LoadedModel, settings: SamplerSettings,
@@ -116,72 +202,26 @@ def iter_adapted(volumes: Iterable[VolumeItem], loaded: LoadedModel, settings: S
     if batch_size < 1:
         raise SDDMError(f"--batch-size must be >= 1, got {batch_size}")
     spacing_mode = working_spacing(loaded.data_config) is not None
-    max_queued = QUEUE_BATCHES * batch_size
-    source = iter(volumes)
-    queues: Dict[Tuple[int, int], deque] = {}   # model-space shape -> (order, case, z)
-    queued = 0
-    order = 0
-    state: Dict[str, _InFlight] = {}
-    seen = set()
-    bar = progress_bar(total=total_slices, desc=desc, unit="slice", disable=not progress)
-    exhausted = False
 
-    def full() -> bool:
-        return any(len(q) >= batch_size for q in queues.values())
+    def jobs() -> Iterator[Tuple[str, Union[SliceJob, np.ndarray]]]:
+        for item in volumes:
+            case, volume = item[0], item[1]
+            spacing = item[2] if len(item) > 2 else None
+            volume = np.asarray(volume)
+            if volume.ndim != 3:
+                raise SDDMError(f"{case}: expected a 3D volume (z, y, x), got shape {volume.shape}")
+            window = IntensityWindow.fit(volume, percentiles, name=case)
+            if settings.N == 0:
+                yield case, window_only(volume, window)
+                continue
+            if spacing_mode and spacing is None:
+                raise SDDMError(f"{case}: the diffusion model {loaded.model_dir} works at a fixed spacing "
+                                f"(data.spacing in its config.json), so the volume's voxel spacing is needed")
+            slices, resize = model_space_slices(volume, window, loaded, settings.D, spacing, name=case)
+            yield case, SliceJob(slices, lambda x, w=window, r=resize: model_slices_to_volume(x, w, r))
 
-    try:
-        while True:
-            while not exhausted and not full() and queued < max_queued:
-                try:
-                    item = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
-                case, volume = item[0], item[1]
-                spacing = item[2] if len(item) > 2 else None
-                if case in seen:
-                    raise SDDMError(f"case {case!r} given twice")
-                seen.add(case)
-                volume = np.asarray(volume)
-                if volume.ndim != 3:
-                    raise SDDMError(f"{case}: expected a 3D volume (z, y, x), got shape {volume.shape}")
-                window = IntensityWindow.fit(volume, percentiles, name=case)
-                if settings.N == 0:
-                    bar.update(volume.shape[0])
-                    yield case, window_only(volume, window)
-                    continue
-                if spacing_mode and spacing is None:
-                    raise SDDMError(f"{case}: the diffusion model {loaded.model_dir} works at a fixed spacing "
-                                    f"(data.spacing in its config.json), so the volume's voxel spacing is needed")
-                slices, resize = model_space_slices(volume, window, loaded, settings.D, spacing, name=case)
-                state[case] = _InFlight(window, resize, slices, torch.empty_like(slices), volume.shape[0])
-                q = queues.setdefault(tuple(slices.shape[-2:]), deque())
-                for z in range(volume.shape[0]):
-                    q.append((order, case, z))
-                    order += 1
-                queued += volume.shape[0]
-            if not queued:
-                break
-            waiting = [q for q in queues.values() if q]
-            ready = [q for q in waiting if len(q) >= batch_size]
-            # a full batch (oldest first); else the longest queue (oldest first among equals)
-            q = min(ready, key=lambda d: d[0][0]) if ready else min(waiting, key=lambda d: (-len(d), d[0][0]))
-            batch = [q.popleft()[1:] for _ in range(min(batch_size, len(q)))]
-            queued -= len(batch)
-            y0 = torch.cat([state[c].slices[z:z + 1] for c, z in batch])
-            keys = [f"{c}/{z}" for c, z in batch]
-            n_pad = batch_size - len(batch) if pad_batches and not settings.reference_behaviour else 0
-            if n_pad:
-                y0 = torch.cat([y0, y0[:1].expand(n_pad, -1, -1, -1)])
-                keys += [f"\x00padding/{j}" for j in range(n_pad)]
-            x = guided_sample(loaded, y0.to(device, non_blocking=True), settings, keys, amp=amp)[:len(batch)].cpu()
-            for (c, z), xs in zip(batch, x):
-                s = state[c]
-                s.out[z] = xs
-                s.remaining -= 1
-                if s.remaining == 0:
-                    del state[c]
-                    yield c, model_slices_to_volume(s.out, s.window, s.resize)
-            bar.update(len(batch))
-    finally:
-        bar.close()
+    def sample(y0: torch.Tensor, keys: List[str]) -> torch.Tensor:
+        return guided_sample(loaded, y0.to(device, non_blocking=True), settings, keys, amp=amp)
+
+    yield from iter_sampled(jobs(), sample, batch_size, pad_batches=pad_batches and not settings.reference_behaviour,
+                            progress=progress, total_slices=total_slices, desc=desc)

@@ -162,20 +162,49 @@ def adapt_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+#: ``nnUNetv2_sddm_synthesize`` options of one mode only (destination -> option), for the error messages.
+RESTYLE_ONLY = {"D": "-D", "N": "-N", "tau": "--tau", "guidance": "--guidance",
+                "reference_behaviour": "--reference-behaviour", "amp": "--amp", "include_test": "--include-test"}
+LABELS_ONLY = {"labels": "--labels", "labels_from": "--labels-from", "domain": "--domain",
+               "guidance_scale": "--guidance-scale"}
+
+
 def synthesize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnUNetv2_sddm_synthesize", allow_abbrev=False,
-        description="Create a new nnU-Net raw dataset whose images are the source dataset's images adapted by "
-                    "the diffusion model and whose labels are the ORIGINAL labels (DG use). Writes "
-                    "dataset.json, cases.json (provenance) and the source's patient-level splits.")
+        description="Create a new nnU-Net raw dataset. --mode restyle (default, DG use): the source dataset's "
+                    "images adapted by the diffusion model, with the ORIGINAL labels. --mode labels: NEW images "
+                    "sampled from label maps by a mask-conditioned model (nnUNetv2_sddm_train --condition "
+                    "labels), paired with those label maps (the source's labelsTr as they are or deformed, "
+                    "or --labels-from). Writes dataset.json, cases.json (provenance) and patient-level splits.")
     p.add_argument("-d", "--source", required=True, help="source raw dataset: id, DatasetXXX_Name or folder")
     p.add_argument("-o", "--new-id", type=int, required=True, help="id of the new dataset (1-999)")
-    p.add_argument("--name", default=None, help="name of the new dataset (default <source name>SDDM)")
-    p.add_argument("-m", "--model", required=True, help="diffusion model folder or DATASET[:PRESET]")
-    add_sampler_arguments(p)
+    p.add_argument("--name", default=None,
+                   help="name of the new dataset (default <source name>SDDM; --mode labels: <source name>SDDMGen)")
+    p.add_argument("-m", "--model", required=True,
+                   help="diffusion model folder or DATASET[:PRESET] (--mode labels: a mask-conditioned model)")
+    p.add_argument("--mode", choices=("restyle", "labels"), default="restyle",
+                   help="restyle: adapt the source images, keep their labels (default); labels: sample new images "
+                        "from label maps")
+    add_sampler_arguments(p, device=False)
+    p.add_argument("--device", "-device", default=None,
+                   help="auto, cpu, cuda, cuda:1, mps (default auto: CUDA if available, else MPS, else the CPU; "
+                        "under torchrun each rank takes cuda:LOCAL_RANK)")
+    g = p.add_argument_group("--mode labels")
+    g.add_argument("--labels", choices=("as-is", "deformed"), default=None,
+                   help="as-is: condition on the label maps unchanged, written as byte copies (default); deformed: "
+                        "each copy gets its own seeded, topology-preserving random deformation of the map")
+    g.add_argument("--labels-from", default=None,
+                   help="a folder of label maps <name><file ending> to condition on instead of the source's "
+                        "labelsTr (each keeps its own geometry)")
+    g.add_argument("--domain", default=None,
+                   help="domain token of the samples, for a model trained with --pseudo-labelled (default source)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale w >= 0 (default 1 = plain conditional sampling; > 1 follows "
+                        "the mask more closely)")
     p.add_argument("--copies", type=int, default=1,
-                   help="differently seeded copies per training case (seeds seed..seed+K-1; default 1)")
-    p.add_argument("--include-test", action="store_true", help="also adapt imagesTs (one copy)")
+                   help="differently seeded copies per training case or label map (seeds seed..seed+K-1; default 1)")
+    p.add_argument("--include-test", action="store_true", help="restyle: also adapt imagesTs (one copy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the new id")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -184,13 +213,27 @@ def synthesize_parser() -> argparse.ArgumentParser:
 @cli_entry
 def synthesize_main(argv: Optional[Sequence[str]] = None) -> int:
     """Console script ``nnUNetv2_sddm_synthesize``."""
-    a = synthesize_parser().parse_args(argv)
-    from nnunet_sddm.adaptation.synthesize import synthesize_dataset
-
+    a, given = explicit_options(synthesize_parser(), argv)
+    other = RESTYLE_ONLY if a.mode == "labels" else LABELS_ONLY
+    unused = [flag for dest, flag in other.items() if dest in given]
+    if unused:
+        raise SDDMError(f"--mode {a.mode} does not use {', '.join(unused)}")
     t0 = time.time()
-    out = synthesize_dataset(a.source, a.new_id, a.model, sampler_settings(a), name=a.name, copies=a.copies,
-                             include_test=a.include_test, overwrite=a.overwrite, batch_size=a.batch_size,
-                             device=a.device, amp=a.amp, progress=not a.quiet)
+    if a.mode == "labels":
+        from nnunet_sddm.adaptation.synthesize_labels import synthesize_from_labels
+
+        out = synthesize_from_labels(a.source, a.new_id, a.model, labels=a.labels or "as-is",
+                                     labels_from=a.labels_from, domain=a.domain,
+                                     guidance_scale=1.0 if a.guidance_scale is None else a.guidance_scale,
+                                     copies=a.copies, steps=a.steps, seed=a.seed, name=a.name,
+                                     overwrite=a.overwrite, batch_size=a.batch_size, device=a.device,
+                                     progress=not a.quiet)
+    else:
+        from nnunet_sddm.adaptation.synthesize import synthesize_dataset
+
+        out = synthesize_dataset(a.source, a.new_id, a.model, sampler_settings(a), name=a.name, copies=a.copies,
+                                 include_test=a.include_test, overwrite=a.overwrite, batch_size=a.batch_size,
+                                 device=a.device, amp=a.amp, progress=not a.quiet)
     print(f"nnUNetv2_sddm_synthesize: wrote {out} in {time.time() - t0:.1f} s")
     return 0
 

@@ -119,15 +119,16 @@ def save_nifti(img, path: os.PathLike) -> Path:
     return path
 
 
-def write_like(data: np.ndarray, template: os.PathLike, out_path: os.PathLike) -> Path:
-    """Write ``data`` (z, y, x) as float32 with the geometry of the ``template`` image file.
+def write_like(data: np.ndarray, template: os.PathLike, out_path: os.PathLike, dtype=np.float32) -> Path:
+    """Write ``data`` (z, y, x) as ``dtype`` (default float32; e.g. uint8 for a label map) with
+    the geometry of the ``template`` image file.
 
     The output has the template's shape, spacing, origin, direction/affine (NIfTI: the whole
     header, qform and sform codes included). Written atomically (NIfTI: byte-deterministic);
     returns ``out_path``.
     """
     template, out_path = Path(template), Path(out_path)
-    data = np.asarray(data, dtype=np.float32)
+    data = np.asarray(data, dtype=dtype)
     with atomic_path(out_path) as tmp:
         if template.name.endswith(_NIFTI):
             import nibabel as nib
@@ -137,7 +138,7 @@ def write_like(data: np.ndarray, template: os.PathLike, out_path: os.PathLike) -
             if arr.shape != tuple(src.shape):
                 raise SDDMError(f"{out_path}: data shape {arr.shape} differs from {template} {src.shape}")
             header = src.header.copy()
-            header.set_data_dtype(np.float32)
+            header.set_data_dtype(data.dtype)
             img = nib.Nifti1Image(arr, src.affine, header)
             img.set_qform(src.get_qform(), code=int(src.header["qform_code"]))
             img.set_sform(src.get_sform(), code=int(src.header["sform_code"]))

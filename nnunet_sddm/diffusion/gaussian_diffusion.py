@@ -228,17 +228,22 @@ class GaussianDiffusion:
     def p_sample_loop(self, model: Callable, shape: Sequence[int], noise: Optional[torch.Tensor] = None,
                       generator: Optional[torch.Generator] = None, progress: bool = False,
                       clip_denoised: bool = True, device: Optional[torch.device] = None,
-                      model_kwargs: Optional[dict] = None) -> torch.Tensor:
+                      model_kwargs: Optional[dict] = None,
+                      draw: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
         """Ancestral sampling from x_T ~ N(0, I) (``noise`` if given) down to x_0.
 
         Random numbers are drawn on the CPU from ``generator`` (reproducible across devices)
-        and moved to ``device`` (default: the model's device). Returns ``(B, C, H, W)``.
+        and moved to ``device`` (default: the model's device); ``draw`` (a callable returning a
+        fresh standard-normal tensor of ``shape`` on ``device``, e.g. per-slice streams) replaces
+        them. Returns ``(B, C, H, W)``.
         """
         if device is None:
             device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
         shape = tuple(shape)
 
         def randn():
+            if draw is not None:
+                return draw()
             return torch.randn(shape, generator=generator).to(device)
 
         x = noise.to(device) if noise is not None else randn()

@@ -15,14 +15,18 @@ output exactly, variance included), ``w > 1`` pushes the samples further towards
 
 ``ClassifierFreeGuidance(model, w)`` has the model's call signature, so it goes wherever a model
 goes: ``diffusion.p_sample_loop(ClassifierFreeGuidance(model, 2.0), shape,
-model_kwargs={"cond": onehot, "domain": domain})``.
+model_kwargs={"cond": onehot, "domain": domain})``. ``sample_from_labels`` is that loop with one
+random stream per slice (``guided.SliceNoise``): a slice's sample depends on (model, its condition,
+seed, key, K, w, domain) only, not on its batch neighbours.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+from nnunet_sddm.sampling.guided import ModelAndChain, SliceNoise, _model_and_diffusion, frozen
 
 from nnunet_sddm.utilities.errors import SDDMError
 
@@ -53,3 +57,36 @@ class ClassifierFreeGuidance(torch.nn.Module):
         c = x.shape[1]
         eps = uncond[:, :c] + self.scale * (out[:, :c] - uncond[:, :c])
         return torch.cat([eps, out[:, c:]], dim=1)
+
+
+def sample_from_labels(loaded_or_model_diffusion: ModelAndChain, cond: torch.Tensor, keys: Sequence[str], seed: int,
+                       steps: int, scale: float = 1.0, domain: Optional[int] = None) -> torch.Tensor:
+    """Pure ancestral sampling from noise, conditioned on one-hot label maps.
+
+    Args:
+        loaded_or_model_diffusion: a conditional ``LoadedModel`` (respaced to ``steps``) or a
+            ``(model, diffusion)`` pair whose diffusion already has ``steps`` steps.
+        cond: ``(B, K, H, W)`` one-hot conditions (``conditioning.encode_labels``).
+        keys: ``B`` unique slice names: their random streams under ``seed`` (x_T, then one draw
+            per step but the last).
+        steps: respaced chain length K. scale: guidance scale w (1: conditional, no guidance).
+        domain: the domain index of every slice (models with ``model.domains``), None: none.
+
+    Returns:
+        ``(B, 1, H, W)`` float32 samples in model units (about [-1, 1], not clamped) on ``cond``'s device.
+    """
+    if cond.ndim != 4:
+        raise SDDMError(f"sample_from_labels expects (B, K, H, W) conditions, got {tuple(cond.shape)}")
+    if len(keys) != cond.shape[0] or len(set(keys)) != len(keys):
+        raise SDDMError(f"sample_from_labels needs {cond.shape[0]} unique slice keys, got {len(keys)}")
+    model, diffusion = _model_and_diffusion(loaded_or_model_diffusion, int(steps))
+    device = next(model.parameters()).device
+    B, _, H, W = cond.shape
+    noise = SliceNoise(int(seed), list(keys), (1, H, W), device)
+    kwargs = {"cond": cond.to(device=device, dtype=torch.float32)}
+    if domain is not None:
+        kwargs["domain"] = torch.full((B,), int(domain), dtype=torch.long, device=device)
+    with frozen(model):
+        x = diffusion.p_sample_loop(ClassifierFreeGuidance(model, scale), (B, 1, H, W), device=device,
+                                    model_kwargs=kwargs, draw=noise.draw)
+    return x.float().contiguous().to(cond.device)
