@@ -41,7 +41,6 @@ def _data(path):
     return np.asanyarray(nib.load(str(path)).dataobj)
 
 
-@pytest.mark.timeout(120)
 def test_labels_as_is(nnunet_env, phantoms, models):
     from nnunet_sddm.cli.adaptation import synthesize_main
     from nnunet_sddm.data.volumes import same_geometry
@@ -114,7 +113,6 @@ def test_spacing_mode_keeps_the_map_grid(tmp_path):
             dict(sampler.iter_generated([("s", lab, (8.0, 0.0, 1.5))], seed=0))
 
 
-@pytest.mark.timeout(120)
 def test_labels_deformed(nnunet_env, phantoms, models):
     from nnunet_sddm.data.volumes import same_geometry
 
@@ -139,7 +137,6 @@ def test_labels_deformed(nnunet_env, phantoms, models):
     assert dj["sddm_synthesis"]["deformation"]["max_tries"] == DeformationSettings().max_tries
 
 
-@pytest.mark.timeout(120)
 def test_labels_from_a_folder(nnunet_env, phantoms, models, tmp_path):
     from nnunet_sddm.data.volumes import same_geometry
     from nnunet_sddm.utilities.nnunet_paths import preprocessed_root
@@ -168,7 +165,6 @@ def test_labels_from_a_folder(nnunet_env, phantoms, models, tmp_path):
     assert len(splits) == 2 and sorted(splits[0]["val"] + splits[1]["val"]) == sorted(records)
 
 
-@pytest.mark.timeout(120)
 def test_resume_keeps_finished_cases(nnunet_env, phantoms, models, monkeypatch):
     import nnunet_sddm.adaptation.pipeline as pipeline
     from nnunet_sddm.data.volumes import write_like
@@ -200,7 +196,6 @@ def test_resume_keeps_finished_cases(nnunet_env, phantoms, models, monkeypatch):
     assert json.loads((out / "cases.json").read_text())[0]["guidance_scale"] == 2.0
 
 
-@pytest.mark.timeout(120)
 def test_two_ranks_split_the_work_and_equal_one(nnunet_env, phantoms, models, monkeypatch):
     """Two ranks as threads (the collectives replaced by a thread barrier): each samples its share,
     and the published dataset equals the single-process one byte for byte."""
