@@ -1,5 +1,6 @@
 """Console scripts: ``nnUNetv2_sddm_evaluate``, ``nnUNetv2_sddm_compare``,
-``nnUNetv2_sddm_domain_shift``, ``nnUNetv2_sddm_quality``, ``nnUNetv2_sddm_mask_adherence`` (argument parsing only; the work is in ``nnunet_sddm.evaluation``)."""
+``nnUNetv2_sddm_domain_shift``, ``nnUNetv2_sddm_quality``, ``nnUNetv2_sddm_mask_adherence`` (argument parsing
+only; the work is in ``nnunet_sddm.evaluation``)."""
 from __future__ import annotations
 
 import argparse
