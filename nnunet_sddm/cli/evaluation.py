@@ -208,6 +208,8 @@ def quality_main(argv: Optional[List[str]] = None) -> int:
 
 @cli_entry
 def mask_adherence_main(argv: Optional[List[str]] = None) -> int:
+    from nnunet_sddm.cli.prediction import add_nnunet_model_arguments, nnunet_model_from_args
+
     p = argparse.ArgumentParser(
         prog="nnUNetv2_sddm_mask_adherence", allow_abbrev=False,
         description="Mask adherence of generated image-label pairs: an nnU-Net trained on real data of the "
@@ -215,30 +217,18 @@ def mask_adherence_main(argv: Optional[List[str]] = None) -> int:
                     "generated from is reported per structure (adherence.json, adherence.csv, adherence.md).")
     p.add_argument("-s", required=True,
                    help="raw dataset of generated pairs (id, DatasetXXX_Name or folder; its imagesTr and labelsTr)")
-    p.add_argument("-d", required=True, help="dataset of the segmenter (nnU-Net model): id or DatasetXXX_Name")
-    p.add_argument("-c", required=True, help="nnU-Net configuration, e.g. 2d")
-    p.add_argument("-tr", default="nnUNetTrainer", help="trainer class used for training (default: nnUNetTrainer)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    p.add_argument("-f", nargs="+", default=("0", "1", "2", "3", "4"),
-                   help="folds whose probabilities are averaged (integers or 'all'; default: 0 1 2 3 4)")
-    p.add_argument("-chk", nargs="+", default=("checkpoint_final.pth",),
-                   help="checkpoint name(s) (default: checkpoint_final.pth)")
+    add_nnunet_model_arguments(p)  # the segmenter
     p.add_argument("-o", dest="out", required=True, help="output folder (refused if it exists unless --overwrite)")
-    p.add_argument("-device", "--device", default="cuda", help="cuda, cpu or mps (default: cuda)")
     p.add_argument("-np", dest="num_processes", type=int, default=0,
                    help="nnU-Net's preprocessing/export processes and the evaluation's (default 0: none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    from nnunet_sddm.adaptation.predictor import NNUNET_DEVICES
-    from nnunet_sddm.adaptation.pseudo_labels import NnUNetModel
     from nnunet_sddm.evaluation.mask_adherence import mask_adherence
 
-    if a.device not in NNUNET_DEVICES:
-        raise SDDMError(f"-device must be one of {', '.join(NNUNET_DEVICES)}, got {a.device!r}")
     if a.num_processes < 0:
         raise SDDMError(f"-np must be >= 0, got {a.num_processes}")
-    model = NnUNetModel(a.d, a.c, trainer=a.tr, plans=a.p, folds=tuple(a.f), checkpoints=tuple(a.chk))
+    model = nnunet_model_from_args(a)
     mask_adherence(a.s, model, a.out, device=a.device, num_processes=a.num_processes, overwrite=a.overwrite,
                    progress=not a.quiet)
     print((Path(a.out) / "adherence.md").read_text())

@@ -95,6 +95,31 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 
+def add_nnunet_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The trained nnU-Net of ``nnUNetv2_sddm_pseudo_label`` and ``nnUNetv2_sddm_mask_adherence``
+    (``-d -c -tr -p -f -chk``, ``nnUNetv2_predict``'s names; folds and checkpoints are averaged)."""
+    p.add_argument("-d", required=True, help="dataset of the nnU-Net model: id or DatasetXXX_Name")
+    p.add_argument("-c", required=True, help="nnU-Net configuration, e.g. 2d")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer class used for training (default: nnUNetTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-f", nargs="+", default=("0", "1", "2", "3", "4"),
+                   help="folds whose class probabilities are averaged (integers or 'all'; default: 0 1 2 3 4)")
+    p.add_argument("-chk", nargs="+", default=("checkpoint_final.pth",),
+                   help="checkpoint name(s); several are averaged with the folds (default: checkpoint_final.pth)")
+    p.add_argument("-device", "--device", default="cuda", help="cuda, cpu or mps (default: cuda)")
+
+
+def nnunet_model_from_args(a: argparse.Namespace):
+    """The ``NnUNetModel`` of :func:`add_nnunet_model_arguments`' options (``SDDMError`` for a bad -device)."""
+    from nnunet_sddm.adaptation.predictor import NNUNET_DEVICES
+    from nnunet_sddm.adaptation.pseudo_labels import NnUNetModel
+    from nnunet_sddm.utilities.errors import SDDMError
+
+    if a.device not in NNUNET_DEVICES:
+        raise SDDMError(f"-device must be one of {', '.join(NNUNET_DEVICES)}, got {a.device!r}")
+    return NnUNetModel(a.d, a.c, trainer=a.tr, plans=a.p, folds=tuple(a.f), checkpoints=tuple(a.chk))
+
+
 def build_pseudo_label_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnUNetv2_sddm_pseudo_label", allow_abbrev=False,
@@ -107,14 +132,7 @@ def build_pseudo_label_parser() -> argparse.ArgumentParser:
                    help="target images: a raw dataset (id, DatasetXXX_Name or folder; all images of imagesTr and "
                         "imagesTs) or a folder of nnU-Net-named images (CASE_0000.nii.gz)")
     p.add_argument("-o", required=True, type=int, help="id of the new dataset in nnUNet_raw")
-    p.add_argument("-d", required=True, help="dataset of the nnU-Net model: id or DatasetXXX_Name")
-    p.add_argument("-c", required=True, help="nnU-Net configuration, e.g. 2d")
-    p.add_argument("-tr", default="nnUNetTrainer", help="trainer class used for training (default: nnUNetTrainer)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    p.add_argument("-f", nargs="+", default=("0", "1", "2", "3", "4"),
-                   help="folds to average (integers or 'all'; default: 0 1 2 3 4)")
-    p.add_argument("-chk", nargs="+", default=("checkpoint_final.pth",),
-                   help="checkpoint name(s); several are averaged with the folds (default: checkpoint_final.pth)")
+    add_nnunet_model_arguments(p)
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="voxels whose highest class probability is below P (0 < P <= 1) get the ignore label "
                         "(dataset.json label 'ignore' = max label + 1), left out of nnU-Net's training loss; "
@@ -122,7 +140,6 @@ def build_pseudo_label_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None,
                    help="name of the new dataset (default: <target name or folder>PseudoLabel)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the new id")
-    p.add_argument("-device", "--device", default="cuda", help="cuda, cpu or mps (default: cuda)")
     p.add_argument("-np", type=int, default=_env_int("nnUNet_npp", 3),
                    help="nnU-Net's preprocessing and export processes (default 3); 0 = no worker processes")
     p.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
@@ -133,13 +150,9 @@ def build_pseudo_label_parser() -> argparse.ArgumentParser:
 def pseudo_label_main(argv: Optional[Sequence[str]] = None) -> int:
     """Console script ``nnUNetv2_sddm_pseudo_label``."""
     a = build_pseudo_label_parser().parse_args(argv)
-    from nnunet_sddm.adaptation.predictor import NNUNET_DEVICES
-    from nnunet_sddm.adaptation.pseudo_labels import NnUNetModel, pseudo_label_dataset
-    from nnunet_sddm.utilities.errors import SDDMError
+    from nnunet_sddm.adaptation.pseudo_labels import pseudo_label_dataset
 
-    if a.device not in NNUNET_DEVICES:
-        raise SDDMError(f"-device must be one of {', '.join(NNUNET_DEVICES)}, got {a.device!r}")
-    model = NnUNetModel(a.d, a.c, trainer=a.tr, plans=a.p, folds=tuple(a.f), checkpoints=tuple(a.chk))
+    model = nnunet_model_from_args(a)
     out = pseudo_label_dataset(a.i, a.o, model, threshold=a.threshold, name=a.name, overwrite=a.overwrite,
                                device=a.device, num_processes=a.np, progress=not a.disable_progress_bar)
     print(f"nnUNetv2_sddm_pseudo_label: wrote {out}")
