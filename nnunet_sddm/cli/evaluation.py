@@ -1,5 +1,6 @@
 """Console scripts: ``nnUNetv2_sddm_evaluate``, ``nnUNetv2_sddm_compare``,
-``nnUNetv2_sddm_domain_shift``, ``nnUNetv2_sddm_quality`` (argument parsing only; the work is in ``nnunet_sddm.evaluation``)."""
+``nnUNetv2_sddm_domain_shift``, ``nnUNetv2_sddm_quality``, ``nnUNetv2_sddm_mask_adherence`` (argument parsing
+only; the work is in ``nnunet_sddm.evaluation``)."""
 from __future__ import annotations
 
 import argparse
@@ -201,5 +202,35 @@ def quality_main(argv: Optional[List[str]] = None) -> int:
                              num_processes=a.num_processes or default_num_processes(),
                              overwrite=a.overwrite, progress=not a.quiet)
     print((Path(a.out) / "quality.md").read_text())
+    print(f"written to {a.out}")
+    return 0
+
+
+@cli_entry
+def mask_adherence_main(argv: Optional[List[str]] = None) -> int:
+    from nnunet_sddm.cli.prediction import add_nnunet_model_arguments, nnunet_model_from_args
+
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_mask_adherence", allow_abbrev=False,
+        description="Mask adherence of generated image-label pairs: an nnU-Net trained on real data of the "
+                    "generated domain segments every generated image, and the Dice against the label map it was "
+                    "generated from is reported per structure (adherence.json, adherence.csv, adherence.md).")
+    p.add_argument("-s", required=True,
+                   help="raw dataset of generated pairs (id, DatasetXXX_Name or folder; its imagesTr and labelsTr)")
+    add_nnunet_model_arguments(p)  # the segmenter
+    p.add_argument("-o", dest="out", required=True, help="output folder (refused if it exists unless --overwrite)")
+    p.add_argument("-np", dest="num_processes", type=int, default=0,
+                   help="nnU-Net's preprocessing/export processes and the evaluation's (default 0: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    from nnunet_sddm.evaluation.mask_adherence import mask_adherence
+
+    if a.num_processes < 0:
+        raise SDDMError(f"-np must be >= 0, got {a.num_processes}")
+    model = nnunet_model_from_args(a)
+    mask_adherence(a.s, model, a.out, device=a.device, num_processes=a.num_processes, overwrite=a.overwrite,
+                   progress=not a.quiet)
+    print((Path(a.out) / "adherence.md").read_text())
     print(f"written to {a.out}")
     return 0

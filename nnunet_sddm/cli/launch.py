@@ -29,11 +29,13 @@ SCRIPTS: Dict[str, str] = {
     "nnUNetv2_sddm_adapt": "nnunet_sddm.cli.adaptation:adapt_main",
     "nnUNetv2_sddm_synthesize": "nnunet_sddm.cli.adaptation:synthesize_main",
     "nnUNetv2_sddm_predict": "nnunet_sddm.cli.prediction:predict_main",
+    "nnUNetv2_sddm_pseudo_label": "nnunet_sddm.cli.prediction:pseudo_label_main",
     "nnUNetv2_sddm_sweep": "nnunet_sddm.cli.adaptation:sweep_main",
     "nnUNetv2_sddm_evaluate": "nnunet_sddm.cli.evaluation:evaluate_main",
     "nnUNetv2_sddm_compare": "nnunet_sddm.cli.evaluation:compare_main",
     "nnUNetv2_sddm_domain_shift": "nnunet_sddm.cli.evaluation:domain_shift_main",
     "nnUNetv2_sddm_quality": "nnunet_sddm.cli.evaluation:quality_main",
+    "nnUNetv2_sddm_mask_adherence": "nnunet_sddm.cli.evaluation:mask_adherence_main",
     "nnUNetv2_sddm_study": "nnunet_sddm.cli.study:study_main",
     "nnUNetv2_sddm_doctor": "nnunet_sddm.cli.doctor:doctor_main",
 }

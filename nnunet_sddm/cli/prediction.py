@@ -1,4 +1,5 @@
-"""``nnUNetv2_sddm_predict``: ``nnUNetv2_predict`` on SD-DM-adapted inputs (argument parsing only)."""
+"""``nnUNetv2_sddm_predict``: ``nnUNetv2_predict`` on SD-DM-adapted inputs, and ``nnUNetv2_sddm_pseudo_label``:
+pseudo-labelled target datasets (argument parsing only)."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +91,71 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
         method=a.method, source=a.source, beta=a.beta, seed=a.seed, postprocess=a.postprocess)
     print(f"nnUNetv2_sddm_predict: {len(summary['predicted'])} case(s) predicted, "
           f"{len(summary['skipped'])} skipped (already done), {summary['seconds']:.1f} s -> {a.o}")
+    return 0
+
+
+
+def add_nnunet_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The trained nnU-Net of ``nnUNetv2_sddm_pseudo_label`` and ``nnUNetv2_sddm_mask_adherence``
+    (``-d -c -tr -p -f -chk``, ``nnUNetv2_predict``'s names; folds and checkpoints are averaged)."""
+    p.add_argument("-d", required=True, help="dataset of the nnU-Net model: id or DatasetXXX_Name")
+    p.add_argument("-c", required=True, help="nnU-Net configuration, e.g. 2d")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer class used for training (default: nnUNetTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-f", nargs="+", default=("0", "1", "2", "3", "4"),
+                   help="folds whose class probabilities are averaged (integers or 'all'; default: 0 1 2 3 4)")
+    p.add_argument("-chk", nargs="+", default=("checkpoint_final.pth",),
+                   help="checkpoint name(s); several are averaged with the folds (default: checkpoint_final.pth)")
+    p.add_argument("-device", "--device", default="cuda", help="cuda, cpu or mps (default: cuda)")
+
+
+def nnunet_model_from_args(a: argparse.Namespace):
+    """The ``NnUNetModel`` of :func:`add_nnunet_model_arguments`' options (``SDDMError`` for a bad -device)."""
+    from nnunet_sddm.adaptation.predictor import NNUNET_DEVICES
+    from nnunet_sddm.adaptation.pseudo_labels import NnUNetModel
+    from nnunet_sddm.utilities.errors import SDDMError
+
+    if a.device not in NNUNET_DEVICES:
+        raise SDDMError(f"-device must be one of {', '.join(NNUNET_DEVICES)}, got {a.device!r}")
+    return NnUNetModel(a.d, a.c, trainer=a.tr, plans=a.p, folds=tuple(a.f), checkpoints=tuple(a.chk))
+
+
+def build_pseudo_label_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_sddm_pseudo_label", allow_abbrev=False,
+        description="Pseudo-label target images with a trained nnU-Net and write them as a new nnU-Net raw "
+                    "dataset (imagesTr: byte copies of the images, labelsTr: the pseudo-labels, dataset.json with "
+                    "the model's labels, cases.json with per-case confidence). The class probabilities of every "
+                    "fold and checkpoint are averaged, the largest connected component of each structure is kept, "
+                    "and with --threshold low-confidence voxels get nnU-Net's ignore label.")
+    p.add_argument("-i", required=True,
+                   help="target images: a raw dataset (id, DatasetXXX_Name or folder; all images of imagesTr and "
+                        "imagesTs) or a folder of nnU-Net-named images (CASE_0000.nii.gz)")
+    p.add_argument("-o", required=True, type=int, help="id of the new dataset in nnUNet_raw")
+    add_nnunet_model_arguments(p)
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="voxels whose highest class probability is below P (0 < P <= 1) get the ignore label "
+                        "(dataset.json label 'ignore' = max label + 1), left out of nnU-Net's training loss; "
+                        "default: no ignore label")
+    p.add_argument("--name", default=None,
+                   help="name of the new dataset (default: <target name or folder>PseudoLabel)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the new id")
+    p.add_argument("-np", type=int, default=_env_int("nnUNet_npp", 3),
+                   help="nnU-Net's preprocessing and export processes (default 3); 0 = no worker processes")
+    p.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
+    return p
+
+
+@cli_entry
+def pseudo_label_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``nnUNetv2_sddm_pseudo_label``."""
+    a = build_pseudo_label_parser().parse_args(argv)
+    from nnunet_sddm.adaptation.pseudo_labels import pseudo_label_dataset
+
+    model = nnunet_model_from_args(a)
+    out = pseudo_label_dataset(a.i, a.o, model, threshold=a.threshold, name=a.name, overwrite=a.overwrite,
+                               device=a.device, num_processes=a.np, progress=not a.disable_progress_bar)
+    print(f"nnUNetv2_sddm_pseudo_label: wrote {out}")
     return 0
 
 
