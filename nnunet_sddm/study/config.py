@@ -78,7 +78,7 @@ DEFAULTS: Dict[str, Any] = {
                 "reference_behaviour": False, "guidance": "gradient"},
     "synthesis": {"id": 972, "copies": 1},
     "device": "auto",
-    "nnunet": {"folders": "study", "num_processes": 2, "step_size": 0.5, "spacing": None},
+    "nnunet": {"folders": "study", "num_processes": 2, "step_size": 0.5, "spacing": None, "batch_size": None},
     "alternatives": {"histmatch": True, "fda": True, "nnunet_aug": True, "fda_beta": 0.01},
     "postprocess": "lcc",
     "evaluation": {"alpha": 0.01, "empty_policy": "diagonal", "num_processes": None, "test": "wilcoxon"},
@@ -368,7 +368,9 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
                       f"number from 0.05 to 100) or a list [z, y, x] of three such numbers, got {spacing!r}")
     if spacing is not None:
         spacing = tuple(float(v) for v in values) if isinstance(spacing, list) else float(spacing)
-    nnunet = NnunetConfig(folders=nn["folders"], num_processes=nn["num_processes"], step_size=step, spacing=spacing)
+    ck.int(nn, "batch_size", "nnunet", lo=1, allow_none=True)
+    nnunet = NnunetConfig(folders=nn["folders"], num_processes=nn["num_processes"], step_size=step, spacing=spacing,
+                          batch_size=nn["batch_size"])
     ev = cfg["evaluation"]
     alpha = ev["alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
