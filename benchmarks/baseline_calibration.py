@@ -63,6 +63,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--target-seed", type=int, default=1, help="phantom seed of the target vendors")
     p.add_argument("--matrix", type=int, default=64, help="phantom in-plane matrix")
     p.add_argument("--seed", type=int, default=0, help="phantom seed of the source and training seed")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="segmenter batch size set in nnU-Net's plans (the study's nnunet.batch_size; default: "
+                        "as nnU-Net plans it)")
     a = p.parse_args(argv)
 
     a.workdir = a.workdir.resolve()
@@ -82,38 +85,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     for i, v in enumerate(a.targets):
         tests[v] = _dataset(a.workdir, SOURCE_ID + 1 + i, v, 1, a.test_subjects, a.target_seed, a.matrix)
     configurations = list(dict.fromkeys(SEGMENTERS[s][0] for s in a.segmenters))
+    plans = nnunet_steps.plans_name(None, a.batch_size)
     pre = folders["preprocessed"] / source.name
-    if not all((pre / f"nnUNetPlans_{c}").is_dir() for c in configurations):
-        nnunet_steps.plan_and_preprocess([SOURCE_ID], configurations, nnunet_steps.nnunet_env(folders, "cpu"), 2, log)
+    if not all((pre / f"{plans}_{c}").is_dir() for c in configurations):
+        nnunet_steps.plan_and_preprocess([SOURCE_ID], configurations, nnunet_steps.nnunet_env(folders, "cpu"), 2, log,
+                                         batch_size=a.batch_size)
 
     rows = []
     for seg in a.segmenters:
         configuration = SEGMENTERS[seg][0]
         for its in a.iterations:
             trainer = trainer_name(seg, {}, a.epochs, its)
-            model = nnunet_steps.model_folder(folders["results"], source.name, trainer, configuration)
+            model = nnunet_steps.model_folder(folders["results"], source.name, trainer, configuration, plans)
             seconds = None
             if not nnunet_steps.is_trained(model, "all"):
                 env = nnunet_steps.nnunet_env(folders, "cpu", training=True, seed=a.seed, final_validation=False)
-                seconds = nnunet_steps.train(SOURCE_ID, configuration, "all", trainer, "cpu", env, log)
+                seconds = nnunet_steps.train(SOURCE_ID, configuration, "all", trainer, "cpu", env, log, plans=plans)
             with contextlib.redirect_stdout(io.StringIO()):
                 predictor = nnunet_prediction.load_nnunet_predictor(model, ["all"], device="cpu", use_mirroring=False,
                                                                     allow_tqdm=False)
             dice = {}
             for tag, ds in tests.items():
-                out = a.workdir / "predictions" / f"{trainer}__{configuration}" / tag.split()[0]
+                out = a.workdir / "predictions" / f"{trainer}__{plans}__{configuration}" / tag.split()[0]
                 if not out.is_dir():  # built under a temporary name: a folder that exists is complete
                     with contextlib.redirect_stdout(io.StringIO()), staging_dir(out) as tmp:
                         nnunet_prediction.predict_folder(predictor, ds / "imagesTs", tmp)
                 dice[tag] = _dice(ds / "labelsTs", out)
-            rows.append({"segmenter": seg, "trainer": trainer, "iterations": a.epochs * its, "train_s": seconds,
+            rows.append({"segmenter": seg, "trainer": trainer, "plans": plans, "iterations": a.epochs * its,
+                         "train_s": seconds,
                          "dice": dice})
             t = "reused" if seconds is None else f"{seconds:6.1f} s"
             print(f"{SEGMENTERS[seg][2]:11s} {a.epochs}x{its:4d} it  train {t:>8s}  " +
                   "  ".join(f"{tag.split()[0]} {d['all']:.3f}" for tag, d in dice.items()), flush=True)
 
     print(f"\nsource: vendor A, {a.subjects} subjects x ED/ES, matrix {a.matrix}, seed {a.seed}; test: "
-          f"{a.test_subjects} subjects x ED/ES per vendor (targets seed {a.target_seed}); mean Dice over LV/MYO/RV")
+          f"{a.test_subjects} subjects x ED/ES per vendor (targets seed {a.target_seed}); plans {plans}; mean Dice "
+          f"over LV/MYO/RV")
     print(f"goals: in-domain >= {IN_DOMAIN_GOAL}, target in [{TARGET_GOAL[0]}, {TARGET_GOAL[1]}]")
     head = f"{'segmenter':11s} {'iters':>5s} {'train s':>8s} " + " ".join(f"{t.split()[0]:>7s}" for t in tests)
     print(head)

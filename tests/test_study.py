@@ -22,7 +22,8 @@ def test_defaults_and_quick_are_valid():
     assert trainer_of(cfg, "2d") == "nnUNetTrainer_SDDM_NoDA_250ep"
     assert trainer_of(cfg, "vanilla") == "nnUNetTrainer_SDDM_VanillaUNet"
     q = build_config(quick=True)
-    assert q["source"]["phantom"] == "A" and q["target"]["phantom"] == "D" and q["source"]["test_subjects"] > 0
+    assert q["source"]["phantom"] == "A" and q["target"]["phantom"] == "B" and q["source"]["test_subjects"] > 0
+    assert q.nnunet.batch_size == 4 and q.nnunet.plans == "nnUNetPlansSDDM_bs4"
     assert q["diffusion"]["preset"] == "tiny" and q["device"] == "cpu"
     assert q["segmenters"] == ["2d"]
     assert trainer_of(q, "2d") == f"nnUNetTrainer_SDDM_NoDA_{QUICK['epochs']}ep_{QUICK['iterations_per_epoch']}it"

@@ -9,7 +9,7 @@ import pytest
 from nnunet_sddm.evaluation.metrics import EmptyPolicy
 from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.study import config as C
-from nnunet_sddm.study.config import StudyConfig, build_config
+from nnunet_sddm.study.config import QUICK, StudyConfig, build_config
 from nnunet_sddm.utilities.errors import SDDMError
 
 
@@ -24,7 +24,7 @@ def test_typed_tree_of_the_librarys_settings_objects():
     assert cfg.figures.sweep.D == (2, 4) and cfg.source.phantom == "A" and cfg.target.split == "Tr"
     assert cfg.trainer("2d") == "nnUNetTrainer_SDDM_NoDA_1ep_400it"
     assert cfg.configurations() == ["2d"]
-    assert cfg.diffusion_overrides() == {"training.iterations": 800, "training.seed": 0}
+    assert cfg.diffusion_overrides() == {"training.iterations": QUICK["diffusion"]["iterations"], "training.seed": 0}
     # the JSON view is what study.json records: the values as given (tau 3 stays an int), normalised fold
     js = cfg.to_dict()
     assert js["sampler"]["tau"] == 3 and isinstance(js["sampler"]["tau"], int) and js["fold"] == 2

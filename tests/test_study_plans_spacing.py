@@ -74,10 +74,11 @@ def test_model_folders_train_commands_and_fingerprint_follow_the_plans(tmp_path,
     assert "spacing" not in preprocess_inputs(default)  # studies made before the key keep their fingerprint
     assert preprocess_inputs(coarse)["spacing"] == nnunet_steps.plans_name(INPLANE)  # 3 and 3.0: the same plans
     calls = []
-    monkeypatch.setattr(nnunet_steps, "plan_and_preprocess", lambda ids, configurations, env, n, log, spacing=None:
-                        calls.append((list(ids), spacing)) or 0.0)
+    monkeypatch.setattr(nnunet_steps, "plan_and_preprocess",
+                        lambda ids, configurations, env, n, log, spacing=None, batch_size=None:
+                        calls.append((list(ids), spacing, batch_size)) or 0.0)
     assert run_preprocess(coarse, resume=False)["plans"] == PLANS
-    assert calls == [([coarse.dataset_id("source"), coarse.dataset_id("synthetic")], INPLANE)]  # the same override
+    assert calls == [([coarse.dataset_id("source"), coarse.dataset_id("synthetic")], INPLANE, None)]  # one override
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +146,58 @@ def test_overrides_are_checked_against_nnunets_default_plans(preprocessed):
     with pytest.raises(SDDMError, match=r"nnunet\.spacing 3: .* has no 3d_fullres .* give nnunet\.spacing as "
                                         r"\[z, y, x\]"):
         nnunet_steps.override_spacing(flat, 3)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "4", True, [4]])
+def test_bad_batch_sizes_are_refused_naming_the_key(value):
+    with pytest.raises(SDDMError, match=r"^my\.json: .*nnunet.*batch_size"):
+        build_config({"nnunet": {"batch_size": value}}, origin="my.json")
+
+
+def test_batch_size_names_its_own_plans_and_enters_the_fingerprint(tmp_path):
+    assert nnunet_steps.plans_name(None, 4) == "nnUNetPlansSDDM_bs4"
+    assert nnunet_steps.plans_name(2.5, 4) == "nnUNetPlansSDDM_2p5mm_bs4"
+    assert nnunet_steps.plans_name(2.5, None) == "nnUNetPlansSDDM_2p5mm"  # spacing-only names unchanged
+    assert build_config().nnunet.plans == "nnUNetPlans"
+    ctx = _context(tmp_path / "bs", batch_size=4)
+    assert ctx.cfg.nnunet.batch_size == 4 and ctx.cfg.nnunet.plans == "nnUNetPlansSDDM_bs4"
+    assert all(m.folder.name.split("__")[1] == "nnUNetPlansSDDM_bs4" for m in ctx.models())
+    assert preprocess_inputs(ctx)["batch_size"] == 4 and "spacing" not in preprocess_inputs(ctx)
+    assert "batch_size" not in preprocess_inputs(_context(tmp_path / "default"))
+
+
+def test_set_batch_size_edits_only_the_batch(preprocessed):
+    base = preprocessed.folders["preprocessed"] / preprocessed.dataset_name("source")
+    plans = json.loads((base / f"{PLANS}.json").read_text())
+    name = nnunet_steps.plans_name(INPLANE, 3)
+    edited = nnunet_steps.set_batch_size(plans, 3, ["2d"], name, base)
+    assert edited["plans_name"] == name and edited["configurations"]["2d"]["batch_size"] == 3
+    assert edited["configurations"]["3d_fullres"]["batch_size"] == plans["configurations"]["3d_fullres"]["batch_size"]
+    assert all(c["data_identifier"] == f"{name}_{k}" for k, c in edited["configurations"].items())
+    assert edited[nnunet_steps.BATCH_RECORD] == {"nnunet.batch_size": 3, "planned_plans": PLANS,
+                                                 "planned": {"2d": plans["configurations"]["2d"]["batch_size"]}}
+    for k in ("patch_size", "spacing", "architecture"):
+        assert edited["configurations"]["2d"][k] == plans["configurations"]["2d"][k]
+    assert plans["plans_name"] == PLANS and nnunet_steps.BATCH_RECORD not in plans  # the input is not changed
+    with pytest.raises(SDDMError, match=r"nnunet.batch_size: the plans have no configuration '3d_lowres'"):
+        nnunet_steps.set_batch_size(plans, 3, ["3d_lowres"], name, base)
+
+
+@pytest.mark.timeout(300)
+def test_the_batch_size_reaches_nnunets_plans_manager(tmp_path):
+    """nnU-Net's default plans, edited to batch 3 in ``2d`` under their own name and preprocessed
+    with ``-plans_name``: nnU-Net's own PlansManager reads the batch size from them."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    ctx = _context(tmp_path / "study", batch_size=3)
+    with nnunet_environment(ctx):
+        run_data(ctx, resume=False)
+    nnunet_steps.plan_and_preprocess([ctx.dataset_id("source")], ["2d"], ctx.nnunet_env(), 1,
+                                     ctx.out / "logs" / "preprocess.log", batch_size=3)
+    base = ctx.folders["preprocessed"] / ctx.dataset_name("source")
+    default = json.loads((base / "nnUNetPlans.json").read_text())
+    manager = PlansManager(str(base / "nnUNetPlansSDDM_bs3.json"))
+    assert manager.plans_name == "nnUNetPlansSDDM_bs3"
+    conf = manager.get_configuration("2d")
+    assert conf.batch_size == 3 != default["configurations"]["2d"]["batch_size"]
+    assert conf.patch_size == default["configurations"]["2d"]["patch_size"]
+    assert len(list((base / "nnUNetPlansSDDM_bs3_2d").glob("*_seg.b2nd"))) == 4  # preprocessed under the new name

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from nnunet_sddm.evaluation.metrics import EmptyPolicy
 from nnunet_sddm.sampling.guided import SamplerSettings
+from nnunet_sddm.study.nnunet_steps import plans_name
 
 #: Segmenter name -> (nnU-Net configuration, trainer family without augmentation, name in tables,
 #: trainer family with nnU-Net's standard augmentation: the ``nnU-Net aug`` row).
@@ -121,12 +122,19 @@ class NnunetConfig:
     """``folders``: ``study`` (own nnU-Net folders) or ``environment`` (the user's ``$nnUNet_*``);
     ``num_processes`` of nnU-Net's workers; sliding-window ``step_size`` in (0, 1]; ``spacing``:
     the segmenters' target spacing in mm, in-plane (a float) or (z, y, x), planned by nnU-Net under
-    its own plans name (None: nnU-Net's own plans; ``nnunet_steps.plans_name``)."""
+    its own plans name (None: nnU-Net's own plans); ``batch_size``: the segmenters' batch size set in
+    nnU-Net's plans (None: as nnU-Net planned it). ``plans``: the plans identifier of both
+    (``nnunet_steps.plans_name``)."""
 
     folders: str
     num_processes: int
     step_size: float
     spacing: Optional[Union[float, Tuple[float, float, float]]] = None
+    batch_size: Optional[int] = None
+
+    @property
+    def plans(self) -> str:
+        return plans_name(self.spacing, self.batch_size)
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ class StudyContext:
 
     def models(self) -> List[Model]:
         """Every segmenter to train: seeds (repeats) x segmenters x what the rows need it trained on."""
-        plans = nnunet_steps.plans_name(self.cfg.nnunet.spacing)
+        plans = self.cfg.nnunet.plans
         return [Model(s, kind, seed, nnunet_steps.model_folder(self.results_root(seed),
                                                               self.dataset_name(TRAINING_SIDE[kind]),
                                                               self.cfg.trainer(s, augmented=kind == "real_aug"),

@@ -13,12 +13,17 @@ nnU-Net's default planner plans once more with ``-overwrite_target_spacing`` (wh
 ``3d_fullres`` spacing; the ``2d`` configuration is planned with its in-plane part) under a plans
 name of its own (:func:`plans_name`), so that patch and batch size are re-planned for the smaller
 arrays; preprocessing and training then use that plans name (``-plans_name``, ``-p``).
+A batch size (``nnunet.batch_size``) is an edit of the plans, as nnU-Net's documentation advises for
+changing it: the planned plans (nnU-Net's default, or those of the target spacing) are written under
+a plans name of their own with ``batch_size`` set in the study's configurations, before
+preprocessing; everything else (patch, network, spacing) stays as nnU-Net planned it.
 
 Prediction and ensembling are not here: the study predicts with the code of
 ``nnUNetv2_sddm_predict`` (``nnunet_sddm.adaptation.predictor``, see ``stage_predict``).
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import time
@@ -40,6 +45,8 @@ PLANS = "nnUNetPlans"
 Spacing = Optional[Union[float, Tuple[float, float, float]]]
 #: The key the study adds to a plans file it planned with a target spacing: what was asked for.
 SPACING_RECORD = "sddm_spacing"
+#: The key the study adds to a plans file whose batch size it set: what was asked for, what was planned.
+BATCH_RECORD = "sddm_batch_size"
 
 
 def nnunet_env(folders: Mapping[str, Path], device: str, training: bool = False,
@@ -90,15 +97,19 @@ def run_command(cmd: Sequence[object], env: Mapping[str, str], log_file: Path) -
     return dt
 
 
-def plans_name(spacing: Spacing) -> str:
-    """The plans identifier of ``spacing``: nnU-Net's ``nnUNetPlans`` for None, else
-    ``nnUNetPlansSDDM_<s>mm`` for an in-plane spacing and ``nnUNetPlansSDDM_<z>x<y>x<x>mm`` for
-    three (a decimal point written ``p``: 2.5 -> ``nnUNetPlansSDDM_2p5mm``). One name per spacing:
-    models of two spacings never share a folder, and no nnU-Net plans name has the prefix."""
-    if spacing is None:
-        return PLANS
-    values = [spacing] if isinstance(spacing, (int, float)) else list(spacing)
-    return "nnUNetPlansSDDM_" + "x".join(_mm_token(v) for v in values) + "mm"
+def plans_name(spacing: Spacing, batch_size: Optional[int] = None) -> str:
+    """The plans identifier of ``spacing`` and ``batch_size``: nnU-Net's ``nnUNetPlans`` for neither,
+    else ``nnUNetPlansSDDM_`` + ``<s>mm`` for an in-plane spacing or ``<z>x<y>x<x>mm`` for three (a
+    decimal point written ``p``: 2.5 -> ``nnUNetPlansSDDM_2p5mm``), + ``bs<B>`` for a batch size,
+    joined by ``_`` (``nnUNetPlansSDDM_2p5mm_bs4``). One name per override: models of two overrides
+    never share a folder, and no nnU-Net plans name has the prefix."""
+    parts = []
+    if spacing is not None:
+        values = [spacing] if isinstance(spacing, (int, float)) else list(spacing)
+        parts.append("x".join(_mm_token(v) for v in values) + "mm")
+    if batch_size is not None:
+        parts.append(f"bs{int(batch_size)}")
+    return "nnUNetPlansSDDM_" + "_".join(parts) if parts else PLANS
 
 
 def _mm_token(value: float) -> str:
@@ -150,37 +161,68 @@ def check_override_plans(default_plans: Mapping[str, Any], plans: Mapping[str, A
                             f"{want} mm (nnunet.spacing)")
 
 
+def set_batch_size(plans: Dict[str, Any], batch_size: int, configurations: Sequence[str], name: str,
+                   where: PathLike) -> Dict[str, Any]:
+    """``plans`` renamed ``name`` (its ``plans_name`` and the ``data_identifier`` of every
+    configuration, as nnU-Net's planner names them) with ``batch_size`` in each of
+    ``configurations``; the request and the planned batch sizes are recorded under
+    ``BATCH_RECORD``. A configuration the plans lack is an error naming ``where``."""
+    out = copy.deepcopy(dict(plans))
+    planned = {}
+    for c in configurations:
+        conf = out["configurations"].get(c)
+        if conf is None:
+            raise SDDMError(f"{where}: nnunet.batch_size: the plans have no configuration {c!r}")
+        planned[c] = conf.get("batch_size")
+        conf["batch_size"] = int(batch_size)
+    out["plans_name"] = name
+    for c, conf in out["configurations"].items():
+        if "data_identifier" in conf:
+            conf["data_identifier"] = f"{name}_{c}"
+    out[BATCH_RECORD] = {"nnunet.batch_size": int(batch_size), "planned": planned,
+                         "planned_plans": plans.get("plans_name", PLANS)}
+    return out
+
+
 def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str], env: Mapping[str, str],
-                        num_processes: int, log_file: Path, spacing: Spacing = None) -> float:
+                        num_processes: int, log_file: Path, spacing: Spacing = None,
+                        batch_size: Optional[int] = None) -> float:
     """``nnUNetv2_plan_and_preprocess -d IDS -c CONFIGS -np N -npfp N`` (default planner and plans;
     ``-npfp``: nnU-Net's default of 8 fingerprint workers costs 8 process start-ups per dataset).
 
-    With a target ``spacing`` (see the module docstring): fingerprints and nnU-Net's default plans
-    (``--no_pp``), then ``nnUNetv2_plan_experiment -d IDS -overwrite_target_spacing Z Y X
-    -overwrite_plans_name NAME`` (:func:`override_spacing`; the plans are checked by
-    :func:`check_override_plans` and record the request under ``SPACING_RECORD``), then
+    With a target ``spacing`` or a ``batch_size`` (see the module docstring): fingerprints and
+    nnU-Net's default plans (``--no_pp``); for a spacing, ``nnUNetv2_plan_experiment -d IDS
+    -overwrite_target_spacing Z Y X -overwrite_plans_name NAME`` (:func:`override_spacing`; the
+    plans are checked by :func:`check_override_plans` and record the request under
+    ``SPACING_RECORD``); for a batch size, :func:`set_batch_size` on those plans; then
     ``nnUNetv2_preprocess -d IDS -plans_name NAME -c CONFIGS -np N``."""
     n = [num_processes] * len(configurations)
-    if spacing is None:
+    if spacing is None and batch_size is None:
         cmd = ["nnUNetv2_plan_and_preprocess", "-d", *dataset_ids, "-c", *configurations, "-np", *n,
                "-npfp", num_processes]
         return run_command(cmd, env, log_file)
-    name = plans_name(spacing)
+    name = plans_name(spacing, batch_size)
     seconds = run_command(["nnUNetv2_plan_and_preprocess", "-d", *dataset_ids, "-npfp", num_processes, "--no_pp"],
                           env, log_file)
     folders = {i: _preprocessed_dataset(Path(env["nnUNet_preprocessed"]), i) for i in dataset_ids}
     defaults = {i: read_json(folders[i] / f"{PLANS}.json") for i in dataset_ids}
-    targets = {i: override_spacing(defaults[i], spacing) for i in dataset_ids}
-    for target in dict.fromkeys(tuple(t) for t in targets.values()):  # one planner run per target spacing
-        ids = [i for i in dataset_ids if tuple(targets[i]) == target]
-        seconds += run_command(["nnUNetv2_plan_experiment", "-d", *ids, "-overwrite_target_spacing", *target,
-                                "-overwrite_plans_name", name], env, log_file)
+    if spacing is not None:
+        targets = {i: override_spacing(defaults[i], spacing) for i in dataset_ids}
+        for target in dict.fromkeys(tuple(t) for t in targets.values()):  # one planner run per target spacing
+            ids = [i for i in dataset_ids if tuple(targets[i]) == target]
+            seconds += run_command(["nnUNetv2_plan_experiment", "-d", *ids, "-overwrite_target_spacing", *target,
+                                    "-overwrite_plans_name", name], env, log_file)
     for i in dataset_ids:
         plans_file = folders[i] / f"{name}.json"
-        plans = read_json(plans_file)
-        check_override_plans(defaults[i], plans, targets[i], configurations, plans_file)
-        plans[SPACING_RECORD] = {"nnunet.spacing": spacing if isinstance(spacing, (int, float)) else list(spacing),
-                                 "target_spacing": targets[i], "default_plans": PLANS}
+        if spacing is not None:
+            plans = read_json(plans_file)
+            check_override_plans(defaults[i], plans, targets[i], configurations, plans_file)
+            plans[SPACING_RECORD] = {"nnunet.spacing": spacing if isinstance(spacing, (int, float)) else list(spacing),
+                                     "target_spacing": targets[i], "default_plans": PLANS}
+        else:
+            plans = defaults[i]
+        if batch_size is not None:
+            plans = set_batch_size(plans, batch_size, configurations, name, plans_file)
         write_json(plans, plans_file)
     cmd = ["nnUNetv2_preprocess", "-d", *dataset_ids, "-plans_name", name, "-c", *configurations, "-np", *n]
     return seconds + run_command(cmd, env, log_file)

@@ -1,6 +1,7 @@
 """Stage ``preprocess``: nnU-Net planning and preprocessing of the real and the synthetic source
 datasets (``nnUNetv2_plan_and_preprocess`` in a subprocess, log in ``OUT/logs/preprocess.log``);
-with ``nnunet.spacing`` both are planned at that target spacing under its own plans name
+with ``nnunet.spacing`` both are planned at that target spacing, and with ``nnunet.batch_size``
+their plans get that batch size, under a plans name of their own
 (``nnunet_steps.plan_and_preprocess``)."""
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from nnunet_sddm.study.stages import Stage
 def preprocess_outputs(ctx: StudyContext) -> List[Path]:
     """nnU-Net's default plans, the dataset files, the fingerprint, and the plans and preprocessed
     data of the study's plans (``nnunet_steps.plans_name``) of both datasets."""
-    plans = nnunet_steps.plans_name(ctx.cfg.nnunet.spacing)
+    plans = ctx.cfg.nnunet.plans
     out = []
     for side in ("source", "synthetic"):
         base = ctx.folders["preprocessed"] / ctx.dataset_name(side)
@@ -31,17 +32,20 @@ def run_preprocess(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     ids = [ctx.dataset_id("source"), ctx.dataset_id("synthetic")]
     seconds = nnunet_steps.plan_and_preprocess(ids, ctx.cfg.configurations(), ctx.nnunet_env(),
                                                ctx.cfg.nnunet.num_processes, ctx.out / "logs" / "preprocess.log",
-                                               spacing=ctx.cfg.nnunet.spacing)
-    return {"datasets": ids, "configurations": ctx.cfg.configurations(),
-            "plans": nnunet_steps.plans_name(ctx.cfg.nnunet.spacing), "seconds": round(seconds, 1)}
+                                               spacing=ctx.cfg.nnunet.spacing, batch_size=ctx.cfg.nnunet.batch_size)
+    return {"datasets": ids, "configurations": ctx.cfg.configurations(), "plans": ctx.cfg.nnunet.plans,
+            "seconds": round(seconds, 1)}
 
 
 def preprocess_inputs(ctx: StudyContext) -> Any:
-    """The configurations and, when set, ``nnunet.spacing`` (its plans name; left out when null,
-    so that studies made before the key keep their fingerprint)."""
+    """The configurations and, when set, ``nnunet.spacing`` (its plans name) and
+    ``nnunet.batch_size`` (each left out when null, so that studies made before the key keep their
+    fingerprint)."""
     inputs: Dict[str, Any] = {"configurations": ctx.cfg.configurations()}
     if ctx.cfg.nnunet.spacing is not None:  # by its plans name: 3 and 3.0 are the same plans
         inputs["spacing"] = nnunet_steps.plans_name(ctx.cfg.nnunet.spacing)
+    if ctx.cfg.nnunet.batch_size is not None:
+        inputs["batch_size"] = ctx.cfg.nnunet.batch_size
     return inputs
 
 

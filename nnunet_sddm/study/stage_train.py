@@ -53,7 +53,7 @@ def run_train(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
         seconds = nnunet_steps.train(ctx.dataset_id(ctx.model_side(m)), configuration, fold, trainer, ctx.device,
                                      ctx.nnunet_env(training=True, seed=m.seed),
                                      ctx.out / "logs" / f"train_{m.key}.log", resume=cont,
-                                     plans=nnunet_steps.plans_name(ctx.cfg.nnunet.spacing))
+                                     plans=ctx.cfg.nnunet.plans)
         result[m.key] = {"model": str(m.folder), "trainer": trainer, "seconds": round(seconds, 1)}
     return result
 
