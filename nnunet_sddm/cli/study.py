@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nnUNetv2_sddm_study", allow_abbrev=False,
         description="Run the SD-DM study (the paper's Table 1 and figures): diffusion training -> DG synthesis "
                     "-> DA adaptation -> histogram matching and FDA -> nnU-Net plan/preprocess -> train every "
-                    "segmenter on the real and the synthetic source (and with nnU-Net's augmentation) -> in-domain "
+                    "segmenter on the real and the synthetic source (and with nnU-Net's augmentation) -> (with "
+                    "generative.rows in STUDY.json: pseudo-labels of the target, a conditional diffusion model, "
+                    "generated target-style pairs, the UDA-syn and Gen-only segmenters, mask adherence) -> in-domain "
                     "test and source round trip on the source's held-out cases -> predict every row's input -> "
                     "evaluate -> compare -> quality report of the DG and DA images -> figures -> report.md. "
                     "Stages that are done and unchanged are skipped, so re-running the same command resumes. "

@@ -33,6 +33,10 @@ Appendix-A 2D U-Net), trained by the plugin's no-augmentation trainers for ``epo
 fixed schedule ignores ``iterations_per_epoch``)
 unless ``trainers`` names others.
 
+The generative rows (``generative``, off by default; ``config_tree.GenerativeConfig``) add
+``UDA-syn`` and ``Gen-only`` to the table: with ``rows`` false the section is only type-checked,
+and nothing of it reaches a stage fingerprint.
+
 Parsing (:func:`build_config`) validates every key (``SDDMError`` naming the file or layer and the
 key) and builds the typed tree (``config_tree``) from the library's own validated settings objects
 (``SamplerSettings``, ``EmptyPolicy``); the stages read its typed fields. Indexing a
@@ -51,10 +55,11 @@ from nnunet_sddm.diffusion.presets import PRESETS, apply_overrides, preset_confi
 from nnunet_sddm.evaluation.metrics import EmptyPolicy
 from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.data.raw_dataset import CARDIAC_LABELS
+from nnunet_sddm.adaptation.synthesize_labels import LABEL_SOURCES
 from nnunet_sddm.study.config_tree import (APPROACHES, POSTPROCESSING, SEGMENTERS, TESTS, AlternativesConfig,
                                            DatasetConfig, DiffusionConfig, EvaluationConfig, FiguresConfig,
-                                           NnunetConfig, SamplerConfig, StudyConfig, SweepConfig, SynthesisConfig,
-                                           diffusion_overrides, read_only, trainer_name, trainer_of)
+                                           GenerativeConfig, NnunetConfig, SamplerConfig, StudyConfig, SweepConfig,
+                                           SynthesisConfig, diffusion_overrides, read_only, trainer_name, trainer_of)
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import read_json
 
@@ -83,6 +88,9 @@ DEFAULTS: Dict[str, Any] = {
     "postprocess": "lcc",
     "evaluation": {"alpha": 0.01, "empty_policy": "diagonal", "num_processes": None, "test": "wilcoxon"},
     "figures": {"sweep": {"D": [2, 4, 8], "N": [10, 25, 50], "tau": [0.0, 6.0, 20.0]}, "tsne": True},
+    "generative": {"rows": False, "pseudo_id": 973, "generated_id": 974, "merged_id": 975, "copies": 1,
+                   "labels": "deformed", "guidance_scale": 1.0,
+                   "diffusion": {"preset": None, "iterations": None, "batch_size": None, "set": {}}},
     "seed": 0,
     "repeats": 1,
 }
@@ -141,11 +149,17 @@ def _check_keys(given: Mapping[str, Any], allowed: Mapping[str, Any], where: str
 
 def _check_unknown(cfg: Mapping[str, Any], origin: str) -> None:
     _check_keys(cfg, DEFAULTS, "the study configuration", origin)
-    for section in ("diffusion", "sampler", "synthesis", "nnunet", "evaluation", "figures", "alternatives"):
+    for section in ("diffusion", "sampler", "synthesis", "nnunet", "evaluation", "figures", "alternatives",
+                    "generative"):
         if section in cfg:
             if not isinstance(cfg[section], Mapping):
                 raise SDDMError(f"{origin}: {section!r} must be an object")
             _check_keys(cfg[section], DEFAULTS[section], f"'{section}'", origin)
+    gen_dif = cfg.get("generative", {}).get("diffusion")
+    if gen_dif is not None:
+        if not isinstance(gen_dif, Mapping):
+            raise SDDMError(f"{origin}: 'generative.diffusion' must be an object")
+        _check_keys(gen_dif, DEFAULTS["generative"]["diffusion"], "'generative.diffusion'", origin)
     for side in ("source", "target"):
         if side in cfg:
             if not isinstance(cfg[side], Mapping):
@@ -238,6 +252,53 @@ def _parse_side(side: str, d: Dict[str, Any], ck: _Check) -> DatasetConfig:
                          test_subjects=d.get("test_subjects"), matrix=d.get("matrix"), seed=d.get("seed"),
                          id=d.get("id"), split=d.get("split"),
                          labels=tuple(d["labels"]) if d.get("labels") else None)
+
+
+def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]) -> GenerativeConfig:
+    """The ``generative`` section: every key checked; with ``rows`` also its dataset ids against
+    ``ids`` (``{"source.id": ..}`` of the study's other datasets) and the conditional diffusion
+    model's settings against its preset (off: nothing of it is used, nothing more is checked)."""
+    gen = cfg["generative"]
+    rows = ck.bool(gen, "rows", "generative")
+    keys = ("pseudo_id", "generated_id", "merged_id")
+    for k in keys:
+        ck.int(gen, k, "generative", lo=1)
+        if gen[k] > 999:
+            raise ck.fail(f"generative.{k} must be in 1..999, got {gen[k]}")
+    copies = ck.int(gen, "copies", "generative", lo=1)
+    if gen["labels"] not in LABEL_SOURCES:
+        raise ck.fail(f"generative.labels must be one of {', '.join(LABEL_SOURCES)}, got {gen['labels']!r}")
+    w = ck.number(gen, "guidance_scale", "generative")
+    if w < 0:
+        raise ck.fail(f"generative.guidance_scale must be >= 0 (1: no guidance), got {w!r}")
+    dif, study_dif = gen["diffusion"], cfg["diffusion"]
+    ck.int(dif, "iterations", "generative.diffusion", lo=1, allow_none=True)
+    ck.int(dif, "batch_size", "generative.diffusion", lo=1, allow_none=True)
+    if not isinstance(dif["set"], Mapping):
+        raise ck.fail("generative.diffusion.set must map SECTION.KEY to values")
+    preset = dif["preset"] if dif["preset"] is not None else study_dif["preset"]
+    seed = cfg["seed"] if type(cfg["seed"]) is int else 0  # checked by the caller
+    set_ = {**(study_dif["set"] if dif["preset"] is None else {}), **dif["set"], "model.condition": "labels"}
+    overrides = diffusion_overrides(set_, dif["iterations"] if dif["iterations"] is not None else
+                                    study_dif["iterations"],
+                                    dif["batch_size"] if dif["batch_size"] is not None else study_dif["batch_size"],
+                                    seed)
+    if rows:
+        if preset not in PRESETS:
+            raise ck.fail(f"generative.diffusion.preset {preset!r} does not exist; choose one of "
+                          f"{', '.join(sorted(PRESETS))}")
+        try:
+            validate_config(apply_overrides(preset_config(preset), overrides))
+        except SDDMError as e:
+            raise ck.fail(f"generative.diffusion: {e}") from None
+        seen = {v: k for k, v in ids.items()}
+        for k in keys:
+            if gen[k] in seen:
+                raise ck.fail(f"generative.{k} and {seen[gen[k]]} are both dataset id {gen[k]}; ids must differ")
+            seen[gen[k]] = f"generative.{k}"
+    return GenerativeConfig(rows=rows, pseudo_id=gen["pseudo_id"], generated_id=gen["generated_id"],
+                            merged_id=gen["merged_id"], copies=copies, labels=gen["labels"], guidance_scale=w,
+                            preset=preset, overrides=read_only(overrides))
 
 
 def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") -> StudyConfig:
@@ -399,6 +460,7 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
                       f"fraction of the slice size), got {beta!r}")
     alternatives = AlternativesConfig(histmatch=alt["histmatch"], fda=alt["fda"], nnunet_aug=alt["nnunet_aug"],
                                       fda_beta=beta)
+    generative = _parse_generative(cfg, ck, ids)
     overridden = sorted(s for s in trainers if s in segs)
     if alternatives.nnunet_aug and overridden:
         raise ck.fail(f"trainers gives its own trainer for {', '.join(overridden)}, but the nnU-Net aug row trains "
@@ -416,4 +478,4 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
                        diffusion=diffusion, sampler=sampler, synthesis=synthesis, device=cfg["device"],
                        nnunet=nnunet, evaluation=evaluation, figures=figures, seed=cfg["seed"],
                        repeats=cfg["repeats"], alternatives=alternatives, postprocess=cfg["postprocess"],
-                       raw=read_only(cfg))
+                       generative=generative, raw=read_only(cfg))

@@ -24,9 +24,13 @@ SEGMENTERS: Dict[str, tuple] = {
 #: Trainer families whose 250-epoch class is the bare family name (the others: ``<family>_250ep``).
 _BARE_250 = ("nnUNetTrainer_SDDM_VanillaUNet", "nnUNetTrainer_SDDM_VanillaUNetAug")
 
-#: What a segmenter is trained on: ``real`` (the source), ``synthetic`` (the DG dataset) and
-#: ``real_aug`` (the source, with nnU-Net's standard augmentation).
-KINDS = ("real", "synthetic", "real_aug")
+#: What a segmenter is trained on: ``real`` (the source), ``synthetic`` (the DG dataset),
+#: ``real_aug`` (the source, with nnU-Net's standard augmentation), and with ``generative.rows``
+#: ``uda_syn`` (the source plus the generated target-style pairs) and ``gen_only`` (the generated
+#: pairs alone).
+KINDS = ("real", "synthetic", "real_aug", "uda_syn", "gen_only")
+#: The kinds trained after the generated datasets exist (stage ``generative_train``, not ``train``).
+GENERATIVE_KINDS = ("uda_syn", "gen_only")
 
 #: Every row a study can report (Table 1, the ensembles with the original image, and the
 #: alternatives a reviewer compares against); name -> (trained on, input). ``Approach`` rows of a
@@ -39,11 +43,15 @@ APPROACHES: Dict[str, tuple] = {
     "DA": ("real", "adapted"),
     "DG": ("synthetic", "original"),
     "Mixed": ("synthetic", "adapted"),
+    "UDA-syn": ("uda_syn", "original"),
+    "Gen-only": ("gen_only", "original"),
     "DA+ens": ("real", "ensemble"),
     "Mixed+ens": ("synthetic", "ensemble"),
 }
 #: Rows that exist only when their alternative is enabled (``alternatives.<key>``).
 OPTIONAL_APPROACHES = {"nnU-Net aug": "nnunet_aug", "HistMatch": "histmatch", "FDA": "fda"}
+#: Rows that exist only with ``generative.rows`` (Diffuse-UDA's recipe and SynCMRI's utility test).
+GENERATIVE_APPROACHES = ("UDA-syn", "Gen-only")
 #: Tests behind the table's marks (``evaluation.test``): paired Wilcoxon signed-rank, paired t, Welch (the paper's).
 TESTS = ("wilcoxon", "ttest_rel", "welch")
 #: Post-processing of predictions (``postprocess``): name -> suffix of its rows.
@@ -163,6 +171,29 @@ class AlternativesConfig:
 
 
 @dataclass(frozen=True)
+class GenerativeConfig:
+    """The generative rows (``generative``): with ``rows`` the table gains ``UDA-syn`` (a segmenter
+    trained on the source plus target-style images generated from the source's label maps by a
+    conditional diffusion model trained on the source and the Baseline's pseudo-labelled target)
+    and ``Gen-only`` (the same segmenter trained on the generated pairs alone). Dataset ids
+    ``pseudo_id`` (the pseudo-labelled target), ``generated_id`` (the generated pairs) and
+    ``merged_id`` (source + generated, UDA-syn's training set), each 1..999; ``copies`` images per
+    source label map; ``labels`` ``"as-is"`` or ``"deformed"`` (the conditioning maps);
+    ``guidance_scale`` w >= 0 (classifier-free guidance, 1: none); ``preset`` and ``overrides``
+    (``SECTION.KEY``, ``model.condition`` included) of the conditional diffusion model."""
+
+    rows: bool
+    pseudo_id: int = 973
+    generated_id: int = 974
+    merged_id: int = 975
+    copies: int = 1
+    labels: str = "deformed"
+    guidance_scale: float = 1.0
+    preset: str = "tiny"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """The sweep figure's grid (D, N and tau values) of one target case (None: the first) and
     slice (None: the middle one)."""
@@ -207,6 +238,7 @@ class StudyConfig:
     repeats: int = 1
     alternatives: AlternativesConfig = AlternativesConfig(histmatch=False, fda=False, nnunet_aug=False, fda_beta=0.01)
     postprocess: Optional[str] = None
+    generative: GenerativeConfig = GenerativeConfig(rows=False)
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -230,10 +262,11 @@ class StudyConfig:
         return tuple(self.seed + r for r in range(self.repeats))
 
     def approaches(self) -> List[Approach]:
-        """The table's rows in order: the enabled ``APPROACHES``, then the same rows post-processed
-        (``postprocess``)."""
+        """The table's rows in order: the enabled ``APPROACHES`` (alternatives, generative rows), then
+        the same rows post-processed (``postprocess``)."""
         rows = [Approach(a, kind, inp) for a, (kind, inp) in APPROACHES.items()
-                if a not in OPTIONAL_APPROACHES or getattr(self.alternatives, OPTIONAL_APPROACHES[a])]
+                if (a not in OPTIONAL_APPROACHES or getattr(self.alternatives, OPTIONAL_APPROACHES[a]))
+                and (a not in GENERATIVE_APPROACHES or self.generative.rows)]
         if self.postprocess is not None:
             rows += [Approach(r.name + POSTPROCESSING[self.postprocess], r.kind, r.input, self.postprocess)
                      for r in list(rows)]

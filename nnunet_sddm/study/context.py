@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from nnunet_sddm.diffusion.model_folder import resolve_model_dir
 from nnunet_sddm.study import nnunet_steps
@@ -17,8 +17,13 @@ from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset, parse_dataset_folder_name
 
 NNUNET_VARIABLES = (("raw", "nnUNet_raw"), ("preprocessed", "nnUNet_preprocessed"), ("results", "nnUNet_results"))
-#: The dataset side each kind of segmenter (``KINDS``) trains on.
-TRAINING_SIDE = {"real": "source", "real_aug": "source", "synthetic": "synthetic"}
+#: The dataset side each kind of segmenter (``KINDS``, and the ``oracle`` of the mask adherence) trains on.
+TRAINING_SIDE = {"real": "source", "real_aug": "source", "synthetic": "synthetic", "uda_syn": "merged",
+                 "gen_only": "generated", "oracle": "target"}
+#: The datasets of the generative rows: side -> (``generative`` id key, name suffix, named after).
+GENERATIVE_SIDES = {"pseudo": ("pseudo_id", "PseudoLabel", "target"),
+                    "generated": ("generated_id", "SDDMGen", "source"),
+                    "merged": ("merged_id", "UDASyn", "source")}
 
 
 @dataclass(frozen=True)
@@ -85,10 +90,15 @@ class StudyContext:
 
     # ---- datasets
     def dataset_name(self, side: str) -> str:
-        """``DatasetXXX_Name`` of ``source``, ``target`` or ``synthetic``."""
+        """``DatasetXXX_Name`` of ``source``, ``target``, ``synthetic`` or a dataset of the generative
+        rows (``GENERATIVE_SIDES``: ``pseudo``, ``generated``, ``merged``)."""
         if side == "synthetic":
             _, src = parse_dataset_folder_name(self.dataset_name("source"))
             return f"Dataset{self.cfg.synthesis.id:03d}_{src}SDDM"
+        if side in GENERATIVE_SIDES:
+            key, suffix, of = GENERATIVE_SIDES[side]
+            _, base = parse_dataset_folder_name(self.dataset_name(of))
+            return f"Dataset{getattr(self.cfg.generative, key):03d}_{base}{suffix}"
         d = self.cfg.side(side)
         if d.phantom:
             return f"Dataset{d.id:03d}_StudyPhantom{d.phantom}{side.capitalize()}"
@@ -137,14 +147,28 @@ class StudyContext:
             return self.folders["results"]
         return self.out / "repeats" / f"seed{seed}" / "nnUNet_results"
 
-    def models(self) -> List[Model]:
-        """Every segmenter to train: seeds (repeats) x segmenters x what the rows need it trained on."""
-        plans = self.cfg.nnunet.plans
-        return [Model(s, kind, seed, nnunet_steps.model_folder(self.results_root(seed),
-                                                              self.dataset_name(TRAINING_SIDE[kind]),
-                                                              self.cfg.trainer(s, augmented=kind == "real_aug"),
-                                                              SEGMENTERS[s][0], plans))
-                for seed in self.cfg.seeds() for s in self.cfg.segmenters for kind in self.cfg.kinds()]
+    def model(self, segmenter: str, kind: str, seed: int) -> Model:
+        """``segmenter`` trained with ``seed`` on the dataset of ``kind`` (``TRAINING_SIDE``)."""
+        return Model(segmenter, kind, seed,
+                     nnunet_steps.model_folder(self.results_root(seed), self.dataset_name(TRAINING_SIDE[kind]),
+                                               self.cfg.trainer(segmenter, augmented=kind == "real_aug"),
+                                               SEGMENTERS[segmenter][0], self.cfg.nnunet.plans))
+
+    def models(self, kinds: Optional[Sequence[str]] = None) -> List[Model]:
+        """Every segmenter to train: seeds (repeats) x segmenters x what the rows need it trained on
+        (``kinds``: only models of these kinds)."""
+        return [self.model(s, kind, seed) for seed in self.cfg.seeds() for s in self.cfg.segmenters
+                for kind in self.cfg.kinds() if kinds is None or kind in kinds]
+
+    def pseudo_labeller(self) -> Model:
+        """The Baseline segmenter that pseudo-labels the target for the generative rows: the first
+        segmenter, trained on the real source with the first repeat's seed."""
+        return self.model(self.cfg.segmenters[0], "real", self.cfg.seed)
+
+    def oracle(self) -> Model:
+        """The segmenter of the mask adherence (never a row): the first segmenter trained on the
+        target's labelled cases (its imagesTr with labelsTr) with the first repeat's seed."""
+        return self.model(self.cfg.segmenters[0], "oracle", self.cfg.seed)
 
     def model_side(self, model: Model) -> str:
         """The dataset side a model trains on (``source`` or ``synthetic``)."""

@@ -30,6 +30,8 @@ from nnunet_sddm.evaluation.image_features import FEATURE_NAMES
 from nnunet_sddm.study.config_tree import SEGMENTERS
 from nnunet_sddm.utilities.errors import SDDMError
 
+#: The domain-shift figure's name of the generated target-style images (``generative.rows``).
+GENERATED_SET = "generated target-style (Gen-only)"
 #: Metrics drawn as per-segmenter CI bar charts.
 BAR_METRICS = ("DSC", "ASSD", "HD95")
 
@@ -54,14 +56,15 @@ def domain_shift_figure(ctx, out_dir: Path) -> Dict[str, Any]:
             "target": ctx.target_images,
             "adapted target (DA)": ctx.adapted,
             "target, histogram-matched": ctx.input_images("histmatch") if ctx.cfg.alternatives.histmatch else None,
-            "target, FDA": ctx.input_images("fda") if ctx.cfg.alternatives.fda else None}
+            "target, FDA": ctx.input_images("fda") if ctx.cfg.alternatives.fda else None,
+            GENERATED_SET: ctx.raw("generated") / "imagesTr" if ctx.cfg.generative.rows else None}
     sets = {k: v for k, v in sets.items() if v is not None and Path(v).is_dir()}
     res = domain_shift(sets, out_dir=out_dir, overwrite=True, seed=ctx.cfg.seed,
                        num_processes=ctx.cfg.evaluation.num_processes, progress=ctx.progress)
     rows = res["features"]
     pairs = {}
     for a, b in (("source", "target"), ("source", "adapted target (DA)"), ("source", "synthetic source (DG)"),
-                 ("source", "target, histogram-matched"), ("source", "target, FDA")):
+                 ("source", "target, histogram-matched"), ("source", "target, FDA"), ("target", GENERATED_SET)):
         sel = [r for r in rows if r["domain"] in (a, b)]
         if len({r["domain"] for r in sel}) < 2:
             continue
@@ -75,9 +78,9 @@ def domain_shift_figure(ctx, out_dir: Path) -> Dict[str, Any]:
 
 
 def _subject(case: str):
-    """Subject of an ``<subject>_ED`` / ``<subject>_ES`` case (also ``..._syn<k>``), else None: ED and
-    ES of one subject are near-twins and must stay in one cross-validation fold."""
-    m = re.match(r"^(.+)_(ED|ES)(_syn\d+)?$", case)
+    """Subject of an ``<subject>_ED`` / ``<subject>_ES`` case (also ``..._syn<k>``, ``..._gen<k>``), else
+    None: ED and ES of one subject are near-twins and must stay in one cross-validation fold."""
+    m = re.match(r"^(.+)_(ED|ES)(_syn\d+|_gen\d+)?$", case)
     return m.group(1) if m else None
 
 

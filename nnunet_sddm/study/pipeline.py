@@ -1,8 +1,11 @@
-"""A study: the paper's experiment (Table 1 and figures) as fourteen resumable stages.
+"""A study: the paper's experiment (Table 1 and figures) as fourteen resumable stages,
+six more with the generative rows (``generative.rows``: UDA-syn, Gen-only):
 
     data -> diffusion -> synthesis (DG) -> adaptation (DA) -> alternatives (histmatch, FDA)
-         -> preprocess -> train -> in_domain -> predict -> evaluate -> compare -> quality
-         -> figures -> report
+         -> preprocess -> train
+         [-> pseudo_labels -> generative_model -> generation -> generative_preprocess
+          -> generative_train -> adherence]
+         -> in_domain -> predict -> evaluate -> compare -> quality -> figures -> report
 
 Each stage is its own module (``stage_<name>``); this module assembles them and runs them with
 the stage runner (``stages``). Study folder layout (``OUT``)::
@@ -19,8 +22,9 @@ the stage runner (``stages``). Study folder layout (``OUT``)::
     in_domain/                 the held-out source cases: every segmenter's in-domain Dice and the
                                source round trip (geometry alone, SD-DM) of the baselines; in_domain.csv
     predictions/seed<S>/<trained>__<segmenter>__<input>[__lcc]/   trained on real|synthetic|real_aug
-                               (nnU-Net's augmentation), input original|adapted|histmatch|fda|ensemble
-                               (mean probabilities of original and adapted); __lcc: post-processed
+                               (nnU-Net's augmentation)|uda_syn|gen_only (generative rows), input
+                               original|adapted|histmatch|fda|ensemble (mean probabilities of original
+                               and adapted); __lcc: post-processed
     evaluation/seed<S>/<approach>__<segmenter>/    per_case.csv, summary.json, summary.md
     comparison/                Table-1 tables (md/csv/tex; mean over repeats), tests.csv (paired tests,
                                Holm, bootstrap CIs, repeat agreement), welch.csv (the paper's test),
@@ -29,23 +33,29 @@ the stage runner (``stages``). Study folder layout (``OUT``)::
                                the DG dataset and of the DA-adapted target images
     figures/                   sweep.png, domain_shift/ (t-SNE), ci_<segmenter>_<metric>.png
     logs/                      output of nnU-Net's commands
+    generative_model/          generative rows: the conditional diffusion model (source + pseudo-labelled target)
+    adherence/                 generative rows: adherence.json (mask adherence per generated set, or why not
+                               measurable) and generated/ (mask_adherence's outputs)
     report.md
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-from nnunet_sddm.study import (STAGE_NAMES, stage_adaptation, stage_alternatives, stage_compare, stage_data,
-                               stage_diffusion, stage_evaluate, stage_figures, stage_in_domain, stage_predict,
-                               stage_preprocess, stage_quality, stage_report, stage_synthesis, stage_train)
+from nnunet_sddm.study import (STAGE_NAMES, stage_adaptation, stage_adherence, stage_alternatives, stage_compare,
+                               stage_data, stage_diffusion, stage_evaluate, stage_figures, stage_generation,
+                               stage_generative_model, stage_generative_preprocess, stage_generative_train,
+                               stage_in_domain, stage_predict, stage_preprocess, stage_pseudo_labels, stage_quality,
+                               stage_report, stage_synthesis, stage_train)
 from nnunet_sddm.study.config_tree import StudyConfig
 from nnunet_sddm.study.context import make_context, nnunet_environment
 from nnunet_sddm.study.provenance import write_record
 from nnunet_sddm.study.stages import Stage, StageRunner
 
 STAGES: List[Stage] = [m.STAGE for m in (stage_data, stage_diffusion, stage_synthesis, stage_adaptation,
-                                         stage_alternatives, stage_preprocess, stage_train, stage_in_domain,
-                                         stage_predict,
+                                         stage_alternatives, stage_preprocess, stage_train, stage_pseudo_labels,
+                                         stage_generative_model, stage_generation, stage_generative_preprocess,
+                                         stage_generative_train, stage_adherence, stage_in_domain, stage_predict,
                                          stage_evaluate, stage_compare, stage_quality, stage_figures, stage_report)]
 if tuple(s.name for s in STAGES) != STAGE_NAMES:  # pragma: no cover - a stage added in one place only
     raise ImportError(f"study stages {[s.name for s in STAGES]} differ from STAGE_NAMES {STAGE_NAMES}")

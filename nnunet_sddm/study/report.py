@@ -30,6 +30,11 @@ _APPROACH_TEXT = {
     "DA": "the baseline segmenter applied to the SD-DM-adapted target images (test-time adaptation)",
     "DG": "trained on the synthetic source (DG dataset), applied to the original target images",
     "Mixed": "trained on the synthetic source, applied to the adapted target images",
+    "UDA-syn": "trained on the real source plus target-style images generated from the source's label maps by a "
+               "conditional diffusion model trained on the source and the target pseudo-labelled by the Baseline "
+               "(Diffuse-UDA's recipe), applied to the original target images",
+    "Gen-only": "the same segmenter trained on the generated target-style pairs alone (SynCMRI's utility test), "
+                "applied to the original target images",
     "DA+ens": "the baseline segmenter; class probabilities of the original and the adapted image averaged "
               "(--ensemble-original)",
     "Mixed+ens": "trained on the synthetic source; probabilities of the original and the adapted image averaged",
@@ -195,7 +200,9 @@ def missing_lines(ctx) -> List[str]:
     return [md.read_text().strip(), "", fig, ""]
 
 
-_TRAINED_ON = {"real": "real source", "real_aug": "real source, nnU-Net aug", "synthetic": "synthetic source (DG)"}
+_TRAINED_ON = {"real": "real source", "real_aug": "real source, nnU-Net aug", "synthetic": "synthetic source (DG)",
+               "uda_syn": "real source + generated target-style (UDA-syn)",
+               "gen_only": "generated target-style (Gen-only)"}
 _ROUND_TRIP = {"original": "as they are", "geometry": "geometric round trip (the model's data path alone, no diffusion)",
                "adapted": "SD-DM round trip (adapted with the study's sampler)"}
 
@@ -287,6 +294,43 @@ def quality_lines(ctx) -> List[str]:
     return (L if found else ["The quality stage wrote no report."]) + [""]
 
 
+def generative_lines(ctx) -> List[str]:
+    """The generative rows' datasets (Experiment section; empty without ``generative.rows``)."""
+    gen = ctx.cfg.generative
+    if not gen.rows:
+        return []
+    return [f"- Generative rows: the target `{ctx.dataset_name('target')}` pseudo-labelled by the Baseline "
+            f"{SEGMENTERS[ctx.cfg.segmenters[0]][2]} (`{ctx.dataset_name('pseudo')}`); one conditional diffusion "
+            f"model trained on the source and those cases with domains source/target "
+            f"([generative_model](generative_model/config.json)); {gen.copies} target-style image(s) per source "
+            f"label map ({gen.labels}, guidance scale {gen.guidance_scale:g}) in `{ctx.dataset_name('generated')}` "
+            f"(Gen-only's training set), with the real source cases in `{ctx.dataset_name('merged')}` (UDA-syn's)."]
+
+
+def adherence_lines(ctx) -> List[str]:
+    """Mask adherence of the generated images (``adherence/adherence.json``): Dice per structure of
+    the oracle's segmentation against the conditioning maps, or why it was not measured."""
+    path = ctx.out / "adherence" / "adherence.json"
+    if not path.is_file():
+        return ["The adherence stage wrote no record.", ""]
+    L = ["Does a generated image show the label map it was generated from? A segmenter trained on real labelled "
+         "cases of the generated images' domain (the target; never a table row) segments every generated image; "
+         "Dice per structure against the conditioning map (mean, sd, n cases). Details in `adherence/<set>/`.", ""]
+    for key, entry in json.loads(path.read_text())["sets"].items():
+        if not entry["measurable"]:
+            L += [f"- `{entry['dataset']}` ({entry['domain']}-style): {entry['reason']}"]
+            continue
+        oracle = entry["oracle"]
+        L += [f"`{entry['dataset']}` ({entry['domain']}-style, {entry['n_cases']} cases; oracle "
+              f"`{oracle['dataset']}` {oracle['trainer']} {oracle['configuration']}, folds {oracle['folds']}):", "",
+              "| structure | DSC mean | DSC sd | n |", "|---|---|---|---|"]
+        for s, d in entry["structures"].items():
+            L.append(f"| {s} | " + " | ".join("n/a" if d[k] is None else f"{d[k]:.3f}" for k in ("mean", "sd"))
+                     + f" | {d['n']} |")
+        L.append("")
+    return L + [""]
+
+
 def write_report(ctx) -> Path:
     """Write ``OUT/report.md`` and return its path."""
     out = ctx.out
@@ -309,6 +353,7 @@ def write_report(ctx) -> Path:
           f"labels{cfg.target.split} ({data.get('target_test_cases', '?')} cases).",
           f"- DG dataset: `{ctx.dataset_name('synthetic')}` (source training images adapted by the diffusion "
           f"model, original labels, {cfg.synthesis.copies} cop{'y' if cfg.synthesis.copies == 1 else 'ies'}).",
+          *generative_lines(ctx),
           "- Segmenters: " + "; ".join(f"{SEGMENTERS[s][2]} (`{SEGMENTERS[s][0]}`, `{cfg.trainer(s)}`"
                                          + (f", with augmentation `{cfg.trainer(s, augmented=True)}`"
                                             if "real_aug" in cfg.kinds() else "") + f", fold {cfg.fold})"
@@ -334,6 +379,8 @@ def write_report(ctx) -> Path:
     L += ["### Missing and spurious structures", ""] + missing_lines(ctx)
     L += ["## Which rows changed against the baseline?", ""] + improvement_summary(ctx) + [""]
     L += ["## Quality of the synthetic and adapted images", ""] + quality_lines(ctx)
+    if cfg.generative.rows:
+        L += ["## Mask adherence of the generated images", ""] + adherence_lines(ctx)
 
     # ---- figures
     figs = state.get("figures", {}).get("result", {})
@@ -370,6 +417,8 @@ def write_report(ctx) -> Path:
     L += ["## Stages", "", "| stage | wall time | CPU time | finished (UTC) | result |", "|---|---|---|---|---|"]
     total = cpu_total = 0.0
     for name in ctx.runner.names:
+        if not ctx.runner.is_enabled(name, ctx):
+            continue
         rec = state.get(name, {})
         if name == "report":
             L.append("| report | (this file) | | | |")
@@ -399,6 +448,11 @@ def write_report(ctx) -> Path:
     if cfg.alternatives.fda:
         seeds.append(f"FDA: source slice choices seeded with {cfg.seed} and the case id "
                      f"(`adapted/fda/adaptation.json` lists them)")
+    if cfg.generative.rows:
+        seeds.append(f"generative rows: conditional diffusion model trained with `training.seed` "
+                     f"{cfg.generative.overrides.get('training.seed')}; generated copy k sampled with seed "
+                     f"{sampler_seed} + k (label-map deformations seeded from it and the case; "
+                     f"`{ctx.dataset_name('generated')}/cases.json` records them)")
     try:
         dcfg = json.loads((ctx.model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):

@@ -32,4 +32,4 @@ def figures_outputs(ctx: StudyContext) -> List[Path]:
 
 
 STAGE = Stage("figures", "sweep grid, t-SNE, CI bar charts", run_figures, figures_inputs, figures_outputs,
-              ("data", "diffusion", "adaptation", "alternatives", "compare"))
+              ("data", "diffusion", "adaptation", "alternatives", "generation", "compare"))

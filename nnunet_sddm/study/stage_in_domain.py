@@ -164,4 +164,4 @@ def in_domain_outputs(ctx: StudyContext) -> List[Path]:
 
 
 STAGE = Stage("in_domain", "in-domain test of every segmenter and the source round trip", run_in_domain,
-              in_domain_inputs, in_domain_outputs, ("data", "diffusion", "train"))
+              in_domain_inputs, in_domain_outputs, ("data", "diffusion", "train", "generative_train"))

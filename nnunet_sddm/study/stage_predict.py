@@ -102,4 +102,5 @@ def predict_outputs(ctx: StudyContext) -> List[Path]:
 
 
 STAGE = Stage("predict", "predict the target test set (every input and post-processing the rows need)",
-              run_predict, predict_inputs, predict_outputs, ("data", "adaptation", "alternatives", "train"))
+              run_predict, predict_inputs, predict_outputs, ("data", "adaptation", "alternatives", "train",
+                                                            "generative_train"))

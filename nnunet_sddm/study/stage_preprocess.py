@@ -6,7 +6,7 @@ their plans get that batch size, under a plans name of their own
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from nnunet_sddm.study import nnunet_steps
 from nnunet_sddm.study.context import StudyContext
@@ -14,12 +14,12 @@ from nnunet_sddm.study.ownership import clean_study_outputs
 from nnunet_sddm.study.stages import Stage
 
 
-def preprocess_outputs(ctx: StudyContext) -> List[Path]:
+def preprocessed_outputs(ctx: StudyContext, sides: Sequence[str]) -> List[Path]:
     """nnU-Net's default plans, the dataset files, the fingerprint, and the plans and preprocessed
-    data of the study's plans (``nnunet_steps.plans_name``) of both datasets."""
+    data of the study's plans (``nnunet_steps.plans_name``) of the datasets of ``sides``."""
     plans = ctx.cfg.nnunet.plans
     out = []
-    for side in ("source", "synthetic"):
+    for side in sides:
         base = ctx.folders["preprocessed"] / ctx.dataset_name(side)
         out += [base / f"{p}.json" for p in dict.fromkeys((nnunet_steps.PLANS, plans))]
         out += [base / "dataset.json", base / "dataset_fingerprint.json"]
@@ -27,14 +27,25 @@ def preprocess_outputs(ctx: StudyContext) -> List[Path]:
     return out
 
 
-def run_preprocess(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
-    """nnU-Net planning and preprocessing of the real and the synthetic source datasets."""
-    ids = [ctx.dataset_id("source"), ctx.dataset_id("synthetic")]
+def plan_and_preprocess_sides(ctx: StudyContext, sides: Sequence[str], log_name: str) -> Dict[str, Any]:
+    """nnU-Net planning and preprocessing of the datasets of ``sides`` with the study's
+    configurations, ``nnunet.spacing`` and ``nnunet.batch_size`` (log ``OUT/logs/<log_name>``)."""
+    ids = [ctx.dataset_id(side) for side in sides]
     seconds = nnunet_steps.plan_and_preprocess(ids, ctx.cfg.configurations(), ctx.nnunet_env(),
-                                               ctx.cfg.nnunet.num_processes, ctx.out / "logs" / "preprocess.log",
+                                               ctx.cfg.nnunet.num_processes, ctx.out / "logs" / log_name,
                                                spacing=ctx.cfg.nnunet.spacing, batch_size=ctx.cfg.nnunet.batch_size)
     return {"datasets": ids, "configurations": ctx.cfg.configurations(), "plans": ctx.cfg.nnunet.plans,
             "seconds": round(seconds, 1)}
+
+
+def preprocess_outputs(ctx: StudyContext) -> List[Path]:
+    """The preprocessed real and synthetic source datasets (``preprocessed_outputs``)."""
+    return preprocessed_outputs(ctx, ("source", "synthetic"))
+
+
+def run_preprocess(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
+    """nnU-Net planning and preprocessing of the real and the synthetic source datasets."""
+    return plan_and_preprocess_sides(ctx, ("source", "synthetic"), "preprocess.log")
 
 
 def preprocess_inputs(ctx: StudyContext) -> Any:

@@ -20,6 +20,11 @@ models, adapted images); in every other case its
 old outputs are removed first (``clean``). ``from_stage`` forces a fresh run of that stage and all
 later ones. The state file is written atomically after every change, so a killed study loses at
 most the stage it was in.
+
+A stage whose ``enabled(ctx)`` is False (an optional part of the study that is switched off) is
+not run and not recorded, and it is left out of its downstream stages' fingerprints: switching an
+optional part on or off changes nothing for the studies that never had it. Switched off after it
+ran, its old outputs are removed (``clean``) with its record.
 """
 from __future__ import annotations
 
@@ -47,7 +52,8 @@ class Stage:
 
     run(ctx, resume) -> result: does the work, returns a JSON-able summary (recorded in the state).
     inputs(ctx): JSON-able settings/input description; outputs(ctx): paths it writes;
-    after: names of upstream stages; clean(ctx): remove old outputs (default: ``outputs``).
+    after: names of upstream stages; clean(ctx): remove old outputs (default: ``outputs``);
+    enabled(ctx): False when the stage is not part of this study (default: always part of it).
     """
 
     name: str
@@ -57,6 +63,7 @@ class Stage:
     outputs: Callable[[Any], Sequence[Path]]
     after: Sequence[str] = ()
     clean: Optional[Callable[[Any], None]] = None
+    enabled: Optional[Callable[[Any], bool]] = None
 
 
 def _json_default(o: Any) -> Any:
@@ -168,11 +175,18 @@ class StageRunner:
         """The state record of stage ``name`` (None if it never ran)."""
         return self.state["stages"].get(name)
 
+    def is_enabled(self, name: str, ctx: Any) -> bool:
+        """True if stage ``name`` is part of this study (``Stage.enabled``)."""
+        stage = self.stages[self.names.index(name)]
+        return stage.enabled is None or bool(stage.enabled(ctx))
+
     def stage_fingerprint(self, stage: Stage, ctx: Any) -> str:
         """sha256 of the stage's inputs and of each upstream stage's (fingerprint, outputs digest):
-        the digest alone is a constant for an upstream stage without output files."""
+        the digest alone is a constant for an upstream stage without output files. Upstream stages
+        that are not part of the study are left out, so that a stage gaining an optional upstream
+        keeps its fingerprint while that upstream is off."""
         upstream = {u: [(self.record(u) or {}).get(k) for k in ("fingerprint", "outputs_digest")]
-                    for u in stage.after}
+                    for u in stage.after if self.is_enabled(u, ctx)}
         return fingerprint({"stage": stage.name, "inputs": stage.inputs(ctx), "upstream": upstream})
 
     def is_current(self, stage: Stage, ctx: Any) -> bool:
@@ -194,7 +208,9 @@ class StageRunner:
         results: Dict[str, Any] = {}
         for stage in self.stages:
             forced = forced or stage.name == from_stage
-            if not forced and self.is_current(stage, ctx):
+            if not self.is_enabled(stage.name, ctx):
+                self._switch_off(stage, ctx)
+            elif not forced and self.is_current(stage, ctx):
                 rec = self.record(stage.name)
                 self.log(f"[study] {stage.name}: done, unchanged (took {rec.get('seconds', 0):.1f} s) - skipped")
                 results[stage.name] = rec.get("result", {})
@@ -203,6 +219,17 @@ class StageRunner:
             if stage.name == until:
                 break
         return results
+
+    def _switch_off(self, stage: Stage, ctx: Any) -> None:
+        """A stage that is not part of the study: nothing runs and nothing is recorded; outputs of
+        an earlier run (it was part of the study then) are removed with its record."""
+        if self.record(stage.name) is None:
+            self.log(f"[study] {stage.name}: not part of this study")
+            return
+        (stage.clean or (lambda c: remove_paths(stage.outputs(c))))(ctx)
+        del self.state["stages"][stage.name]
+        self._save()
+        self.log(f"[study] {stage.name}: not part of this study any more - its old outputs were removed")
 
     def _run_one(self, stage: Stage, ctx: Any, forced: bool) -> Dict[str, Any]:
         fp = self.stage_fingerprint(stage, ctx)

@@ -1,0 +1,245 @@
+"""The study's generative rows (``generative``): UDA-syn (Diffuse-UDA's recipe) and Gen-only
+(SynCMRI's utility test) next to the other rows, the mask adherence of the generated images, the
+configuration section, optional stages in the runner, and studies without the rows keeping
+exactly the stage fingerprints they had before the section existed."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nnunet_sddm.study import GENERATIVE_STAGES, STAGE_NAMES
+from nnunet_sddm.study.config import build_config
+from nnunet_sddm.study.stages import STATE_FILE, Stage, StageRunner, fingerprint
+from nnunet_sddm.utilities.errors import SDDMError
+
+#: The upstream stages (``after``) of every stage before the generative rows existed.
+TODAY_AFTER = {
+    "data": (), "diffusion": ("data",), "synthesis": ("data", "diffusion"), "adaptation": ("data", "diffusion"),
+    "alternatives": ("data",), "preprocess": ("data", "synthesis"), "train": ("preprocess",),
+    "in_domain": ("data", "diffusion", "train"), "predict": ("data", "adaptation", "alternatives", "train"),
+    "evaluate": ("data", "predict"), "compare": ("evaluate",),
+    "quality": ("data", "diffusion", "synthesis", "adaptation", "in_domain", "compare"),
+    "figures": ("data", "diffusion", "adaptation", "alternatives", "compare"),
+    "report": ("data", "diffusion", "synthesis", "adaptation", "alternatives", "preprocess", "train", "predict",
+               "evaluate", "compare", "quality", "figures"),
+}
+#: sha256 of every stage's inputs (``stages.fingerprint(stage.inputs(ctx))``) as the code before the
+#: generative rows computed them, for the defaults and for ``--quick`` (output "fp_study", CPU).
+GOLDEN_INPUTS = {"defaults": {}, "quick": {}}
+
+
+# ----------------------------------------------------------------------------- configuration
+def test_generative_section_defaults_rows_and_kinds():
+    off = build_config()
+    assert off.generative.rows is False and off["generative"]["copies"] == 1
+    assert not {"UDA-syn", "Gen-only"} & {a.name for a in off.approaches()}
+    assert "uda_syn" not in off.kinds() and "gen_only" not in off.kinds()
+    on = build_config({"generative": {"rows": True, "copies": 2, "guidance_scale": 2,
+                                      "diffusion": {"iterations": 7}}, "diffusion": {"iterations": 5}})
+    names = [a.name for a in on.approaches()]
+    assert names[names.index("Mixed") + 1: names.index("Mixed") + 3] == ["UDA-syn", "Gen-only"]
+    assert "UDA-syn+LCC" in names and on.kinds()[-2:] == ["uda_syn", "gen_only"]
+    g = on.generative
+    assert (g.copies, g.labels, g.guidance_scale, g.preset) == (2, "deformed", 2, "tiny")
+    # the conditional model: the study's diffusion settings unless the section overrides them
+    assert g.overrides["training.iterations"] == 7 and g.overrides["model.condition"] == "labels"
+    assert g.overrides["training.seed"] == on.seed
+    inherit = build_config({"generative": {"rows": True},
+                            "diffusion": {"iterations": 5, "set": {"model.attention_resolutions": []}}})
+    assert inherit.generative.overrides["training.iterations"] == 5
+    assert inherit.generative.overrides["model.attention_resolutions"] == []
+    # with the rows off, nothing of the section is used, so a clashing id is not an error
+    assert build_config({"generative": {"pseudo_id": 972}}).generative.rows is False
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({"generative": {"rows": "yes"}}, r"generative.rows must be true or false"),
+    ({"generative": {"copies": 0}}, r"generative.copies must be an integer >= 1, got 0"),
+    ({"generative": {"labels": "warped"}}, r"generative.labels must be one of as-is, deformed, got 'warped'"),
+    ({"generative": {"guidance_scale": -1}}, r"generative.guidance_scale must be >= 0"),
+    ({"generative": {"guidance_scale": "2"}}, r"generative.guidance_scale must be a number, got '2'"),
+    ({"generative": {"merged_id": 1000}}, r"generative.merged_id must be in 1..999, got 1000"),
+    ({"generative": {"colour": 1}}, r"unknown key\(s\) 'colour' in 'generative'"),
+    ({"generative": {"diffusion": {"steps": 3}}}, r"unknown key\(s\) 'steps' in 'generative.diffusion'"),
+    ({"generative": {"diffusion": []}}, r"'generative.diffusion' must be an object"),
+    ({"generative": {"diffusion": {"iterations": 0}}}, r"generative.diffusion.iterations must be an integer >= 1"),
+    ({"generative": {"rows": True, "pseudo_id": 972}},
+     r"generative.pseudo_id and synthesis.id are both dataset id 972"),
+    ({"generative": {"rows": True, "generated_id": 973}},
+     r"generative.generated_id and generative.pseudo_id are both dataset id 973"),
+    ({"generative": {"rows": True, "diffusion": {"preset": "huge"}}},
+     r"generative.diffusion.preset 'huge' does not exist"),
+    ({"generative": {"rows": True, "diffusion": {"set": {"model.image_size": 60}}}},
+     r"generative.diffusion: .*not divisible"),
+])
+def test_bad_generative_settings_name_the_key(layer, message):
+    with pytest.raises(SDDMError, match=r"STUDY\.json: .*" + message):
+        build_config(layer, origin="STUDY.json")
+
+
+# ----------------------------------------------------------------------------- optional stages
+class _Ctx:
+    def __init__(self, out: Path):
+        self.out, self.on, self.ran, self.cleaned = out, True, [], []
+
+
+def _stage(name, after=(), optional=False):
+    def run(ctx, resume):
+        ctx.ran.append(name)
+        (ctx.out / name).mkdir(parents=True, exist_ok=True)
+        (ctx.out / name / "done").write_text(name)
+        return {}
+
+    def clean(ctx):
+        ctx.cleaned.append(name)
+        if (ctx.out / name).is_dir():
+            (ctx.out / name / "done").unlink(missing_ok=True)
+            (ctx.out / name).rmdir()
+
+    return Stage(name, name, run, lambda c: {"x": 1}, lambda c: [c.out / name], after, clean,
+                 (lambda c: c.on) if optional else None)
+
+
+def test_an_optional_stage_off_is_not_recorded_and_not_in_downstream_fingerprints(tmp_path):
+    ctx, log = _Ctx(tmp_path), []
+    stages = lambda opt: [_stage("a"), *([_stage("g", ("a",), optional=True)] if opt else []),  # noqa: E731
+                          _stage("b", ("a", "g") if opt else ("a",))]
+    ctx.on = False
+    StageRunner(stages(True), tmp_path, log=log.append).run(ctx)
+    state = json.loads((tmp_path / STATE_FILE).read_text())["stages"]
+    assert ctx.ran == ["a", "b"] and set(state) == {"a", "b"} and "[study] g: not part of this study" in log
+    # the same fingerprints as a pipeline that never had the optional stage: nothing re-runs
+    ctx.ran.clear()
+    StageRunner(stages(False), tmp_path, log=log.append).run(ctx)
+    assert ctx.ran == []
+    # switched on: it runs and its downstream stage with it; off again: its outputs are removed
+    ctx.on = True
+    StageRunner(stages(True), tmp_path, log=log.append).run(ctx)
+    assert ctx.ran == ["g", "b"] and (tmp_path / "g" / "done").is_file()
+    ctx.on, ctx.ran = False, []
+    StageRunner(stages(True), tmp_path, log=log.append).run(ctx)
+    assert ctx.cleaned[-2:] == ["g", "b"] and not (tmp_path / "g").exists() and ctx.ran == ["b"]
+    assert "g" not in json.loads((tmp_path / STATE_FILE).read_text())["stages"]
+
+
+# ----------------------------------------------------------------------------- fingerprints without the rows
+def _today_fingerprints(cfg):
+    """``{stage: (inputs digest, runner fingerprint, fingerprint with today's upstream)}`` of every
+    stage but the generative ones, over a fake state in which every stage is done."""
+    from nnunet_sddm.study.context import make_context
+    from nnunet_sddm.study.pipeline import STAGES
+
+    ctx = make_context(cfg, progress=False)
+    runner = StageRunner(STAGES, ctx.out / "never_written")
+    runner.state["stages"] = {s.name: {"status": "done", "fingerprint": f"fp-{s.name}",
+                                       "outputs_digest": f"d-{s.name}"} for s in STAGES}
+    out = {}
+    for s in STAGES:
+        if s.name in GENERATIVE_STAGES:
+            assert not runner.is_enabled(s.name, ctx)
+            continue
+        inputs = s.inputs(ctx)
+        upstream = {u: [f"fp-{u}", f"d-{u}"] for u in TODAY_AFTER[s.name]}
+        out[s.name] = (fingerprint(inputs), runner.stage_fingerprint(s, ctx),
+                       fingerprint({"stage": s.name, "inputs": inputs, "upstream": upstream}))
+    return out
+
+
+@pytest.mark.parametrize("preset", ["defaults", "quick"])
+def test_without_the_rows_every_stage_keeps_todays_fingerprint(preset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = preset == "quick"
+    plain = build_config({"output": "fp_study", "device": "cpu"}, quick=quick)
+    old = plain.to_dict()
+    old.pop("generative")  # a study.json written before the section existed
+    with_section = {"output": "fp_study", "device": "cpu",
+                    "generative": {"rows": False, "copies": 3, "labels": "as-is", "guidance_scale": 2.5,
+                                   "pseudo_id": 972, "diffusion": {"iterations": 9}}}
+    results = [_today_fingerprints(c) for c in (plain, build_config(old), build_config(with_section, quick=quick))]
+    assert results[0] == results[1] == results[2]
+    assert list(results[0]) == [n for n in STAGE_NAMES if n not in GENERATIVE_STAGES] == list(TODAY_AFTER)
+    for name, (inputs, got, today) in results[0].items():
+        assert got == today, name  # the upstream stages are today's
+        assert inputs == GOLDEN_INPUTS[preset][name], name  # and so are the inputs
+
+
+# ----------------------------------------------------------------------------- smoke study with the rows
+def _read_csv(path: Path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.timeout(900)
+def test_smoke_study_with_the_generative_rows(tmp_path, monkeypatch):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    from nnunet_sddm.study.pipeline import run_study
+    from test_study import smoke_config
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / "user" / var))  # must stay untouched (own folders)
+    out = tmp_path / "study"
+    raw = smoke_config(out).to_dict()
+    raw.update({"alternatives": {"histmatch": False, "fda": False, "nnunet_aug": False}, "postprocess": None,
+                "figures": {"sweep": None, "tsne": False},
+                "generative": {"rows": True, "copies": 1, "labels": "deformed", "guidance_scale": 1.5}})
+    cfg = build_config(raw)
+    log = []
+    run_study(cfg, progress=False, log=log.append)
+    assert not (tmp_path / "user").exists()
+    names = {f"{a}/2D nnU-Net" for a in ("Baseline", "DA", "DG", "Mixed", "UDA-syn", "Gen-only", "DA+ens",
+                                         "Mixed+ens")}
+    table = _read_csv(out / "comparison" / "table.csv")
+    assert {r["name"] for r in table} == names
+    for r in table:
+        assert 0.0 <= float(r["DSC"]) <= 1.0, r
+    tests = _read_csv(out / "comparison" / "tests.csv")
+    for row in ("UDA-syn/2D nnU-Net", "Gen-only/2D nnU-Net"):
+        mine = [t for t in tests if t["candidate"] == row]
+        assert mine and {t["baseline"] for t in mine} == {"Baseline/2D nnU-Net"}
+        assert {t["structure"] for t in mine} >= {"all", "LV", "MYO", "RV"}
+    per_structure = sorted((out / "comparison").glob("table_*.csv"))
+    assert per_structure and all("UDA-syn" in p.read_text() for p in per_structure if "finite" not in p.name)
+
+    # the generated pairs (target domain, deformed maps) and the merged training set pass nnU-Net's check
+    raw_root = out / "nnUNet_raw"
+    generated, merged = raw_root / "Dataset974_StudyPhantomASourceSDDMGen", raw_root / "Dataset975_StudyPhantomASourceUDASyn"
+    for folder in (generated, merged):
+        verify_dataset_integrity(str(folder), num_processes=1)  # raises on any problem
+    source = raw_root / "Dataset970_StudyPhantomASource"
+    n_source = len(list((source / "imagesTr").glob("*.nii.gz")))
+    records = json.loads((generated / "cases.json").read_text())
+    assert len(records) == n_source and {r["domain"] for r in records} == {"target"}
+    assert all(r["labels"] == "deformed" and r["deformation"] and r["guidance_scale"] == 1.5 for r in records)
+    merged_records = json.loads((merged / "cases.json").read_text())
+    assert sorted(r["generated"] for r in merged_records) == [False] * n_source + [True] * n_source
+    subject = {r["case"]: r["subject"] for r in merged_records}
+    splits = json.loads((out / "nnUNet_preprocessed" / merged.name / "splits_final.json").read_text())
+    for fold in splits:  # by subject: a subject's real and generated cases are on one side
+        assert not {subject[c] for c in fold["train"]} & {subject[c] for c in fold["val"]}
+    model = json.loads((out / "generative_model" / "config.json").read_text())
+    assert model["model"]["condition"] == "labels" and model["model"]["domains"] == ["source", "target"]
+
+    # mask adherence: the oracle (trained on the target's labelled cases) against the conditioning maps
+    adherence = json.loads((out / "adherence" / "adherence.json").read_text())["sets"]["generated"]
+    assert adherence["measurable"] and adherence["n_cases"] == n_source
+    assert set(adherence["structures"]) >= {"LV", "MYO", "RV"}
+    for d in adherence["structures"].values():
+        assert d["mean"] is None or 0.0 <= d["mean"] <= 1.0
+    assert (out / "adherence" / "generated" / "adherence.csv").is_file()
+    assert "Dataset971_StudyPhantomBTarget" in adherence["oracle"]["dataset"]
+
+    report = (out / "report.md").read_text()
+    assert "## Mask adherence of the generated images" in report and "**UDA-syn**" in report
+    assert re.search(r"^\| generative_train \| [\d.]+ (s|min) \|", report, re.M)
+    in_domain = {r["trained_on"] for r in _read_csv(out / "in_domain" / "in_domain.csv")}
+    assert {"uda_syn", "gen_only"} <= in_domain
+
+    # a second run redoes nothing
+    log2 = []
+    run_study(cfg, progress=False, log=log2.append)
+    assert sum(x.endswith("skipped") for x in log2) == len(STAGE_NAMES)
