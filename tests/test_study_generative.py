@@ -207,7 +207,8 @@ def test_smoke_study_with_the_generative_rows(tmp_path, monkeypatch):
 
     # the generated pairs (target domain, deformed maps) and the merged training set pass nnU-Net's check
     raw_root = out / "nnUNet_raw"
-    generated, merged = raw_root / "Dataset974_StudyPhantomASourceSDDMGen", raw_root / "Dataset975_StudyPhantomASourceUDASyn"
+    generated = raw_root / "Dataset974_StudyPhantomASourceSDDMGen"
+    merged = raw_root / "Dataset975_StudyPhantomASourceUDASyn"
     for folder in (generated, merged):
         verify_dataset_integrity(str(folder), num_processes=1)  # raises on any problem
     source = raw_root / "Dataset970_StudyPhantomASource"
@@ -224,14 +225,18 @@ def test_smoke_study_with_the_generative_rows(tmp_path, monkeypatch):
     model = json.loads((out / "generative_model" / "config.json").read_text())
     assert model["model"]["condition"] == "labels" and model["model"]["domains"] == ["source", "target"]
 
-    # mask adherence: the oracle (trained on the target's labelled cases) against the conditioning maps
-    adherence = json.loads((out / "adherence" / "adherence.json").read_text())["sets"]["generated"]
-    assert adherence["measurable"] and adherence["n_cases"] == n_source
-    assert set(adherence["structures"]) >= {"LV", "MYO", "RV"}
-    for d in adherence["structures"].values():
-        assert d["mean"] is None or 0.0 <= d["mean"] <= 1.0
-    assert (out / "adherence" / "generated" / "adherence.csv").is_file()
-    assert "Dataset971_StudyPhantomBTarget" in adherence["oracle"]["dataset"]
+    # mask adherence: the target-style pairs by the oracle (trained on the target's labelled cases), the
+    # DG dataset by the Baseline, each against the label maps the images were made from
+    sets = json.loads((out / "adherence" / "adherence.json").read_text())["sets"]
+    assert set(sets) == {"generated", "dg"}
+    for key, segmenter in (("generated", "Dataset971_StudyPhantomBTarget"), ("dg", source.name)):
+        adherence = sets[key]
+        assert adherence["measurable"] and adherence["n_cases"] == n_source
+        assert set(adherence["structures"]) >= {"LV", "MYO", "RV"}
+        for d in adherence["structures"].values():
+            assert d["mean"] is None or 0.0 <= d["mean"] <= 1.0
+        assert (out / "adherence" / key / "adherence.csv").is_file()
+        assert adherence["segmenter"]["dataset"] == segmenter
 
     report = (out / "report.md").read_text()
     assert "## Mask adherence of the generated images" in report and "**UDA-syn**" in report

@@ -35,7 +35,7 @@ the stage runner (``stages``). Study folder layout (``OUT``)::
     logs/                      output of nnU-Net's commands
     generative_model/          generative rows: the conditional diffusion model (source + pseudo-labelled target)
     adherence/                 generative rows: adherence.json (mask adherence per generated set, or why not
-                               measurable) and generated/ (mask_adherence's outputs)
+                               measurable) and generated/, dg/ (mask_adherence's outputs)
     report.md
 """
 from __future__ import annotations

@@ -309,20 +309,21 @@ def generative_lines(ctx) -> List[str]:
 
 def adherence_lines(ctx) -> List[str]:
     """Mask adherence of the generated images (``adherence/adherence.json``): Dice per structure of
-    the oracle's segmentation against the conditioning maps, or why it was not measured."""
+    the measuring segmenter's segmentation against the label maps, or why it was not measured."""
     path = ctx.out / "adherence" / "adherence.json"
     if not path.is_file():
         return ["The adherence stage wrote no record.", ""]
     L = ["Does a generated image show the label map it was generated from? A segmenter trained on real labelled "
-         "cases of the generated images' domain (the target; never a table row) segments every generated image; "
-         "Dice per structure against the conditioning map (mean, sd, n cases). Details in `adherence/<set>/`.", ""]
-    for key, entry in json.loads(path.read_text())["sets"].items():
+         "cases of the generated images' domain segments every generated image (target-style images: the oracle "
+         "trained on the target's labelled cases, never a table row; the DG dataset: the Baseline); Dice per "
+         "structure against the label map (mean, sd, n cases). Details in `adherence/<set>/`.", ""]
+    for entry in json.loads(path.read_text())["sets"].values():
         if not entry["measurable"]:
             L += [f"- `{entry['dataset']}` ({entry['domain']}-style): {entry['reason']}"]
             continue
-        oracle = entry["oracle"]
-        L += [f"`{entry['dataset']}` ({entry['domain']}-style, {entry['n_cases']} cases; oracle "
-              f"`{oracle['dataset']}` {oracle['trainer']} {oracle['configuration']}, folds {oracle['folds']}):", "",
+        seg = entry["segmenter"]
+        L += [f"`{entry['dataset']}` ({entry['domain']}-style, {entry['n_cases']} cases; segmented by "
+              f"`{seg['dataset']}` {seg['trainer']} {seg['configuration']}, folds {seg['folds']}):", "",
               "| structure | DSC mean | DSC sd | n |", "|---|---|---|---|"]
         for s, d in entry["structures"].items():
             L.append(f"| {s} | " + " | ".join("n/a" if d[k] is None else f"{d[k]:.3f}" for k in ("mean", "sd"))

@@ -1,14 +1,19 @@
 """Stage ``adherence`` (generative rows): the mask adherence of every generated dataset of the
 study: does a generated image show the label map it was generated from? A segmenter trained on
 REAL labelled data of the generated images' domain segments them (``evaluation.mask_adherence``)
-and its Dice per structure against the conditioning maps is reported. The generated images are
-target-style, so that segmenter is the oracle of ``generative_train``: trained on the target's
-labelled cases (``imagesTr`` with ``labelsTr``; phantoms have them), never a table row. Without
-labelled target training cases the adherence is not measurable and the record says why. Into
-``OUT/adherence/``::
+and its Dice per structure against those label maps is reported:
 
-    adherence.json        per generated set: measurable, why not, oracle, per-structure DSC (mean, sd, n)
-    generated/            mask_adherence's outputs: adherence.json/.csv/.md, predictions/, evaluation/
+* ``generated``: the target-style pairs of the generative rows, segmented by the oracle of
+  ``generative_train``: the first segmenter trained on the target's labelled cases (``imagesTr``
+  with ``labelsTr``; phantoms have them), never a table row. Without labelled target training
+  cases the adherence is not measurable and the record says why;
+* ``dg``: the DG dataset (source-style images with the source's labels), segmented by the Baseline
+  segmenter (trained on the real source: ``StudyContext.pseudo_labeller``).
+
+Into ``OUT/adherence/``::
+
+    adherence.json   per set: dataset, domain, measurable (or why not), segmenter, per-structure DSC (mean, sd, n)
+    <set>/           mask_adherence's outputs: adherence.json/.csv/.md, predictions/, evaluation/
 
 Off: not part of the study."""
 from __future__ import annotations
@@ -16,18 +21,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from nnunet_sddm.adaptation.pseudo_labels import NnUNetModel
 from nnunet_sddm.data.raw_dataset import list_images, list_labels, load_dataset_json
 from nnunet_sddm.evaluation.mask_adherence import mask_adherence
-from nnunet_sddm.study.config_tree import SEGMENTERS
-from nnunet_sddm.study.context import StudyContext
+from nnunet_sddm.study.context import Model, StudyContext
 from nnunet_sddm.study.stage_predict import prediction_threads
-from nnunet_sddm.study.stage_pseudo_labels import generative_rows
+from nnunet_sddm.study.stage_pseudo_labels import as_nnunet_model, generative_rows
 from nnunet_sddm.study.stages import Stage
 from nnunet_sddm.utilities.files import staging_dir, write_json
 
 #: The generated image sets measured: folder under ``OUT/adherence`` -> (dataset side, domain).
-SETS = {"generated": ("generated", "target")}
+SETS = {"generated": ("generated", "target"), "dg": ("synthetic", "source")}
 
 
 def adherence_dir(ctx: StudyContext) -> Path:
@@ -53,26 +56,26 @@ def oracle_unavailable(ctx: StudyContext) -> Optional[str]:
     return None
 
 
-def oracle_model(ctx: StudyContext) -> NnUNetModel:
-    """The oracle as the ``NnUNetModel`` of ``mask_adherence`` (the study's fold)."""
-    m = ctx.oracle()
-    return NnUNetModel(dataset=ctx.dataset_name("target"), configuration=SEGMENTERS[m.segmenter][0],
-                       trainer=ctx.cfg.trainer(m.segmenter), plans=ctx.cfg.nnunet.plans, folds=(ctx.cfg.fold,))
+def measuring_segmenter(ctx: StudyContext, domain: str) -> Model:
+    """The segmenter trained on real labelled data of ``domain``: the oracle (``target``) or the
+    Baseline (``source``)."""
+    return ctx.oracle() if domain == "target" else ctx.pseudo_labeller()
 
 
 def run_adherence(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     """The mask adherence of every generated set (``OUT/adherence``, written atomically)."""
-    why = oracle_unavailable(ctx)
     record: Dict[str, Any] = {"sets": {}}
     with staging_dir(adherence_dir(ctx), overwrite=True) as tmp, prediction_threads():
         for key, (side, domain) in SETS.items():
+            why = oracle_unavailable(ctx) if domain == "target" else None
             entry: Dict[str, Any] = {"dataset": ctx.dataset_name(side), "domain": domain, "measurable": why is None}
             if why is not None:
                 entry["reason"] = f"Not measurable: {why}."
             else:
-                res = mask_adherence(ctx.raw(side), oracle_model(ctx), tmp / key, device=ctx.device, num_processes=0,
-                                     progress=ctx.progress)
-                entry.update({"oracle": res.record["model"], "oracle_key": ctx.oracle().key,
+                m = measuring_segmenter(ctx, domain)
+                res = mask_adherence(ctx.raw(side), as_nnunet_model(ctx, m), tmp / key, device=ctx.device,
+                                     num_processes=0, progress=ctx.progress)
+                entry.update({"segmenter": res.record["model"], "segmenter_key": m.key,
                               "n_cases": res.record["n_cases"], "structures": res.summary,
                               "details": f"adherence/{key}/adherence.json"})
             record["sets"][key] = entry
@@ -82,17 +85,17 @@ def run_adherence(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
 
 
 def adherence_inputs(ctx: StudyContext) -> Any:
-    """The oracle (segmenter, trainer, seed, fold), or why there is none."""
+    """The measuring segmenters (segmenter, kind, trainer, seed, fold), or why the oracle is missing."""
     why = oracle_unavailable(ctx)
-    m = ctx.oracle()
-    return {"oracle": None if why else [m.segmenter, ctx.cfg.trainer(m.segmenter), m.seed, ctx.cfg.fold],
-            "unavailable": why}
+    models = [measuring_segmenter(ctx, domain) for _, domain in SETS.values() if domain != "target" or not why]
+    return {"segmenters": [[m.segmenter, m.kind, ctx.cfg.trainer(m.segmenter), m.seed] for m in models],
+            "fold": ctx.cfg.fold, "unavailable": why}
 
 
 def adherence_outputs(ctx: StudyContext) -> List[Path]:
     return [adherence_dir(ctx)]
 
 
-STAGE = Stage("adherence", "generative rows: mask adherence of the generated images (oracle segmenter)",
-              run_adherence, adherence_inputs, adherence_outputs, ("data", "generation", "generative_train"),
+STAGE = Stage("adherence", "generative rows: mask adherence of the generated and the DG images", run_adherence,
+              adherence_inputs, adherence_outputs, ("data", "synthesis", "train", "generation", "generative_train"),
               enabled=generative_rows)

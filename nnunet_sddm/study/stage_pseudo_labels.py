@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 from nnunet_sddm.adaptation.pseudo_labels import NnUNetModel, pseudo_label_dataset
 from nnunet_sddm.data.raw_dataset import load_cases_json
 from nnunet_sddm.study.config_tree import SEGMENTERS
-from nnunet_sddm.study.context import GENERATIVE_SIDES, StudyContext
+from nnunet_sddm.study.context import GENERATIVE_SIDES, Model, StudyContext
 from nnunet_sddm.study.ownership import clean_study_outputs
 from nnunet_sddm.study.stage_predict import prediction_threads
 from nnunet_sddm.study.stages import Stage
@@ -44,10 +44,10 @@ def check_free_ids(ctx: StudyContext) -> None:
             raise SDDMError(f"generative.{key} {i} is taken ({', '.join(clash) or taken[i]}); choose another id")
 
 
-def pseudo_labeller_model(ctx: StudyContext) -> NnUNetModel:
-    """The Baseline segmenter as the ``NnUNetModel`` of ``pseudo_label_dataset`` (the study's fold)."""
-    m = ctx.pseudo_labeller()
-    return NnUNetModel(dataset=ctx.dataset_name("source"), configuration=SEGMENTERS[m.segmenter][0],
+def as_nnunet_model(ctx: StudyContext, m: Model) -> NnUNetModel:
+    """Model ``m`` (not trained with augmentation) as the ``NnUNetModel`` of ``pseudo_label_dataset``
+    and ``mask_adherence``: the study's fold, found in the first repeat's ``nnUNet_results``."""
+    return NnUNetModel(dataset=ctx.dataset_name(ctx.model_side(m)), configuration=SEGMENTERS[m.segmenter][0],
                        trainer=ctx.cfg.trainer(m.segmenter), plans=ctx.cfg.nnunet.plans, folds=(ctx.cfg.fold,))
 
 
@@ -59,8 +59,9 @@ def run_pseudo_labels(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     if not (resume and (final / "dataset.json").is_file()):
         name = parse_dataset_folder_name(ctx.dataset_name("pseudo"))[1]
         with prediction_threads():
-            pseudo_label_dataset(ctx.raw("target"), ctx.cfg.generative.pseudo_id, pseudo_labeller_model(ctx),
-                                 name=name, overwrite=False, device=ctx.device, num_processes=0, progress=ctx.progress)
+            pseudo_label_dataset(ctx.raw("target"), ctx.cfg.generative.pseudo_id,
+                                 as_nnunet_model(ctx, ctx.pseudo_labeller()), name=name, overwrite=False,
+                                 device=ctx.device, num_processes=0, progress=ctx.progress)
     records = load_cases_json(final)
     conf = [r["mean_confidence"] for r in records if r.get("mean_confidence") is not None]
     return {"dataset": final.name, "cases": len(records), "model": ctx.pseudo_labeller().key,
