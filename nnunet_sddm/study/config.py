@@ -278,7 +278,8 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
         raise ck.fail("generative.diffusion.set must map SECTION.KEY to values")
     preset = dif["preset"] if dif["preset"] is not None else study_dif["preset"]
     seed = cfg["seed"] if type(cfg["seed"]) is int else 0  # checked by the caller
-    set_ = {**(study_dif["set"] if dif["preset"] is None else {}), **dif["set"], "model.condition": "labels"}
+    inherited = study_dif["set"] if dif["preset"] is None and isinstance(study_dif["set"], Mapping) else {}
+    set_ = {**inherited, **dif["set"], "model.condition": "labels"}
     overrides = diffusion_overrides(set_, dif["iterations"] if dif["iterations"] is not None else
                                     study_dif["iterations"],
                                     dif["batch_size"] if dif["batch_size"] is not None else study_dif["batch_size"],

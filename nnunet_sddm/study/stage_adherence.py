@@ -18,6 +18,8 @@ Into ``OUT/adherence/``::
 Off: not part of the study."""
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -65,7 +67,8 @@ def measuring_segmenter(ctx: StudyContext, domain: str) -> Model:
 def run_adherence(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     """The mask adherence of every generated set (``OUT/adherence``, written atomically)."""
     record: Dict[str, Any] = {"sets": {}}
-    with staging_dir(adherence_dir(ctx), overwrite=True) as tmp, prediction_threads():
+    with staging_dir(adherence_dir(ctx), overwrite=True) as tmp, prediction_threads(), \
+            contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every case
         for key, (side, domain) in SETS.items():
             why = oracle_unavailable(ctx) if domain == "target" else None
             entry: Dict[str, Any] = {"dataset": ctx.dataset_name(side), "domain": domain, "measurable": why is None}

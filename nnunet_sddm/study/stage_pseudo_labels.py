@@ -6,6 +6,8 @@ argmax of nnU-Net's probabilities, largest component per structure), the target 
 conditional diffusion model's training set. Off: not part of the study."""
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -58,7 +60,7 @@ def run_pseudo_labels(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     final = ctx.raw("pseudo")
     if not (resume and (final / "dataset.json").is_file()):
         name = parse_dataset_folder_name(ctx.dataset_name("pseudo"))[1]
-        with prediction_threads():
+        with prediction_threads(), contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every case
             pseudo_label_dataset(ctx.raw("target"), ctx.cfg.generative.pseudo_id,
                                  as_nnunet_model(ctx, ctx.pseudo_labeller()), name=name, overwrite=False,
                                  device=ctx.device, num_processes=0, progress=ctx.progress)
