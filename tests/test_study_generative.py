@@ -29,7 +29,40 @@ TODAY_AFTER = {
 }
 #: sha256 of every stage's inputs (``stages.fingerprint(stage.inputs(ctx))``) as the code before the
 #: generative rows computed them, for the defaults and for ``--quick`` (output "fp_study", CPU).
-GOLDEN_INPUTS = {"defaults": {}, "quick": {}}
+GOLDEN_INPUTS = {
+    "defaults": {
+        "data": "a98946bd89f9c159b0413bfbaec53044b65e3f25f2a7366d7f5517251fb00c10",
+        "diffusion": "33d6a5dab5de47373ac230ff2d4733413e6cc0d115ca8be2b31c4410c75b9333",
+        "synthesis": "4c2368083d66d997a1acc85ea6e3d134cd0a1c735804c64be3d71317068d48d0",
+        "adaptation": "5dd5b7623ebd8b81c059a6ef4514698aac15689c1b102ea25710e8205cacb676",
+        "alternatives": "addf6be41cfbf73f690ca0f5084c07f2ae90b063d789437d94e57b79ad6513ac",
+        "preprocess": "d7ed70033cbc8769360dfb9c0dab89ac74536c261ef6722b31a52b17e2955b81",
+        "train": "6b92c19f787c4251be70981ce00a6b8f2cd3dec5bb7763361e20383236af98cc",
+        "in_domain": "09f9535a3f2b8a795f0bf69fa336feda802844212660a48410d755cd23c81859",
+        "predict": "6f22e2070f876e0c299e79a04dd3bedfbe6ec7c2de7032cb9354b495665336fd",
+        "evaluate": "e8d1cb061031dbf4ed01e6a0765c80fe653f47db64ed8784fbbb3d3c7cbacba0",
+        "compare": "1993c128ce03ee65c0f9894d355515f8cdfbda35509ef0df7caf388bbe6e46b7",
+        "quality": "c628ce23139eec607ea9e93894f8820b0c02fc255e2581a4a885bad916e9fb60",
+        "figures": "5dc58a7e7a7854fa74394126776321bbb4b145f0429b5778fd45a258f7c4876a",
+        "report": "b5612540d7f650828d08f84b06822fff1f7e60e404066043433933f93abd1405",
+    },
+    "quick": {
+        "data": "81cf2dea828f9cc5fa885fe893e119b45c492388e0addd91e84cffa395a6ad5b",
+        "diffusion": "4806d70c322d26637d86aebae171e62318d105585da746c9e80aa46ede414045",
+        "synthesis": "d9e49c0f72451bf3f0bdac525bfd4e483b542d513e3c0a159beef2d75f194d4c",
+        "adaptation": "257fdc01dcd625b8f3b92907fb656d70b29f619c364a60c7ceda98e2f7000cde",
+        "alternatives": "addf6be41cfbf73f690ca0f5084c07f2ae90b063d789437d94e57b79ad6513ac",
+        "preprocess": "34860961f483838e421e465e0833b04bfa4eebe0682b49d0a6a4b5d062c6380c",
+        "train": "495f7043c7bb38e0e09d68ab95420baf9610d3216c521096af5064914df595a9",
+        "in_domain": "e4a3c3cc2bf8b657ac0f1e918edc2f4ceddedd64107a26130808c77728aa2058",
+        "predict": "93093726cff27ba7c7178a519fe57fa76663ab77fafc79bad2335963c76b650b",
+        "evaluate": "e8d1cb061031dbf4ed01e6a0765c80fe653f47db64ed8784fbbb3d3c7cbacba0",
+        "compare": "1993c128ce03ee65c0f9894d355515f8cdfbda35509ef0df7caf388bbe6e46b7",
+        "quality": "c628ce23139eec607ea9e93894f8820b0c02fc255e2581a4a885bad916e9fb60",
+        "figures": "552ba09e84a09eb4e2d0ff063cd6927c5632a324190db099b98013bb14ea44d9",
+        "report": "1494e1decdec6cf9fd4f6f1c837489231ba68c3d4ea3b583de62d39f47f4e68f",
+    },
+}
 
 
 # ----------------------------------------------------------------------------- configuration
