@@ -112,8 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         nnunet_prediction.predict_folder(predictor, ds / "imagesTs", tmp)
                 dice[tag] = _dice(ds / "labelsTs", out)
             rows.append({"segmenter": seg, "trainer": trainer, "plans": plans, "iterations": a.epochs * its,
-                         "train_s": seconds,
-                         "dice": dice})
+                         "train_s": seconds, "dice": dice})
             t = "reused" if seconds is None else f"{seconds:6.1f} s"
             print(f"{SEGMENTERS[seg][2]:11s} {a.epochs}x{its:4d} it  train {t:>8s}  " +
                   "  ".join(f"{tag.split()[0]} {d['all']:.3f}" for tag, d in dice.items()), flush=True)

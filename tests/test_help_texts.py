@@ -33,13 +33,14 @@ def test_help_text(script):
 
 def test_quick_help_states_the_measured_time():
     """The help, the README and the study guide give the same time for --quick, the measured one
-    (29.6 min on a 2-core EPYC, docs/benchmarks.md), and none repeats an older figure."""
+    (18 min on a 2-core EPYC, docs/benchmarks.md), and none repeats an older figure."""
     text = " ".join(help_text("nnUNetv2_sddm_study").split())
-    assert "about 30 minutes on a 2-core CPU" in text and "vendor D" in text
+    assert "under 20 minutes on a 2-core CPU" in text and "vendor B" in text
     for doc in (ROOT / "README.md", ROOT / "docs" / "how_to" / "study.md", ROOT / "docs" / "getting_started.md"):
         flat = " ".join(doc.read_text().split())
-        assert "about 30 minutes on a 2-core CPU" in flat, doc
-        assert "about an hour or more" not in flat and "15 to 30 minutes" not in flat, doc
+        assert "under 20 minutes on a 2-core CPU" in flat, doc
+        for old in ("about an hour or more", "15 to 30 minutes", "about 30 minutes", "vendor D"):
+            assert old not in flat, (doc, old)
 
 
 def test_no_source_file_cites_developer_notes():

@@ -111,7 +111,7 @@ QUICK: Dict[str, Any] = {
     "epochs": 1,
     "iterations_per_epoch": 400,
     "nnunet": {"batch_size": 4},
-    "diffusion": {"preset": "tiny", "iterations": 400},
+    "diffusion": {"preset": "tiny", "iterations": 250},
     "sampler": {"D": 2, "N": 12, "tau": 6.0, "steps": 50},
     "device": "cpu",
     "figures": {"sweep": {"D": [2, 4], "N": [6, 12], "tau": [0.0, 6.0]}},
