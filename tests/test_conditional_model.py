@@ -236,7 +236,15 @@ def test_pseudo_labelled_dataset(phantoms, tmp_path):
                     progress=False, pseudo_labelled="13")
     with pytest.raises(SDDMError, match="pseudo_labelled.*model.condition is null"):
         train_model("11", "tiny", FAST, model_dir=tmp_path / "r", progress=False, pseudo_labelled="12")
-    assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
+    # pseudo-labels thresholded into nnU-Net's ignore label: refused, saying why and what to do
+    thresholded = generate_phantom_dataset(14, "B", 1, matrix=32)
+    dj = json.loads((thresholded / "dataset.json").read_text())
+    dj["labels"]["ignore"] = max(dj["labels"].values()) + 1
+    (thresholded / "dataset.json").write_text(json.dumps(dj))
+    with pytest.raises(SDDMError, match=f"{thresholded.name}: has nnU-Net's ignore label .*without --threshold"):
+        train_model("11", "tiny", {**FAST, "model.condition": "labels"}, model_dir=tmp_path / "s",
+                    progress=False, pseudo_labelled="14")
+    assert not any((tmp_path / n).exists() for n in "qrs")
 
 
 def test_unknown_label_value_names_the_case(phantoms, tmp_path):

@@ -11,7 +11,7 @@ from scipy import stats
 
 from nnunet_sddm.evaluation.compare import Entry, compare_results, structure_counts
 from nnunet_sddm.evaluation.evaluate import EvaluationResults, load_results, nan_policy_view, write_per_case_csv
-from nnunet_sddm.evaluation.figures import bar_chart_ci, bar_stats
+from nnunet_sddm.evaluation.figures import bar_chart_ci, bar_stats, label_image_grid
 from nnunet_sddm.evaluation.metrics import METRICS
 from nnunet_sddm.evaluation.statistics import bootstrap_mean_ci, holm, paired_tests, wilcoxon_method
 from nnunet_sddm.utilities.errors import SDDMError
@@ -258,6 +258,25 @@ def test_chart_bars_leave_penalties_out_and_clip_cis(tmp_path):
            "DA/2d": {"LV": [False] * 4, "RV": [True, False, False, True]}}
     png = bar_chart_ci(samples, "HD95", tmp_path / "hd95.png", penalised=pen)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_label_image_grid_draws_maps_in_colour_and_refuses_ragged_grids(tmp_path):
+    from matplotlib.image import imread
+
+    lab = np.zeros((16, 16), np.int64)
+    lab[4:12, 4:12] = 3  # one structure (label 3) filling the middle of the map
+    img = np.full((16, 16), 0.5, np.float32)
+    png = label_image_grid([[lab, img]], ["labels", "image"], ["map", "image"], ["case"], tmp_path / "g.png",
+                           [1, 2, 3], ["LV", "MYO", "RV"])
+    rgb = imread(png)[..., :3]
+    colourful = np.abs(rgb - rgb.mean(axis=-1, keepdims=True)).max(axis=-1) > 0.1
+    top_left = colourful[: int(0.8 * rgb.shape[0]), : rgb.shape[1] // 2]  # the map's panel, above the legend
+    assert top_left.sum() > 0.05 * top_left.size  # shows the structure in colour
+    with pytest.raises(ValueError):
+        label_image_grid([[lab, img], [lab]], ["labels", "image"], ["a", "b"], ["r1", "r2"], tmp_path / "x.png", [3])
+    with pytest.raises(ValueError):
+        label_image_grid([[lab]], ["mask"], ["a"], ["r"], tmp_path / "y.png", [3])
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
 def test_verdict_direction_follows_the_paired_difference():

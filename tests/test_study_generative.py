@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nnunet_sddm.study import GENERATIVE_STAGES, STAGE_NAMES
@@ -48,7 +49,7 @@ GOLDEN_INPUTS = {
     },
     "quick": {
         "data": "81cf2dea828f9cc5fa885fe893e119b45c492388e0addd91e84cffa395a6ad5b",
-        "diffusion": "4806d70c322d26637d86aebae171e62318d105585da746c9e80aa46ede414045",
+        "diffusion": "b1b03746339c8ab3f0c697ad00b319fd9e9d6be63ddd263a4218fafbebc16720",
         "synthesis": "d9e49c0f72451bf3f0bdac525bfd4e483b542d513e3c0a159beef2d75f194d4c",
         "adaptation": "257fdc01dcd625b8f3b92907fb656d70b29f619c364a60c7ceda98e2f7000cde",
         "alternatives": "addf6be41cfbf73f690ca0f5084c07f2ae90b063d789437d94e57b79ad6513ac",
@@ -60,7 +61,7 @@ GOLDEN_INPUTS = {
         "compare": "1993c128ce03ee65c0f9894d355515f8cdfbda35509ef0df7caf388bbe6e46b7",
         "quality": "c628ce23139eec607ea9e93894f8820b0c02fc255e2581a4a885bad916e9fb60",
         "figures": "552ba09e84a09eb4e2d0ff063cd6927c5632a324190db099b98013bb14ea44d9",
-        "report": "1494e1decdec6cf9fd4f6f1c837489231ba68c3d4ea3b583de62d39f47f4e68f",
+        "report": "01410bcb619dd4126f2c5390aadffd8d04e1b0a642b759c980414e1d85d585bf",
     },
 }
 
@@ -270,6 +271,24 @@ def test_smoke_study_with_the_generative_rows(tmp_path, monkeypatch):
             assert d["mean"] is None or 0.0 <= d["mean"] <= 1.0
         assert (out / "adherence" / key / "adherence.csv").is_file()
         assert adherence["segmenter"]["dataset"] == segmenter
+
+    # the figure of generated pairs: the target-style panel is the dataset's image, and the source-style
+    # panel the same deformed map and noise with the other domain token
+    from nnunet_sddm.adaptation.synthesize_labels import LabelSampler
+    from nnunet_sddm.data.volumes import read_volume
+    from nnunet_sddm.study.context import make_context
+    from nnunet_sddm.study.figures import generated_pair_panels
+
+    assert (out / "figures" / "generated_pairs.png").is_file()
+    (panel,) = generated_pair_panels(make_context(cfg, progress=False, log=lambda _: None), 1)
+    first = sorted(records, key=lambda r: r["case"])[0]
+    deformed = read_volume(generated / "labelsTr" / f"{first['case']}.nii.gz")
+    assert panel["case"] == first["case"] and np.array_equal(panel["deformed"], np.rint(deformed.data[panel["z"]]))
+    target_sampler = LabelSampler.open(out / "generative_model", first["steps"], first["guidance_scale"], "target",
+                                       device="cpu", progress=False)
+    (_, again), = target_sampler.iter_generated([(first["label_map"], deformed.data, deformed.spacing)], first["seed"])
+    np.testing.assert_allclose(panel["target_style"], again[panel["z"]], atol=1e-5)
+    assert not np.array_equal(panel["source_style"], panel["target_style"])  # the domain token enters
 
     report = (out / "report.md").read_text()
     assert "## Mask adherence of the generated images" in report and "**UDA-syn**" in report

@@ -79,6 +79,11 @@ def check_same_labels(source: Union[str, os.PathLike], other: Union[str, os.Path
                       role: str = "--pseudo-labelled dataset") -> None:
     """``SDDMError`` naming ``other`` unless its ``dataset.json`` labels equal ``source``'s."""
     a, b = dataset_labels(source), dataset_labels(other)
+    if "ignore" in b and "ignore" not in a and {k: v for k, v in b.items() if k != "ignore"} == a:
+        raise SDDMError(f"{role} {os.fspath(other)}: has nnU-Net's ignore label (pseudo-labels written with "
+                        f"--threshold); a mask-conditioned model needs a label at every voxel: write the "
+                        f"pseudo-labels for the diffusion model without --threshold (the ignore label is for "
+                        f"nnU-Net training)")
     if a != b:
         raise SDDMError(f"{role} {os.fspath(other)}: its dataset.json labels {b} differ from those of the "
                         f"source dataset {os.fspath(source)} ({a}); both must use the same labels")

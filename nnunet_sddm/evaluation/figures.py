@@ -1,8 +1,8 @@
 """Figures (matplotlib ``Figure`` objects, no display needed): Fig.-7-style bar charts of a metric
 per structure with 95% confidence intervals (clipped to the metric's valid range; empty-mask
 penalties counted above the bar instead of averaged in), bar charts of counts (missing and
-spurious structures), a 2D scatter (t-SNE) coloured by group, and the quality report's figures
-(image pairs side by side, a ROC curve)."""
+spurious structures), a 2D scatter (t-SNE) coloured by group, the quality report's figures
+(image pairs side by side, a ROC curve) and a grid of label maps and images (generated pairs)."""
 from __future__ import annotations
 
 import os
@@ -198,6 +198,52 @@ def image_pairs(top: np.ndarray, bottom: np.ndarray, titles_top: Sequence[str], 
             if i == 0 and row_labels[r]:
                 ax.set_ylabel(row_labels[r], fontsize=8)
     fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+def label_image_grid(panels: Sequence[Sequence[np.ndarray]], kinds: Sequence[str], column_titles: Sequence[str],
+                     row_titles: Sequence[str], out_path: os.PathLike, label_values: Sequence[int],
+                     label_names: Optional[Sequence[str]] = None, title: str = "") -> Path:
+    """A grid of 2D panels, row ``r`` column ``c`` showing ``panels[r][c]`` (``(h, w)``; rows may
+    differ in size). ``kinds[c]`` is ``"labels"`` (an integer map: background 0 black, label
+    ``label_values[i]`` in colour ``i`` of tab10, a legend with ``label_names``) or ``"image"`` (grey,
+    shown on the fixed range [0, 1]). PNG written atomically."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    n_rows, n_cols = len(panels), len(kinds)
+    if n_rows == 0 or any(len(row) != n_cols for row in panels):
+        raise ValueError(f"expected a non-empty grid with {n_cols} panels per row")
+    if len(column_titles) != n_cols or len(row_titles) != n_rows or set(kinds) - {"labels", "image"}:
+        raise ValueError("one title per column and row, kinds 'labels' or 'image'")
+    values = [int(v) for v in label_values]
+    colours = [(0.0, 0.0, 0.0)] + [colormaps["tab10"].colors[(3 + i) % 10] for i in range(len(values))]
+    cmap = ListedColormap(colours)
+    fig = figure(figsize=(2.0 * n_cols, 2.0 * n_rows + 0.6), dpi=110)
+    axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
+    for r, row in enumerate(panels):
+        for c, (panel, kind) in enumerate(zip(row, kinds)):
+            ax, a = axes[r, c], np.asarray(panel)
+            if kind == "labels":
+                index = np.zeros(a.shape, np.int64)  # 0: background and any other value
+                for i, v in enumerate(values):
+                    index[np.rint(a) == v] = i + 1
+                ax.imshow(index, cmap=cmap, vmin=0, vmax=len(values), interpolation="nearest")
+            else:
+                ax.imshow(a, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(column_titles[c], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(row_titles[r], fontsize=8)
+    names = list(label_names) if label_names is not None else [str(v) for v in values]
+    fig.legend(handles=[Patch(color=colours[i + 1], label=names[i]) for i in range(len(values))],
+               loc="lower center", ncol=len(values), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save_figure(fig, out_path)
 
 

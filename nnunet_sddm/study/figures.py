@@ -10,7 +10,10 @@
   without post-processing for one segmenter (``evaluation.figures.bar_chart_ci``; empty-mask
   penalties counted above the bars, not averaged into them);
 * ``missing_<segmenter>.png``: per row without post-processing and structure, the cases where the
-  structure is missing from the prediction or spurious (``evaluation.figures.count_chart``).
+  structure is missing from the prediction or spurious (``evaluation.figures.count_chart``);
+* ``generated_pairs.png`` (generative rows): for three source label maps, the map, its deformed
+  copy, and the images the conditional model generates from the deformed copy in the source and the
+  target domain (``generated_pair_panels``).
 """
 from __future__ import annotations
 
@@ -21,17 +24,22 @@ from typing import Any, Dict, List
 import numpy as np
 
 from nnunet_sddm.adaptation.sweep import sweep_grid
-from nnunet_sddm.data.raw_dataset import list_images
+from nnunet_sddm.adaptation.synthesize_labels import LabelSampler
+from nnunet_sddm.data.raw_dataset import FILE_ENDING, list_images, load_cases_json, load_dataset_json
+from nnunet_sddm.data.volumes import read_volume
 from nnunet_sddm.evaluation.compare import Entry, structure_counts
 from nnunet_sddm.evaluation.domain_shift import domain_shift, separability
 from nnunet_sddm.evaluation.evaluate import load_results
-from nnunet_sddm.evaluation.figures import bar_chart_ci, count_chart
+from nnunet_sddm.evaluation.figures import bar_chart_ci, count_chart, label_image_grid
 from nnunet_sddm.evaluation.image_features import FEATURE_NAMES
 from nnunet_sddm.study.config_tree import SEGMENTERS
+from nnunet_sddm.study.stage_generative_model import generative_model_dir
 from nnunet_sddm.utilities.errors import SDDMError
 
 #: The domain-shift figure's name of the generated target-style images (``generative.rows``).
 GENERATED_SET = "generated target-style (Gen-only)"
+#: Columns of ``generated_pairs.png``.
+PAIR_COLUMNS = ("label map", "deformed label map", "generated, source style", "generated, target style")
 #: Metrics drawn as per-segmenter CI bar charts.
 BAR_METRICS = ("DSC", "ASSD", "HD95")
 
@@ -108,3 +116,46 @@ def ci_bars(ctx, out_dir: Path) -> List[str]:
                                        f"(reference has it) or spurious (reference lacks it)")
         files.append(str(out))
     return files
+
+
+def generated_pair_panels(ctx, num_cases: int = 3) -> List[Dict[str, Any]]:
+    """For the first ``num_cases`` label maps of the generated dataset (copy 0, sorted by case):
+    the slice ``z`` with the most foreground of the deformed map, as ``{"case", "z", "label",
+    "deformed", "source_style", "target_style"}`` (maps ``(h, w)`` int; images ``(h, w)`` in [0, 1]).
+
+    ``target_style`` is the generated dataset's image (UDA-syn's and Gen-only's training data);
+    ``source_style`` is sampled now by the same model from the same deformed map with the same
+    random stream (seed and key of the dataset's record), only the domain token set to "source"."""
+    src, gen = ctx.raw("source"), ctx.raw("generated")
+    records = sorted((r for r in load_cases_json(gen) if r.get("copy") == 0), key=lambda r: r["case"])[:num_cases]
+    if not records:
+        raise SDDMError(f"{gen / 'cases.json'}: no generated cases to draw")
+    smp = ctx.cfg.sampler
+    sampler = LabelSampler.open(generative_model_dir(ctx), int(records[0]["steps"]),
+                                float(records[0]["guidance_scale"]), "source", device=ctx.device,
+                                batch_size=smp.batch_size, progress=False)
+    out = []
+    for r in records:
+        case, key = r["case"], r["label_map"]
+        deformed = read_volume(gen / "labelsTr" / f"{case}{FILE_ENDING}")
+        label = read_volume(src / "labelsTr" / f"{key}{FILE_ENDING}").data
+        target = read_volume(gen / "imagesTr" / f"{case}_0000{FILE_ENDING}").data
+        (_, source), = sampler.iter_generated([(key, deformed.data, deformed.spacing)], int(r["seed"]))
+        z = int(np.argmax((np.rint(deformed.data) != 0).reshape(deformed.data.shape[0], -1).sum(axis=1)))
+        out.append({"case": case, "z": z, "label": np.rint(label[z]).astype(np.int64),
+                    "deformed": np.rint(deformed.data[z]).astype(np.int64), "source_style": source[z],
+                    "target_style": target[z]})
+    return out
+
+
+def generated_pairs_figure(ctx, out_png: Path) -> Dict[str, Any]:
+    """``generated_pairs.png``: ``generated_pair_panels`` side by side, one case per row."""
+    panels = generated_pair_panels(ctx)
+    labels = {int(v): str(k) for k, v in load_dataset_json(ctx.raw("source"))["labels"].items()
+              if isinstance(v, int) and v != 0 and k != "ignore"}
+    values = sorted(labels)
+    label_image_grid([[p["label"], p["deformed"], p["source_style"], p["target_style"]] for p in panels],
+                     ["labels", "labels", "image", "image"], PAIR_COLUMNS,
+                     [f"{p['case']} z={p['z']}" for p in panels], out_png, values, [labels[v] for v in values],
+                     title="Mask-conditioned generation: one deformed map, two domains, the same noise")
+    return {"png": str(out_png), "cases": [p["case"] for p in panels], "slices": [p["z"] for p in panels]}

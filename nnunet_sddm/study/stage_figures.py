@@ -1,12 +1,13 @@
-"""Stage ``figures``: the sweep grid of one target slice, the t-SNE of real/target/adapted images
-and the per-segmenter CI bar charts (drawn by ``study.figures``), into ``OUT/figures/``."""
+"""Stage ``figures``: the sweep grid of one target slice, the t-SNE of real/target/adapted images,
+the per-segmenter CI bar charts and, with the generative rows, the generated pairs (drawn by
+``study.figures``), into ``OUT/figures/``."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, List
 
 from nnunet_sddm.study.context import StudyContext
-from nnunet_sddm.study.figures import ci_bars, domain_shift_figure, sweep_figure
+from nnunet_sddm.study.figures import ci_bars, domain_shift_figure, generated_pairs_figure, sweep_figure
 from nnunet_sddm.study.stages import Stage
 
 
@@ -20,6 +21,8 @@ def run_figures(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     if ctx.cfg.figures.tsne:
         result["domain_shift"] = domain_shift_figure(ctx, fig / "domain_shift")
     result["ci_bars"] = ci_bars(ctx, fig)
+    if ctx.cfg.generative.rows:
+        result["generated_pairs"] = generated_pairs_figure(ctx, fig / "generated_pairs.png")
     return result
 
 
