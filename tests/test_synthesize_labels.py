@@ -165,6 +165,26 @@ def test_labels_from_a_folder(nnunet_env, phantoms, models, tmp_path):
     assert len(splits) == 2 and sorted(splits[0]["val"] + splits[1]["val"]) == sorted(records)
 
 
+def test_labels_from_a_label_map_generators_output(nnunet_env, phantoms, models, tmp_path):
+    """``nnUNetv2_sddm_generate_labels``' OUT (labelsTr/ and its own cases.json record) is taken as it is."""
+    out = tmp_path / "generated_maps"
+    (out / "labelsTr").mkdir(parents=True)
+    src = nib.load(str(phantoms / "labelsTr" / "PhA0000_ED.nii.gz"))
+    for i, z in enumerate((3, 5)):
+        arr = np.asarray(src.dataobj)[:, :, z:z + 1]
+        nib.save(nib.Nifti1Image(arr, np.diag([1.2, 1.2, 8.0, 1.0])), str(out / "labelsTr" / f"gen_{i:04d}.nii.gz"))
+    (out / "cases.json").write_text(json.dumps({"seed": 3, "n": 2, "cases": [
+        {"case": f"gen_{i:04d}", "file": f"labelsTr/gen_{i:04d}.nii.gz", "batch": 0, "draws": 1 + i} for i in range(2)]}))
+    with one_torch_thread():
+        new = synthesize_from_labels(51, 57, str(models["cond"]), labels_from=out, **FAST)
+    records = {r["case"]: r for r in json.loads((new / "cases.json").read_text())}
+    assert sorted(records) == ["gen_0000_gen0", "gen_0001_gen0"]
+    assert records["gen_0001_gen0"]["label_record"]["draws"] == 2
+    (out / "cases.json").write_text(json.dumps({"cases": [{"file": "x"}]}))
+    with pytest.raises(SDDMError, match="cases.json: expected the generator's 'cases' to be records"):
+        synthesize_from_labels(51, 58, str(models["cond"]), labels_from=out, **FAST)
+
+
 def test_resume_keeps_finished_cases(nnunet_env, phantoms, models, monkeypatch):
     import nnunet_sddm.adaptation.pipeline as pipeline
     from nnunet_sddm.data.volumes import write_like
@@ -253,7 +273,7 @@ def test_two_ranks_split_the_work_and_equal_one(nnunet_env, phantoms, models, mo
     assert strip(single / "cases.json") == strip(out / "cases.json")
 
 
-def test_bad_inputs(nnunet_env, phantoms, models, capsys):
+def test_bad_inputs(nnunet_env, phantoms, models, capsys, tmp_path):
     from nnunet_sddm.adaptation.synthesize import synthesize_dataset
     from nnunet_sddm.cli.adaptation import synthesize_main
     from nnunet_sddm.sampling.guided import SamplerSettings
@@ -268,6 +288,9 @@ def test_bad_inputs(nnunet_env, phantoms, models, capsys):
         synthesize_from_labels(51, 60, cond, domain="target", **FAST)
     with pytest.raises(SDDMError, match="guidance scale"):
         synthesize_from_labels(51, 60, cond, guidance_scale=-1.0, **FAST)
+    no_dropout = micro_model_folder(tmp_path / "c0", overrides={**COND, "training.label_dropout": 0.0})
+    with pytest.raises(SDDMError, match="--guidance-scale 2.0: .*without label dropout"):
+        synthesize_from_labels(51, 60, str(no_dropout), guidance_scale=2.0, **FAST)
     for argv, match in ((["--mode", "labels", "-N", "3"], "--mode labels does not use -N"),
                         (["--labels", "deformed"], "--mode restyle does not use --labels")):
         with pytest.raises(SystemExit) as e:

@@ -130,6 +130,11 @@ class LabelSampler:
             raise SDDMError(f"--steps {self.steps}: the model {where} has {self.loaded.diffusion.num_timesteps} "
                             f"diffusion steps (1..{self.loaded.diffusion.num_timesteps})")
         ClassifierFreeGuidance(self.loaded.model, self.guidance_scale)  # checks the scale
+        dropout = float((self.loaded.config.get("training") or {}).get("label_dropout") or 0.0)
+        if float(self.guidance_scale) != 1.0 and dropout == 0.0:
+            raise SDDMError(f"--guidance-scale {self.guidance_scale}: the model {where} was trained without label "
+                            f"dropout (training.label_dropout 0), so it never learned the unconditional prediction "
+                            f"classifier-free guidance needs; use --guidance-scale 1 or train with --label-dropout > 0")
         domains = self.domains
         if self.domain is not None and not domains:
             raise SDDMError(f"--domain {self.domain}: the model {where} has no domains (trained without "
@@ -266,15 +271,32 @@ def conditioning_maps(ds: NewDataset, labels_from: Optional[PathLike]) -> List[C
         records = {r["case"]: r for r in load_cases_json(ds.src)}
         return [ConditioningMap(case, path, str(records.get(case, {}).get("subject", case)), case,
                                 source_record(records, case)) for case, path in sorted(labels.items())]
-    folder = Path(labels_from)
+    root = folder = Path(labels_from)
     if not folder.is_dir():
         raise SDDMError(f"--labels-from {folder}: not a folder")
     labels = list_labels(folder, ending)
+    if not labels and (root / "labelsTr").is_dir():  # nnUNetv2_sddm_generate_labels' OUT (or a raw dataset)
+        folder = root / "labelsTr"
+        labels = list_labels(folder, ending)
     if not labels:
-        raise SDDMError(f"--labels-from {folder}: no label maps <name>{ending} (the ending of {ds.src.name})")
-    records = {r["case"]: r for r in load_cases_json(folder)}
+        raise SDDMError(f"--labels-from {root}: no label maps <name>{ending} (the ending of {ds.src.name}), "
+                        f"nor in its labelsTr")
+    records = {r["case"]: r for r in label_records(root)}
     return [ConditioningMap(case, path, str(records.get(case, {}).get("subject", case)), None,
                             {"label_record": records.get(case)}) for case, path in sorted(labels.items())]
+
+
+def label_records(folder: Path) -> List[dict]:
+    """The per-case records of ``folder/cases.json``: a raw dataset's list of records, or the
+    ``cases`` of a label-map generator's record (``nnUNetv2_sddm_generate_labels``); [] without one."""
+    p = folder / "cases.json"
+    if p.is_file():
+        data = json.loads(p.read_text())
+        if isinstance(data, dict) and isinstance(data.get("cases"), list):
+            if not all(isinstance(r, dict) and "case" in r for r in data["cases"]):
+                raise SDDMError(f"{p}: expected the generator's 'cases' to be records, each with a 'case' key")
+            return data["cases"]
+    return load_cases_json(folder)
 
 
 def check_dataset_labels(ds: NewDataset, sampler: LabelSampler) -> None:

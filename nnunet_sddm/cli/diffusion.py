@@ -13,8 +13,9 @@ from nnunet_sddm.utilities.errors import cli_entry
 def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnUNetv2_sddm_train",
-        description="Train the source-domain diffusion model (improved DDPM + ADM UNet) on all 2D slices of "
-                    "an nnU-Net raw dataset. Output: $nnUNet_results/DatasetXXX_Name/sddm__<preset>/ "
+        description="Train a diffusion model (improved DDPM + ADM UNet) on all 2D slices of an nnU-Net raw "
+                    "dataset: the source-domain image model SD-DM adapts with, a mask-conditioned image model "
+                    "(--condition labels) or a label-map generator (--generate labels). Output: $nnUNet_results/DatasetXXX_Name/sddm__<preset>/ "
                     "(config.json, ema/raw safetensors weights, training_state.pt, log.csv, progress.png, "
                     "samples.png). Ctrl-C saves a checkpoint; --resume continues exactly.")
     p.add_argument("dataset", help="dataset id, DatasetXXX_Name or raw dataset folder")
