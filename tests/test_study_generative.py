@@ -272,23 +272,30 @@ def test_smoke_study_with_the_generative_rows(tmp_path, monkeypatch):
         assert (out / "adherence" / key / "adherence.csv").is_file()
         assert adherence["segmenter"]["dataset"] == segmenter
 
-    # the figure of generated pairs: the target-style panel is the dataset's image, and the source-style
-    # panel the same deformed map and noise with the other domain token
+    # the figure of generated pairs: one case per subject first; the target-style panel is the dataset's
+    # image, the source-style panel the same map and noise with the other domain token
     from nnunet_sddm.adaptation.synthesize_labels import LabelSampler
     from nnunet_sddm.data.volumes import read_volume
     from nnunet_sddm.study.context import make_context
     from nnunet_sddm.study.figures import generated_pair_panels
 
     assert (out / "figures" / "generated_pairs.png").is_file()
-    (panel,) = generated_pair_panels(make_context(cfg, progress=False, log=lambda _: None), 1)
-    first = sorted(records, key=lambda r: r["case"])[0]
-    deformed = read_volume(generated / "labelsTr" / f"{first['case']}.nii.gz")
-    assert panel["case"] == first["case"] and np.array_equal(panel["deformed"], np.rint(deformed.data[panel["z"]]))
-    target_sampler = LabelSampler.open(out / "generative_model", first["steps"], first["guidance_scale"], "target",
-                                       device="cpu", progress=False)
-    (_, again), = target_sampler.iter_generated([(first["label_map"], deformed.data, deformed.spacing)], first["seed"])
-    np.testing.assert_allclose(panel["target_style"], again[panel["z"]], atol=1e-5)
-    assert not np.array_equal(panel["source_style"], panel["target_style"])  # the domain token enters
+    panels = generated_pair_panels(make_context(cfg, progress=False, log=lambda _: None), 2)
+    assert [p["case"] for p in panels] == ["PhA0000_ED_gen0", "PhA0001_ED_gen0"]  # two subjects, not ED + ES
+    first = {r["case"]: r for r in records}[panels[0]["case"]]
+    cond = read_volume(generated / "labelsTr" / f"{first['case']}.nii.gz")
+    label = read_volume(source / "labelsTr" / f"{first['label_map']}.nii.gz")
+    z = panels[0]["z"]
+    assert np.array_equal(panels[0]["label"], np.rint(label.data[z]))
+    assert not np.array_equal(panels[0]["conditioning"], panels[0]["label"])  # deformed
+    for domain, key in (("target", "target_style"), ("source", "source_style")):
+        sampler = LabelSampler.open(out / "generative_model", first["steps"], first["guidance_scale"], domain,
+                                    device="cpu", progress=False)
+        (_, again), = sampler.iter_generated([(first["label_map"], cond.data, cond.spacing)], first["seed"])
+        np.testing.assert_allclose(panels[0][key], again[z], atol=1e-5)
+    target_image = read_volume(generated / "imagesTr" / f"{first['case']}_0000.nii.gz").data
+    np.testing.assert_array_equal(panels[0]["target_style"], target_image[z])
+    assert not np.array_equal(panels[0]["source_style"], panels[0]["target_style"])  # the domain token enters
 
     report = (out / "report.md").read_text()
     assert "## Mask adherence of the generated images" in report and "**UDA-syn**" in report

@@ -54,6 +54,7 @@ from nnunet_sddm.data.volumes import read_volume, write_like
 from nnunet_sddm.diffusion.conditioning import dataset_labels, encode_labels, is_conditional
 from nnunet_sddm.diffusion.model_folder import LoadedModel
 from nnunet_sddm.sampling.conditional import ClassifierFreeGuidance, sample_from_labels
+from nnunet_sddm.sampling.label_generation import read_map_records
 from nnunet_sddm.sampling.guided import slice_seed
 from nnunet_sddm.utilities import distributed as dist_utils
 from nnunet_sddm.utilities.devices import DeviceLike, resolve_device
@@ -281,22 +282,10 @@ def conditioning_maps(ds: NewDataset, labels_from: Optional[PathLike]) -> List[C
     if not labels:
         raise SDDMError(f"--labels-from {root}: no label maps <name>{ending} (the ending of {ds.src.name}), "
                         f"nor in its labelsTr")
-    records = {r["case"]: r for r in label_records(root)}
+    generated = read_map_records(root)  # nnUNetv2_sddm_generate_labels' record, else a raw dataset's list
+    records = {r["case"]: r for r in (load_cases_json(root) if generated is None else generated)}
     return [ConditioningMap(case, path, str(records.get(case, {}).get("subject", case)), None,
                             {"label_record": records.get(case)}) for case, path in sorted(labels.items())]
-
-
-def label_records(folder: Path) -> List[dict]:
-    """The per-case records of ``folder/cases.json``: a raw dataset's list of records, or the
-    ``cases`` of a label-map generator's record (``nnUNetv2_sddm_generate_labels``); [] without one."""
-    p = folder / "cases.json"
-    if p.is_file():
-        data = json.loads(p.read_text())
-        if isinstance(data, dict) and isinstance(data.get("cases"), list):
-            if not all(isinstance(r, dict) and "case" in r for r in data["cases"]):
-                raise SDDMError(f"{p}: expected the generator's 'cases' to be records, each with a 'case' key")
-            return data["cases"]
-    return load_cases_json(folder)
 
 
 def check_dataset_labels(ds: NewDataset, sampler: LabelSampler) -> None:

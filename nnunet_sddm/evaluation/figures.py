@@ -205,9 +205,9 @@ def label_image_grid(panels: Sequence[Sequence[np.ndarray]], kinds: Sequence[str
                      row_titles: Sequence[str], out_path: os.PathLike, label_values: Sequence[int],
                      label_names: Optional[Sequence[str]] = None, title: str = "") -> Path:
     """A grid of 2D panels, row ``r`` column ``c`` showing ``panels[r][c]`` (``(h, w)``; rows may
-    differ in size). ``kinds[c]`` is ``"labels"`` (an integer map: background 0 black, label
-    ``label_values[i]`` in colour ``i`` of tab10, a legend with ``label_names``) or ``"image"`` (grey,
-    shown on the fixed range [0, 1]). PNG written atomically."""
+    differ in size). ``kinds[c]`` is ``"labels"`` (an integer map: background 0 and unlisted values
+    black, label ``label_values[i]`` in the i-th non-grey colour of tab10 from red on, a legend with
+    ``label_names``) or ``"image"`` (grey, shown on the fixed range [0, 1]). PNG written atomically."""
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -218,7 +218,10 @@ def label_image_grid(panels: Sequence[Sequence[np.ndarray]], kinds: Sequence[str
     if len(column_titles) != n_cols or len(row_titles) != n_rows or set(kinds) - {"labels", "image"}:
         raise ValueError("one title per column and row, kinds 'labels' or 'image'")
     values = [int(v) for v in label_values]
-    colours = [(0.0, 0.0, 0.0)] + [colormaps["tab10"].colors[(3 + i) % 10] for i in range(len(values))]
+    if label_names is not None and len(label_names) != len(values):
+        raise ValueError(f"{len(label_names)} label names for {len(values)} label values")
+    palette = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]  # 7: grey, like the images
+    colours = [(0.0, 0.0, 0.0)] + [palette[(3 + i) % len(palette)] for i in range(len(values))]
     cmap = ListedColormap(colours)
     fig = figure(figsize=(2.0 * n_cols, 2.0 * n_rows + 0.6), dpi=110)
     axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))

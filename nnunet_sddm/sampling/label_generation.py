@@ -37,7 +37,7 @@ from nnunet_sddm.diffusion.label_maps import (SliceGeometry, dataset_geometry, d
 from nnunet_sddm.diffusion.model_folder import LoadedModel, load_model
 from nnunet_sddm.utilities.devices import resolve_device
 from nnunet_sddm.utilities.errors import SDDMError
-from nnunet_sddm.utilities.files import staging_dir, write_json
+from nnunet_sddm.utilities.files import read_json, staging_dir, write_json
 from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset
 from nnunet_sddm.utilities.progress import progress_bar
 
@@ -45,6 +45,19 @@ PathLike = Union[str, os.PathLike]
 
 #: The record of a generation run in its output folder.
 CASES_FILE = "cases.json"
+
+
+def read_map_records(out_dir: Union[str, os.PathLike]) -> Optional[List[dict]]:
+    """The per-map records (``cases``) of a generator output's ``OUT/cases.json``; None when
+    ``out_dir`` has no such record (a raw dataset's ``cases.json`` is a list of records).
+    ``SDDMError`` naming the file when it is not valid JSON or its ``cases`` are not records."""
+    p = Path(out_dir) / CASES_FILE
+    data = read_json(p) if p.is_file() else None
+    if not isinstance(data, dict) or "cases" not in data:
+        return None
+    if not isinstance(data["cases"], list) or not all(isinstance(r, dict) and "case" in r for r in data["cases"]):
+        raise SDDMError(f"{p}: expected the generator's 'cases' to be records, each with a 'case' key")
+    return data["cases"]
 
 
 @dataclass(frozen=True)

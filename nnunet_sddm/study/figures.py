@@ -11,9 +11,10 @@
   penalties counted above the bars, not averaged into them);
 * ``missing_<segmenter>.png``: per row without post-processing and structure, the cases where the
   structure is missing from the prediction or spurious (``evaluation.figures.count_chart``);
-* ``generated_pairs.png`` (generative rows): for three source label maps, the map, its deformed
-  copy, and the images the conditional model generates from the deformed copy in the source and the
-  target domain (``generated_pair_panels``).
+* ``generated_pairs.png`` (generative rows): for three source label maps, the map, the map the
+  images were generated from (its deformed copy, or the map itself with ``generative.labels``
+  "as-is"), and the images the conditional model generates from it in the source and the target
+  domain with the same noise (``generated_pair_panels``).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from nnunet_sddm.evaluation.domain_shift import domain_shift, separability
 from nnunet_sddm.evaluation.evaluate import load_results
 from nnunet_sddm.evaluation.figures import bar_chart_ci, count_chart, label_image_grid
 from nnunet_sddm.evaluation.image_features import FEATURE_NAMES
+from nnunet_sddm.evaluation.io import labels_from_dataset_json
 from nnunet_sddm.study.config_tree import SEGMENTERS
 from nnunet_sddm.study.stage_generative_model import generative_model_dir
 from nnunet_sddm.utilities.errors import SDDMError
@@ -119,43 +121,52 @@ def ci_bars(ctx, out_dir: Path) -> List[str]:
 
 
 def generated_pair_panels(ctx, num_cases: int = 3) -> List[Dict[str, Any]]:
-    """For the first ``num_cases`` label maps of the generated dataset (copy 0, sorted by case):
-    the slice ``z`` with the most foreground of the deformed map, as ``{"case", "z", "label",
-    "deformed", "source_style", "target_style"}`` (maps ``(h, w)`` int; images ``(h, w)`` in [0, 1]).
+    """For ``num_cases`` label maps of the generated dataset (copy 0; one per subject first, in
+    order of case name): the slice ``z`` with the most foreground of the conditioning map, as
+    ``{"case", "z", "labels", "label", "conditioning", "source_style", "target_style"}`` (maps
+    ``(h, w)`` int: the source's label map and the one the image was generated from, deformed or
+    as it is per ``labels``; images ``(h, w)`` in [0, 1]).
 
     ``target_style`` is the generated dataset's image (UDA-syn's and Gen-only's training data);
-    ``source_style`` is sampled now by the same model from the same deformed map with the same
-    random stream (seed and key of the dataset's record), only the domain token set to "source"."""
+    ``source_style`` is sampled now by the same model from the same map with the same random
+    streams (the record's seed, key ``label_map``), only the domain token set to "source"."""
     src, gen = ctx.raw("source"), ctx.raw("generated")
-    records = sorted((r for r in load_cases_json(gen) if r.get("copy") == 0), key=lambda r: r["case"])[:num_cases]
+    first = sorted((r for r in load_cases_json(gen) if r.get("copy") == 0), key=lambda r: r["case"])
+    by_subject = list({str(r.get("subject", r["case"])): r for r in reversed(first)}.values())[::-1]
+    records = (by_subject + [r for r in first if r not in by_subject])[:num_cases]
     if not records:
         raise SDDMError(f"{gen / 'cases.json'}: no generated cases to draw")
-    smp = ctx.cfg.sampler
     sampler = LabelSampler.open(generative_model_dir(ctx), int(records[0]["steps"]),
                                 float(records[0]["guidance_scale"]), "source", device=ctx.device,
-                                batch_size=smp.batch_size, progress=False)
+                                batch_size=ctx.cfg.sampler.batch_size, progress=False)
+    maps = {r["label_map"]: read_volume(gen / "labelsTr" / f"{r['case']}{FILE_ENDING}") for r in records}
+    seeds = {int(r["seed"]) for r in records}
+    if len(seeds) != 1:
+        raise SDDMError(f"{gen / 'cases.json'}: copy 0 of the drawn cases has seeds {sorted(seeds)}; expected one")
+    source = dict(sampler.iter_generated([(k, v.data, v.spacing) for k, v in maps.items()], seeds.pop()))
     out = []
     for r in records:
-        case, key = r["case"], r["label_map"]
-        deformed = read_volume(gen / "labelsTr" / f"{case}{FILE_ENDING}")
-        label = read_volume(src / "labelsTr" / f"{key}{FILE_ENDING}").data
-        target = read_volume(gen / "imagesTr" / f"{case}_0000{FILE_ENDING}").data
-        (_, source), = sampler.iter_generated([(key, deformed.data, deformed.spacing)], int(r["seed"]))
-        z = int(np.argmax((np.rint(deformed.data) != 0).reshape(deformed.data.shape[0], -1).sum(axis=1)))
-        out.append({"case": case, "z": z, "label": np.rint(label[z]).astype(np.int64),
-                    "deformed": np.rint(deformed.data[z]).astype(np.int64), "source_style": source[z],
-                    "target_style": target[z]})
+        cond = maps[r["label_map"]]
+        label = read_volume(src / "labelsTr" / f"{r['label_map']}{FILE_ENDING}").data
+        target = read_volume(gen / "imagesTr" / f"{r['case']}_0000{FILE_ENDING}").data
+        z = int(np.argmax((np.rint(cond.data) != 0).reshape(cond.data.shape[0], -1).sum(axis=1)))
+        out.append({"case": r["case"], "z": z, "labels": r.get("labels"), "label": np.rint(label[z]).astype(np.int64),
+                    "conditioning": np.rint(cond.data[z]).astype(np.int64),
+                    "source_style": source[r["label_map"]][z], "target_style": target[z]})
     return out
 
 
 def generated_pairs_figure(ctx, out_png: Path) -> Dict[str, Any]:
     """``generated_pairs.png``: ``generated_pair_panels`` side by side, one case per row."""
     panels = generated_pair_panels(ctx)
-    labels = {int(v): str(k) for k, v in load_dataset_json(ctx.raw("source"))["labels"].items()
-              if isinstance(v, int) and v != 0 and k != "ignore"}
-    values = sorted(labels)
-    label_image_grid([[p["label"], p["deformed"], p["source_style"], p["target_style"]] for p in panels],
-                     ["labels", "labels", "image", "image"], PAIR_COLUMNS,
-                     [f"{p['case']} z={p['z']}" for p in panels], out_png, values, [labels[v] for v in values],
-                     title="Mask-conditioned generation: one deformed map, two domains, the same noise")
+    labels = labels_from_dataset_json(load_dataset_json(ctx.raw("source")), str(ctx.raw("source") / "dataset.json"))
+    by_value = sorted((v, k) for k, v in labels.items())
+    deformed = ctx.cfg.generative.labels == "deformed"
+    columns = ("label map", "deformed label map" if deformed else "label map (as it is)") + PAIR_COLUMNS[2:]
+    label_image_grid([[p["label"], p["conditioning"], p["source_style"], p["target_style"]] for p in panels],
+                     ["labels", "labels", "image", "image"], columns,
+                     [f"{p['case']} z={p['z']}" for p in panels], out_png, [v for v, _ in by_value],
+                     [k for _, k in by_value],
+                     title=f"Mask-conditioned generation: one {'deformed ' if deformed else ''}map, two domains, "
+                           f"the same noise")
     return {"png": str(out_png), "cases": [p["case"] for p in panels], "slices": [p["z"] for p in panels]}

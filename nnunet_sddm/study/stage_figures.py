@@ -27,12 +27,15 @@ def run_figures(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
 
 
 def figures_inputs(ctx: StudyContext) -> Any:
-    return {"figures": ctx.cfg["figures"]}
+    inputs: Dict[str, Any] = {"figures": ctx.cfg["figures"]}
+    if ctx.cfg.generative.rows:  # left out otherwise: studies without the rows keep their fingerprint
+        inputs["generated_pairs"] = {"cases": 3, "labels": ctx.cfg.generative.labels}
+    return inputs
 
 
 def figures_outputs(ctx: StudyContext) -> List[Path]:
     return [ctx.out / "figures"]
 
 
-STAGE = Stage("figures", "sweep grid, t-SNE, CI bar charts", run_figures, figures_inputs, figures_outputs,
+STAGE = Stage("figures", "sweep grid, t-SNE, CI bar charts (and the generated pairs)", run_figures, figures_inputs, figures_outputs,
               ("data", "diffusion", "adaptation", "alternatives", "generation", "compare"))
