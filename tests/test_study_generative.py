@@ -101,6 +101,8 @@ def test_generative_section_defaults_rows_and_kinds():
     ({"generative": {"diffusion": {"steps": 3}}}, r"unknown key\(s\) 'steps' in 'generative.diffusion'"),
     ({"generative": {"diffusion": []}}, r"'generative.diffusion' must be an object"),
     ({"generative": {"diffusion": {"iterations": 0}}}, r"generative.diffusion.iterations must be an integer >= 1"),
+    ({"generative": {"rows": True, "guidance_scale": 2, "diffusion": {"set": {"training.label_dropout": 0.0}}}},
+     r"generative.guidance_scale 2 needs a model trained with label dropout"),
     ({"generative": {"rows": True, "pseudo_id": 972}},
      r"generative.pseudo_id and synthesis.id are both dataset id 972"),
     ({"generative": {"rows": True, "generated_id": 973}},

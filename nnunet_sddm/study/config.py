@@ -289,9 +289,13 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
             raise ck.fail(f"generative.diffusion.preset {preset!r} does not exist; choose one of "
                           f"{', '.join(sorted(PRESETS))}")
         try:
-            validate_config(apply_overrides(preset_config(preset), overrides))
+            model_cfg = apply_overrides(preset_config(preset), overrides)
+            validate_config(model_cfg)
         except SDDMError as e:
             raise ck.fail(f"generative.diffusion: {e}") from None
+        if w != 1 and not float(model_cfg["training"].get("label_dropout") or 0.0):
+            raise ck.fail(f"generative.guidance_scale {w!r} needs a model trained with label dropout "
+                          f"(generative.diffusion training.label_dropout is 0): use guidance scale 1 or a dropout > 0")
         seen = {v: k for k, v in ids.items()}
         for k in keys:
             if gen[k] in seen:
