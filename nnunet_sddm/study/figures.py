@@ -40,8 +40,6 @@ from nnunet_sddm.utilities.errors import SDDMError
 
 #: The domain-shift figure's name of the generated target-style images (``generative.rows``).
 GENERATED_SET = "generated target-style (Gen-only)"
-#: Columns of ``generated_pairs.png``.
-PAIR_COLUMNS = ("label map", "deformed label map", "generated, source style", "generated, target style")
 #: Metrics drawn as per-segmenter CI bar charts.
 BAR_METRICS = ("DSC", "ASSD", "HD95")
 
@@ -161,8 +159,9 @@ def generated_pairs_figure(ctx, out_png: Path) -> Dict[str, Any]:
     panels = generated_pair_panels(ctx)
     labels = labels_from_dataset_json(load_dataset_json(ctx.raw("source")), str(ctx.raw("source") / "dataset.json"))
     by_value = sorted((v, k) for k, v in labels.items())
-    deformed = ctx.cfg.generative.labels == "deformed"
-    columns = ("label map", "deformed label map" if deformed else "label map (as it is)") + PAIR_COLUMNS[2:]
+    deformed = panels[0]["labels"] == "deformed"  # as the generated dataset's records say
+    columns = ("label map", "deformed label map" if deformed else "label map (as it is)", "generated, source style",
+               "generated, target style")
     label_image_grid([[p["label"], p["conditioning"], p["source_style"], p["target_style"]] for p in panels],
                      ["labels", "labels", "image", "image"], columns,
                      [f"{p['case']} z={p['z']}" for p in panels], out_png, [v for v, _ in by_value],
