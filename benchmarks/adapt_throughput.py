@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -98,15 +99,16 @@ class PeakMemory:
         return False
 
 
-def step_flops(loaded, size: int, device: torch.device, backward: bool) -> float:
-    """FLOPs of one sampler step for ONE slice: the UNet's forward (and, with ``backward``, the
-    backward pass to the input only: parameters frozen, as in the sampler), counted by torch."""
+def step_flops(loaded, size: int, device: torch.device, backward: bool, width: Optional[int] = None) -> float:
+    """FLOPs of one sampler step for ONE ``size x width`` slice (``width`` None: square): the UNet's
+    forward (and, with ``backward``, the backward pass to the input only: parameters frozen, as in
+    the sampler), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from nnunet_sddm.sampling.guided import frozen
 
     b = 2  # a small batch, divided out (some kernels special-case batch 1)
-    x = torch.zeros(b, 1, size, size, device=device, requires_grad=backward)
+    x = torch.zeros(b, 1, size, width or size, device=device, requires_grad=backward)
     t = torch.full((b,), 10, dtype=torch.long, device=device)
     with frozen(loaded.model), FlopCounterMode(display=False) as counter:
         with torch.set_grad_enabled(backward):

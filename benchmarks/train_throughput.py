@@ -48,7 +48,7 @@ def _sync(device: torch.device) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", help="tiny, paper128 or paper256 (default tiny)")
+    p.add_argument("--preset", default="tiny", help="tiny, small, paper128 or paper256 (default tiny)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, the preset's on CUDA")
     p.add_argument("--blocks", type=int, default=None, help="interleaved timing blocks per loop (default 4 CPU, 5 CUDA)")

@@ -8,7 +8,9 @@ testing patients to imagesTs (+ labelsTs where ground truth exists); cases are
 ``patientNNN_ED`` / ``patientNNN_ES``. ``held_out_per_group`` (``--held-out-per-group N``) moves N
 training patients of each diagnostic group (``Group`` of ``Info.cfg``: NOR, MINF, DCM, HCM, RV),
 drawn with ``seed``, with their labels to imagesTs/labelsTs: an in-domain test set split by patient
-(``held_out: true`` in ``cases.json``).
+(``held_out: true`` in ``cases.json``). ``train_per_group`` (``--train-per-group N``) then keeps
+only N of each group's remaining training patients, drawn with ``seed`` (a smaller source for a CPU
+study); the others are not written.
 
 Labels: ACDC stores 1 RV, 2 MYO, 3 LV. ``labels="mnms"`` (default) maps them to this project's
 convention 0 background, 1 LV, 2 MYO, 3 RV; ``"native"`` keeps ACDC's values. Images keep their
@@ -124,12 +126,39 @@ def held_out_patients(patients: List[Tuple[str, Path]], per_group: int, seed: in
     return chosen
 
 
+def training_subset(patients: List[Tuple[str, Path]], per_group: Optional[int], held_out: Set[str],
+                    seed: int = 0) -> Set[str]:
+    """The ids of the training patients to keep: all (``per_group`` None) or ``per_group`` of each
+    diagnostic group's training patients outside ``held_out``, drawn without replacement with
+    ``seed`` and the group's name on a stream of its own (independent of the held-out draw).
+    ``SDDMError`` if ``per_group`` < 1 or a group has fewer patients left."""
+    train: Dict[str, List[str]] = {}
+    for split, pdir in patients:
+        if split == "Tr" and pdir.name not in held_out:
+            group = str(read_info_cfg(pdir / "Info.cfg").get("Group") or "unknown")
+            train.setdefault(group, []).append(pdir.name)
+    if per_group is None:
+        return {pid for ids in train.values() for pid in ids}
+    if per_group < 1:
+        raise SDDMError(f"--train-per-group must be >= 1, got {per_group}")
+    kept: Set[str] = set()
+    for group, ids in sorted(train.items()):
+        if per_group > len(ids):
+            raise SDDMError(f"--train-per-group {per_group}: group {group} has only {len(ids)} training "
+                            f"patient(s) left after the held-out draw")
+        rng = np.random.default_rng([int(seed), zlib.crc32(group.encode()), 1])
+        kept |= {ids[i] for i in rng.choice(len(ids), size=per_group, replace=False)}
+    return kept
+
+
 def convert_acdc(root: Path, dataset_id: int, name: str = "ACDC", labels: str = "mnms",
-                 overwrite: bool = False, held_out_per_group: int = 0, seed: int = 0) -> Path:
+                 overwrite: bool = False, held_out_per_group: int = 0, seed: int = 0,
+                 train_per_group: Optional[int] = None) -> Path:
     """Convert an ACDC release to ``$nnUNet_raw/DatasetXXX_<name>``; returns the folder.
 
     held_out_per_group: training patients per diagnostic group moved, with their labels, to
-    imagesTs/labelsTs (``held_out_patients`` with ``seed``). Also writes ``cases.json`` and a
+    imagesTs/labelsTs (``held_out_patients`` with ``seed``). train_per_group: training patients
+    kept per group after that (``training_subset``; None: all). Also writes ``cases.json`` and a
     patient-level 5-fold ``splits_final.json`` of the training patients in
     ``$nnUNet_preprocessed/DatasetXXX_<name>/`` (an existing one is kept).
     """
@@ -139,11 +168,18 @@ def convert_acdc(root: Path, dataset_id: int, name: str = "ACDC", labels: str = 
     label_names = CARDIAC_LABELS if labels == "mnms" else ACDC_NATIVE_LABELS
     patients = find_patients(Path(root))
     held_out = held_out_patients(patients, held_out_per_group, seed)
-    patients = [("Ts" if pdir.name in held_out else split, pdir) for split, pdir in patients]
+    kept = training_subset(patients, train_per_group, held_out, seed)
+    dropped = sum(split == "Tr" and pdir.name not in held_out | kept for split, pdir in patients)
+    patients = [("Ts" if pdir.name in held_out else split, pdir) for split, pdir in patients
+                if split != "Tr" or pdir.name in held_out | kept]
+    if dropped:
+        log(f"--train-per-group {train_per_group}: {len(kept)} training patients kept, {dropped} not converted")
     desc = (f"ACDC cine MRI (University Hospital of Dijon), ED/ES frames; labels "
             f"{'harmonised to 1 LV, 2 MYO, 3 RV' if labels == 'mnms' else 'native ACDC: 1 RV, 2 MYO, 3 LV'}")
     with RawDatasetBuilder(dataset_id, name, overwrite=overwrite, labels=label_names, description=desc,
                            extra_json={"source_dataset": "ACDC", "label_convention": labels,
+                                       "patients": {"held_out_per_group": held_out_per_group,
+                                                    "train_per_group": train_per_group, "seed": seed},
                                        "licence": "ACDC: research use, cite Bernard et al. IEEE TMI 2018"}) as b:
         for split, pdir in progress_bar(patients, desc="ACDC", unit="patient", disable=None):
             pid = pdir.name
@@ -197,11 +233,15 @@ def main(argv=None) -> int:
     p.add_argument("--held-out-per-group", type=int, default=0, metavar="N",
                    help="move N training patients of each diagnostic group (NOR, MINF, DCM, HCM, RV), with their "
                         "labels, to imagesTs/labelsTs: an in-domain test set split by patient (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (default 0)")
+    p.add_argument("--train-per-group", type=int, default=None, metavar="N",
+                   help="keep only N of each group's remaining training patients (a smaller source, e.g. for a "
+                        "CPU study); the others are not converted (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out and training draws (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     a = p.parse_args(argv)
     print(convert_acdc(a.input, a.dataset_id, name=a.name, labels=a.labels, overwrite=a.overwrite,
-                       held_out_per_group=a.held_out_per_group, seed=a.seed))
+                       held_out_per_group=a.held_out_per_group, seed=a.seed,
+                       train_per_group=a.train_per_group))
     return 0
 
 

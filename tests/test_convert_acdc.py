@@ -204,3 +204,30 @@ def test_held_out_patients_per_group_go_to_imagests_with_labels(nnunet_env, tmp_
     assert all(r["split"] == "Ts" for r in records if r["held_out"])
     with pytest.raises(SDDMError, match="group NOR has only 5 training patient"):
         acdc.held_out_patients(patients, 5)
+
+
+@pytest.mark.timeout(60)
+def test_train_per_group_keeps_a_seeded_subset_outside_the_held_out_patients(nnunet_env, tmp_path):
+    """--train-per-group N: after the held-out draw, N seeded training patients per group are
+    converted and the others are not; the held-out set is the one of --held-out-per-group alone; the
+    selection is recorded in dataset.json; asking for more patients than a group has left is refused."""
+    root = acdc_tree(tmp_path / "ACDC", n_train=5, n_test=0)
+    patients = acdc.find_patients(root)
+    held = acdc.held_out_patients(patients, 1, seed=0)
+    kept = acdc.training_subset(patients, 2, held, seed=0)
+    assert len(kept) == 2 and not kept & held and kept == acdc.training_subset(patients, 2, held, seed=0)
+    assert any(acdc.training_subset(patients, 2, held, seed=s) != kept for s in range(1, 8))
+    assert len(acdc.training_subset(patients, None, held)) == 4
+    out = convert_acdc(root, 29, name="ACDCSubset", held_out_per_group=1, train_per_group=2, seed=0)
+    tr = {p.name.rsplit("_", 1)[0] for p in (out / "labelsTr").iterdir()}
+    ts = {p.name.rsplit("_", 1)[0] for p in (out / "labelsTs").iterdir()}
+    assert tr == kept and ts == held
+    assert len(list((out / "imagesTs").iterdir())) == 2 * len(held)
+    assert {r["subject"] for r in json.loads((out / "cases.json").read_text()) if r["split"] == "Tr"} == kept
+    dj = json.loads((out / "dataset.json").read_text())
+    assert dj["numTraining"] == 4
+    assert dj["patients"] == {"held_out_per_group": 1, "train_per_group": 2, "seed": 0}
+    with pytest.raises(SDDMError, match="group NOR has only 4 training patient"):
+        acdc.training_subset(patients, 5, held)
+    with pytest.raises(SDDMError, match="--train-per-group must be >= 1"):
+        acdc.training_subset(patients, 0, held)

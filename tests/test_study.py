@@ -80,6 +80,25 @@ def test_bad_configurations_name_the_problem(layer, message):
         build_config(layer, origin="STUDY.json")
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.name)
+def test_documented_example_studies_validate(path):
+    """Every STUDY.json in docs/examples is a valid configuration (checked as ``-c`` checks it)."""
+    cfg = build_config(read_config_file(path))
+    assert cfg["source"]["dataset"] and cfg["target"]["dataset"]
+
+
+def test_the_cpu_recipe_plans_coarse_segmenters_and_a_spacing_mode_small_model():
+    """docs/examples/acdc_to_mnms_cpu.json: ACDC -> M&Ms on a CPU: the segmenters at a coarser
+    in-plane spacing through nnU-Net's plans, the ``small`` preset in spacing mode."""
+    cfg = build_config(read_config_file(EXAMPLES / "acdc_to_mnms_cpu.json"))
+    assert cfg["device"] == "cpu" and cfg.nnunet.spacing == 3 and cfg.nnunet.plans.startswith("nnUNetPlansSDDM_3mm")
+    assert cfg["diffusion"]["preset"] == "small" and cfg["diffusion"]["set"]["data.spacing"] == 2.0
+    assert cfg["sampler"]["steps"] == 50 and cfg["sampler"]["N"] == 12  # about N / K of the paper's 25 / 100
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(SDDMError, match=r"missing\.json: study configuration not found"):
         read_config_file(tmp_path / "missing.json")

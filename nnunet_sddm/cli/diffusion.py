@@ -19,7 +19,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                     "(config.json, ema/raw safetensors weights, training_state.pt, log.csv, progress.png, "
                     "samples.png). Ctrl-C saves a checkpoint; --resume continues exactly.")
     p.add_argument("dataset", help="dataset id, DatasetXXX_Name or raw dataset folder")
-    p.add_argument("-p", "--preset", default=None, help="paper128, paper256 or tiny (default tiny; with "
+    p.add_argument("-p", "--preset", default=None, help="paper128, paper256, small or tiny (default tiny; with "
                    "--resume: the stored one)")
     p.add_argument("-o", "--output", default=None, help="model folder (default "
                    "$nnUNet_results/DatasetXXX_Name/sddm__<preset>)")

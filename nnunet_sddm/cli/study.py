@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "over the same target cases; welch: the paper's unpaired test)")
 
     m = p.add_argument_group("diffusion model")
-    m.add_argument("-p", "--preset", default=None, help="diffusion preset: tiny, paper128, paper256")
+    m.add_argument("-p", "--preset", default=None, help="diffusion preset: tiny, small, paper128, paper256")
     m.add_argument("--iterations", type=int, default=None, help="diffusion training iterations")
     m.add_argument("--diffusion-batch-size", type=int, default=None, help="diffusion training batch size")
     m.add_argument("-m", "--model", default=None,
