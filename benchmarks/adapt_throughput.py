@@ -99,7 +99,8 @@ class PeakMemory:
         return False
 
 
-def step_flops(loaded, size: int, device: torch.device, backward: bool, width: Optional[int] = None) -> float:
+def step_flops(model: torch.nn.Module, size: int, device: torch.device, backward: bool,
+               width: Optional[int] = None) -> float:
     """FLOPs of one sampler step for ONE ``size x width`` slice (``width`` None: square): the UNet's
     forward (and, with ``backward``, the backward pass to the input only: parameters frozen, as in
     the sampler), counted by torch."""
@@ -110,9 +111,9 @@ def step_flops(loaded, size: int, device: torch.device, backward: bool, width: O
     b = 2  # a small batch, divided out (some kernels special-case batch 1)
     x = torch.zeros(b, 1, size, width or size, device=device, requires_grad=backward)
     t = torch.full((b,), 10, dtype=torch.long, device=device)
-    with frozen(loaded.model), FlopCounterMode(display=False) as counter:
+    with frozen(model), FlopCounterMode(display=False) as counter:
         with torch.set_grad_enabled(backward):
-            out = loaded.model(x, t)
+            out = model(x, t)
             if backward:
                 out.float().sum().backward()  # only x requires a gradient (parameters frozen)
     return counter.get_total_flops() / b
@@ -198,8 +199,8 @@ def run_config(preset: str, device: torch.device, n_slices: int, batch_size: int
           f"speedup {ratio:.2f}x", flush=True)
     print(f"  projection_vs_gradient: {results['projection'][0] / results['project'][0]:.2f}x "
           f"(same model, slices and batch)", flush=True)
-    fwd_bwd = step_flops(project_model, size, device, backward=True)
-    fwd = step_flops(project_model, size, device, backward=False)
+    fwd_bwd = step_flops(project_model.model, size, device, backward=True)
+    fwd = step_flops(project_model.model, size, device, backward=False)
     peak = matmul_peak(device, torch.bfloat16 if (amp == "bf16" and device.type == "cuda") else torch.float32)
     print(f"  flops_per_slice_step: {fwd_bwd / 1e9:.3f} GFLOP (forward + input-gradient backward), "
           f"{fwd / 1e9:.3f} GFLOP (forward only)", flush=True)

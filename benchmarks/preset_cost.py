@@ -33,13 +33,6 @@ from nnunet_sddm.diffusion.presets import PRESETS, apply_overrides, preset_confi
 from nnunet_sddm.diffusion.trainer import Trainer  # noqa: E402
 
 
-class _Loaded:
-    """The ``model`` attribute ``step_flops`` reads."""
-
-    def __init__(self, model):
-        self.model = model
-
-
 def train_flops(model: torch.nn.Module, size: int) -> float:
     """FLOPs of one training step per image (forward and backward through the parameters)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -79,7 +72,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.manual_seed(0)
     h, w = a.slice
-    base = measured_images_per_s("tiny") if a.measure else None
+    rates = {"tiny": measured_images_per_s("tiny")} if a.measure else {}
     for name in a.presets:
         cfg = preset_config(name)
         model = create_model(cfg)
@@ -90,11 +83,10 @@ def main(argv=None) -> int:
                 f"train_gflop {train_flops(model, size) / 1e9:.2f} per image")
         factor = 2 ** (len(cfg["model"]["channel_mult"]) - 1)
         hh, ww = -(-h // factor) * factor, -(-w // factor) * factor
-        sample = _Loaded(model)
-        line += f", step_gflop@{hh}x{ww} {step_flops(sample, hh, torch.device('cpu'), True, width=ww) / 1e9:.2f}"
+        line += f", step_gflop@{hh}x{ww} {step_flops(model, hh, torch.device('cpu'), True, width=ww) / 1e9:.2f}"
         if a.measure:
-            rate = measured_images_per_s(name)
-            line += f", train_images_per_s {rate:.1f}, ratio_to_tiny {rate / base:.3f}"
+            rate = rates[name] if name in rates else measured_images_per_s(name)
+            line += f", train_images_per_s {rate:.1f}, ratio_to_tiny {rate / rates['tiny']:.3f}"
         print(line, flush=True)
     return 0
 

@@ -105,17 +105,24 @@ def _frame_image(pdir: Path, number: int, cache: dict) -> Source:
     return frame(cache["4d"], number - 1, f"frame {number}")
 
 
+def training_groups(patients: List[Tuple[str, Path]], exclude: Set[str] = frozenset()) -> Dict[str, List[str]]:
+    """Diagnostic group (``Info.cfg``'s ``Group``; none: ``unknown``) -> ids of its training
+    patients, in listing order, without those in ``exclude``."""
+    groups: Dict[str, List[str]] = {}
+    for split, pdir in patients:
+        if split == "Tr" and pdir.name not in exclude:
+            group = str(read_info_cfg(pdir / "Info.cfg").get("Group") or "unknown")
+            groups.setdefault(group, []).append(pdir.name)
+    return groups
+
+
 def held_out_patients(patients: List[Tuple[str, Path]], per_group: int, seed: int = 0) -> Set[str]:
     """The ids of ``per_group`` training patients of each diagnostic group (``Info.cfg``'s
     ``Group``; none: ``unknown``), drawn without replacement with ``seed`` and the group's name (the
     same arguments give the same patients). ``SDDMError`` unless every group keeps a training patient."""
     if per_group < 0:
         raise SDDMError(f"--held-out-per-group must be >= 0, got {per_group}")
-    groups: Dict[str, List[str]] = {}
-    for split, pdir in patients:
-        if split == "Tr":
-            group = str(read_info_cfg(pdir / "Info.cfg").get("Group") or "unknown")
-            groups.setdefault(group, []).append(pdir.name)
+    groups = training_groups(patients)
     chosen: Set[str] = set()
     for group, ids in sorted(groups.items()):
         if per_group and per_group >= len(ids):
@@ -132,11 +139,7 @@ def training_subset(patients: List[Tuple[str, Path]], per_group: Optional[int], 
     diagnostic group's training patients outside ``held_out``, drawn without replacement with
     ``seed`` and the group's name on a stream of its own (independent of the held-out draw).
     ``SDDMError`` if ``per_group`` < 1 or a group has fewer patients left."""
-    train: Dict[str, List[str]] = {}
-    for split, pdir in patients:
-        if split == "Tr" and pdir.name not in held_out:
-            group = str(read_info_cfg(pdir / "Info.cfg").get("Group") or "unknown")
-            train.setdefault(group, []).append(pdir.name)
+    train = training_groups(patients, exclude=held_out)
     if per_group is None:
         return {pid for ids in train.values() for pid in ids}
     if per_group < 1:
@@ -169,9 +172,9 @@ def convert_acdc(root: Path, dataset_id: int, name: str = "ACDC", labels: str = 
     patients = find_patients(Path(root))
     held_out = held_out_patients(patients, held_out_per_group, seed)
     kept = training_subset(patients, train_per_group, held_out, seed)
-    dropped = sum(split == "Tr" and pdir.name not in held_out | kept for split, pdir in patients)
-    patients = [("Ts" if pdir.name in held_out else split, pdir) for split, pdir in patients
-                if split != "Tr" or pdir.name in held_out | kept]
+    converted = [("Ts" if pdir.name in held_out else split, pdir) for split, pdir in patients
+                 if split != "Tr" or pdir.name in held_out | kept]
+    dropped, patients = len(patients) - len(converted), converted
     if dropped:
         log(f"--train-per-group {train_per_group}: {len(kept)} training patients kept, {dropped} not converted")
     desc = (f"ACDC cine MRI (University Hospital of Dijon), ED/ES frames; labels "
