@@ -19,7 +19,8 @@ from nnunet_sddm.data.slices import (IntensityWindow, SpacingResample, SquareRes
                                      slice_transform, volume_to_model_slices,
                                      model_slices_to_volume, working_spacing)
 from nnunet_sddm.data.volumes import read_volume, same_geometry
-from nnunet_sddm.diffusion.model_folder import EMA_FILE, RAW_FILE, create_model_folder, load_model, load_weights
+from nnunet_sddm.diffusion.model_folder import (EMA_FILE, RAW_FILE, create_model_folder, load_config, load_model,
+                                               load_weights)
 from nnunet_sddm.diffusion.presets import apply_overrides, parse_set_options, preset_config, validate_config
 from nnunet_sddm.diffusion.slice_dataset import crop_batch, crop_offsets, load_slices
 from nnunet_sddm.sampling.guided import SamplerSettings
@@ -328,7 +329,7 @@ def test_sweep_and_study_round_trip_use_the_spacing(spacing_model_dir, tmp_path,
     """The sweep samples the slice at the working spacing (identity sampler: the data path's round
     trip), and the study's geometry round trip is ``data_round_trip`` with the image's spacing."""
     import nnunet_sddm.adaptation.sweep as sweep_mod
-    from nnunet_sddm.study.stage_in_domain import _geometry_round_trip
+    from nnunet_sddm.study.stage_in_domain import geometry_round_trip
 
     v = volume((3, 31, 44), seed=4)
     image = write_nifti(tmp_path / "imgs" / "case_0000.nii.gz", v, ANISO)
@@ -342,9 +343,9 @@ def test_sweep_and_study_round_trip_use_the_spacing(spacing_model_dir, tmp_path,
 
     for model_dir, want in ((spacing_model_dir, expect),
                             (micro_model_folder(tmp_path / "resize"), data_round_trip(v, 32, None))):
-        ctx = type("Ctx", (), {"model_dir": model_dir})()
+        config = load_config(model_dir)
         out = tmp_path / f"geometry_{model_dir.parent.name}"
-        _geometry_round_trip(ctx, image.parent, out)
+        geometry_round_trip(image.parent, out, int(config["model"]["image_size"]), config.get("data"))
         assert same_geometry(image, out / image.name)
         np.testing.assert_allclose(read_volume(out / image.name).data, want, rtol=0, atol=1e-5 * 300)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
@@ -31,6 +31,22 @@ class Image:
     path: Path
 
 
+def nifti_affine(img: Any) -> np.ndarray:
+    """The voxel-to-world matrix (4 x 4, mm) of a nibabel NIfTI image as ITK reads it, and so as
+    nnU-Net does (its reader is SimpleITK): the sform when its code is set and its column norms
+    are the voxel sizes, otherwise the qform (from its quaternion fields, even when its code is 0).
+    ITK warns "unexpected scales in sform" and does the same; some ACDC files have such a sform
+    (sform code 2 with unit scales, qform code 0), and nibabel's ``affine`` would take it."""
+    hdr = img.header
+    zooms = np.asarray(hdr.get_zooms()[:3], dtype=np.float64)
+    if int(hdr["sform_code"]) > 0:
+        sform = np.asarray(img.get_sform(), dtype=np.float64)
+        if np.allclose(np.linalg.norm(sform[:3, :3], axis=0), zooms, rtol=1e-4, atol=1e-6):
+            return sform
+        return np.asarray(img.get_qform(), dtype=np.float64)  # from the quaternion fields, as ITK, code 0 or not
+    return np.asarray(img.affine, dtype=np.float64)
+
+
 def read_image(path: os.PathLike, dtype=np.float64) -> Image:
     """Read a 3D image; ``SDDMError`` naming the file if it is missing, unreadable or not 3D."""
     path = Path(path)
@@ -45,7 +61,7 @@ def read_image(path: os.PathLike, dtype=np.float64) -> Image:
                 raise SDDMError(f"{path}: expected a 3D image, found shape {tuple(img.shape)}")
             arr = np.asarray(img.dataobj, dtype=dtype).transpose(2, 1, 0)
             spacing = tuple(float(s) for s in img.header.get_zooms()[:3])[::-1]
-            affine = np.asarray(img.affine, dtype=np.float64)
+            affine = nifti_affine(img)
         else:
             import SimpleITK as sitk
 

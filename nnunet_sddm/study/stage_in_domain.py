@@ -29,7 +29,7 @@ import contextlib
 import csv
 import io
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from nnunet_sddm.adaptation import predictor as nnunet_prediction
 from nnunet_sddm.adaptation.folders import adapt_folder
@@ -38,7 +38,7 @@ from nnunet_sddm.data.slices import data_round_trip
 from nnunet_sddm.data.volumes import read_volume, write_like
 from nnunet_sddm.diffusion.model_folder import load_config
 from nnunet_sddm.evaluation.evaluate import evaluate_folders
-from nnunet_sddm.study.context import StudyContext
+from nnunet_sddm.study.context import Model, StudyContext
 from nnunet_sddm.study.stage_predict import load_predictor, prediction_threads
 from nnunet_sddm.study.stage_train import segmenter_inputs
 from nnunet_sddm.study.stages import Stage
@@ -65,12 +65,10 @@ def in_domain_dir(ctx: StudyContext) -> Path:
     return ctx.out / "in_domain"
 
 
-def _geometry_round_trip(ctx: StudyContext, images: Path, out: Path) -> None:
-    """Every image of ``images`` through the diffusion model's data path alone (``data_round_trip``
-    with the model's size and data config and the image's spacing), written with its file name
-    and geometry."""
-    config = load_config(ctx.model_dir)
-    size, data_cfg = int(config["model"]["image_size"]), config.get("data")
+def geometry_round_trip(images: Path, out: Path, size: int, data_cfg: Optional[Mapping[str, Any]]) -> None:
+    """Every image of ``images`` through the data path alone of a model of side ``size`` and
+    ``data`` section ``data_cfg`` (``data_round_trip`` with the image's spacing), written into
+    ``out`` (replaced; built under a temporary name) with its file name and geometry."""
     with staging_dir(out, overwrite=True) as tmp:
         for case, path in sorted(list_images(images).items()):
             vol = read_volume(path)
@@ -89,7 +87,8 @@ def run_in_domain(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
     images, labels = test
     folders = {"original": images, "geometry": root / "images" / "geometry", "adapted": root / "images" / "adapted"}
     if not (resume and folders["geometry"].is_dir()):
-        _geometry_round_trip(ctx, images, folders["geometry"])
+        config = load_config(ctx.model_dir)
+        geometry_round_trip(images, folders["geometry"], int(config["model"]["image_size"]), config.get("data"))
     smp = ctx.cfg.sampler
     adapt_folder(images, folders["adapted"], ctx.model_dir, smp.settings, batch_size=smp.batch_size,
                  device=ctx.device, amp=smp.amp, overwrite=False, progress=ctx.progress)
@@ -108,35 +107,43 @@ def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
     write_text(text.getvalue(), path)
 
 
+def score_folder(ctx: StudyContext, m: Model, images: Path, labels: Path, pred: Path, evaluation: Path,
+                 resume: bool, side: str = "source") -> Tuple[Dict[str, float], int]:
+    """Model ``m`` segments every image of ``images`` into ``pred`` (the study's predictor; kept
+    when ``resume`` and it exists), scored against the labels ``labels`` of the ``side``
+    (``source`` or ``target``) dataset into ``evaluation``: the mean Dice per structure (``all``
+    included) and the number of cases."""
+    if not (resume and pred.is_dir()):
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every case
+            predictor = load_predictor(ctx, m)
+            with staging_dir(pred, overwrite=True) as tmp:
+                nnunet_prediction.predict_folder(predictor, images, tmp)
+    ev = ctx.cfg.evaluation
+    summary = evaluate_folders(labels, pred, dataset_json=ctx.raw(side) / "dataset.json",
+                               prediction_dataset_json=ctx.raw("source") / "dataset.json",
+                               num_processes=ev.num_processes, empty_policy=ev.empty_policy,
+                               out_dir=evaluation, overwrite=True, progress=False).summary
+    return {s: d["metrics"]["DSC"]["mean"] for s, d in summary["structures"].items()}, summary["n_cases"]
+
+
 def _segment_and_score(ctx: StudyContext, folders: Dict[str, Path], labels: Path,
                        resume: bool) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Every model on the original held-out cases, the baselines also on both round trips; the
     ``in_domain.csv`` rows and the stage result."""
     root = in_domain_dir(ctx)
-    ev = ctx.cfg.evaluation
     rows: List[Dict[str, Any]] = []
     result: Dict[str, Any] = {}
     for m in ctx.models():
-        predictor = None
         original: Dict[str, float] = {}
         for inp in INPUTS if m.kind == "real" else ("original",):
             name = f"{m.kind}__{m.segmenter}__{inp}"
-            pred = root / "predictions" / f"seed{m.seed}" / name
-            if not (resume and pred.is_dir()):
-                with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every case
-                    predictor = predictor or load_predictor(ctx, m)
-                    with staging_dir(pred, overwrite=True) as tmp:
-                        nnunet_prediction.predict_folder(predictor, folders[inp], tmp)
-            summary = evaluate_folders(labels, pred, dataset_json=ctx.raw("source") / "dataset.json",
-                                       num_processes=ev.num_processes, empty_policy=ev.empty_policy,
-                                       out_dir=root / "evaluation" / f"seed{m.seed}" / name, overwrite=True,
-                                       progress=False).summary
-            dice = {s: d["metrics"]["DSC"]["mean"] for s, d in summary["structures"].items()}
+            dice, cases = score_folder(ctx, m, folders[inp], labels, root / "predictions" / f"seed{m.seed}" / name,
+                                       root / "evaluation" / f"seed{m.seed}" / name, resume)
             if inp == "original":
                 original = dice
             for s, v in dice.items():
                 rows.append({"segmenter": m.segmenter, "trained_on": m.kind, "seed": m.seed, "input": inp,
-                             "structure": s, "dice": f"{v:.6f}", "cases": summary["n_cases"],
+                             "structure": s, "dice": f"{v:.6f}", "cases": cases,
                              "loss": "" if inp == "original" else f"{original[s] - v:.6f}"})
             result[f"{m.key}/{inp}"] = {s: round(v, 4) for s, v in dice.items()}
     return rows, result
