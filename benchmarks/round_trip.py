@@ -124,8 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("study", type=Path, help="a study folder (its train stage done; the source has imagesTs "
                                             "with labelsTs)")
-    p.add_argument("--model", type=Path, nargs="+", default=None,
-                   help="diffusion model folders to round-trip with (default: the study's)")
+    p.add_argument("--model", type=Path, nargs="*", default=None,
+                   help="diffusion model folders to round-trip with (default: the study's; none: --model "
+                        "without a folder, e.g. for --resize-size alone)")
     p.add_argument("--resize-size", type=int, nargs="*", default=[],
                    help="also the resize-mode data path alone at these model sizes (px)")
     p.add_argument("--target", action="store_true",
@@ -141,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ctx.out = a.study.resolve()
     out = a.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    models = [m.resolve() for m in (a.model or [ctx.model_dir])]
+    models = [m.resolve() for m in (a.model if a.model is not None else [ctx.model_dir])]
     rows: List[Dict[str, Any]] = []
     with nnunet_environment(ctx):
         test = source_test(ctx)

@@ -210,3 +210,36 @@ def test_target_with_fewer_labels_than_the_model(tmp_path, capsys):
         combine_labels({"LV": 1}, {"RV": 3})
     ev, sk = combine_labels({"LV": 1, "MYO": 2, "RV": 3}, {"LV": 1, "MYO": 2})  # and the reverse subset
     assert ev == {"LV": 1, "MYO": 2} and sk == {"RV": {"value": 3, "only_in": "reference labels"}}
+
+
+def test_a_unit_scale_sform_is_read_as_itk_reads_it(folders, tmp_path):
+    """Some ACDC files carry sform code 2 with unit scales and qform code 0 (the spacing only in
+    pixdim): ITK, and so nnU-Net, takes the qform, and a prediction nnU-Net writes with that
+    geometry evaluates against it; a really different placement is still refused."""
+    import SimpleITK as sitk
+
+    from nnunet_sddm.evaluation.io import nifti_affine
+
+    ref, _ = folders
+    img = nib.Nifti1Image(heart().transpose(2, 1, 0), np.diag(list(SPACING_XYZ) + [1.0]))
+    img.set_qform(np.diag(list(SPACING_XYZ) + [1.0]), code=0)
+    img.set_sform(np.diag([-1.0, -1.0, 1.0, 1.0]), code=2)
+    nib.save(img, str(ref / "case_0.nii.gz"))
+    itk = sitk.ReadImage(str(ref / "case_0.nii.gz"))
+    want = np.eye(4)
+    want[:3, :3] = np.asarray(itk.GetDirection()).reshape(3, 3) * np.asarray(itk.GetSpacing())
+    want[:3, 3] = itk.GetOrigin()
+    want[:2] *= -1  # ITK's LPS -> NIfTI's RAS
+    np.testing.assert_allclose(nifti_affine(nib.load(str(ref / "case_0.nii.gz"))), want, atol=1e-6)
+    pred = tmp_path / "pred_itk"
+    pred.mkdir()
+    for case in ("case_0", "case_1", "case_2"):
+        out = sitk.GetImageFromArray(heart())
+        out.CopyInformation(sitk.ReadImage(str(ref / f"{case}.nii.gz")))
+        sitk.WriteImage(out, str(pred / f"{case}.nii.gz"))
+    assert evaluate_folders(ref, pred, progress=False).summary["n_cases"] == 3
+    moved = sitk.ReadImage(str(pred / "case_0.nii.gz"))
+    moved.SetOrigin((12.0, 0.0, 0.0))
+    sitk.WriteImage(moved, str(pred / "case_0.nii.gz"))
+    with pytest.raises(SDDMError, match="affine"):
+        evaluate_folders(ref, pred, progress=False)
