@@ -133,13 +133,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="also each model's DA row on the study's labelled target test images")
     p.add_argument("-o", "--output", type=Path, default=Path("round_trip"))
     a = p.parse_args(argv)
-    from nnunet_sddm.study.config import build_config
-    from nnunet_sddm.study.context import make_context, nnunet_environment
+    from nnunet_sddm.study.context import nnunet_environment, open_study
 
-    record = json.loads((a.study / "study.json").read_text())
-    cfg = build_config(record["config"])
-    ctx = make_context(cfg, progress=False, log=lambda m: None)
-    ctx.out = a.study.resolve()
+    ctx = open_study(a.study)
+    cfg = ctx.cfg
     out = a.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     models = [m.resolve() for m in (a.model if a.model is not None else [ctx.model_dir])]

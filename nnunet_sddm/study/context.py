@@ -217,6 +217,22 @@ def make_context(cfg: StudyConfig, progress: bool = True, log: Callable[[str], N
     return ctx
 
 
+def open_study(folder: os.PathLike) -> StudyContext:
+    """The context of the study in ``folder`` (started or finished) with the configuration of its
+    ``study.json``, for reading its outputs; no stage is run. ``SDDMError`` without a record."""
+    import json
+
+    from nnunet_sddm.study.config import build_config  # imported here: config imports the stages' peers
+
+    folder = Path(folder)
+    record = folder / "study.json"
+    if not record.is_file():
+        raise SDDMError(f"{folder}: not a study folder (no study.json)")
+    ctx = make_context(build_config(json.loads(record.read_text())["config"]), progress=False, log=lambda m: None)
+    ctx.out = folder.resolve()
+    return ctx
+
+
 @contextlib.contextmanager
 def nnunet_environment(ctx: StudyContext) -> Iterator[None]:
     """Point this process's ``nnUNet_*`` variables at the study's folders (restored afterwards);
