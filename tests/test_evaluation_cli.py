@@ -214,8 +214,9 @@ def test_target_with_fewer_labels_than_the_model(tmp_path, capsys):
 
 def test_a_unit_scale_sform_is_read_as_itk_reads_it(folders, tmp_path):
     """Some ACDC files carry sform code 2 with unit scales and qform code 0 (the spacing only in
-    pixdim): ITK, and so nnU-Net, takes the qform, and a prediction nnU-Net writes with that
-    geometry evaluates against it; a really different placement is still refused."""
+    pixdim): ITK, and so nnU-Net, keeps the sform's directions and origin with pixdim's spacing,
+    and a prediction nnU-Net writes with that geometry evaluates against it; a really different
+    placement is still refused."""
     import SimpleITK as sitk
 
     from nnunet_sddm.evaluation.io import nifti_affine
@@ -223,7 +224,9 @@ def test_a_unit_scale_sform_is_read_as_itk_reads_it(folders, tmp_path):
     ref, _ = folders
     img = nib.Nifti1Image(heart().transpose(2, 1, 0), np.diag(list(SPACING_XYZ) + [1.0]))
     img.set_qform(np.diag(list(SPACING_XYZ) + [1.0]), code=0)
-    img.set_sform(np.diag([-1.0, -1.0, 1.0, 1.0]), code=2)
+    unit = np.diag([-1.0, -1.0, 1.0, 1.0])
+    unit[:3, 3] = (4.0, -7.5, 20.0)  # an origin, which ITK keeps
+    img.set_sform(unit, code=2)
     nib.save(img, str(ref / "case_0.nii.gz"))
     itk = sitk.ReadImage(str(ref / "case_0.nii.gz"))
     want = np.eye(4)

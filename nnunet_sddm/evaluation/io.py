@@ -33,20 +33,19 @@ class Image:
 
 def nifti_affine(img: Any) -> np.ndarray:
     """The voxel-to-world matrix (4 x 4, mm) of a nibabel NIfTI image as ITK reads it, and so as
-    nnU-Net does (its reader is SimpleITK): the sform when its code is set and its column norms
-    are the voxel sizes, otherwise the qform, and without a qform code the voxel sizes alone (ITK's
-    identity direction in LPS, origin 0). ITK warns "unexpected scales in sform" and does the same;
-    some ACDC files have such a sform (code 2 with unit scales, qform code 0), and nibabel's
-    ``affine`` would take it."""
+    nnU-Net does (its reader is SimpleITK). When the sform is set but its column norms are not the
+    voxel sizes, ITK warns "unexpected scales in sform" and keeps the sform's directions and origin
+    with the voxel sizes of pixdim; so does this. Some ACDC files have such a sform (code 2, unit
+    scales, qform code 0), which nibabel's ``affine`` would take as it is. Otherwise nibabel's
+    ``affine``."""
     hdr = img.header
-    zooms = np.asarray(hdr.get_zooms()[:3], dtype=np.float64)
     if int(hdr["sform_code"]) > 0:
         sform = np.asarray(img.get_sform(), dtype=np.float64)
-        if np.allclose(np.linalg.norm(sform[:3, :3], axis=0), zooms, rtol=1e-4, atol=1e-6):
-            return sform
-        if int(hdr["qform_code"]) > 0:
-            return np.asarray(img.get_qform(), dtype=np.float64)
-        return np.diag([-zooms[0], -zooms[1], zooms[2], 1.0])  # ITK: identity direction (LPS), origin 0
+        zooms = np.asarray(hdr.get_zooms()[:3], dtype=np.float64)
+        norms = np.linalg.norm(sform[:3, :3], axis=0)
+        if np.all(norms > 0) and not np.allclose(norms, zooms, rtol=1e-4, atol=1e-6):
+            sform[:3, :3] = sform[:3, :3] / norms * zooms
+        return sform
     return np.asarray(img.affine, dtype=np.float64)
 
 
