@@ -42,15 +42,16 @@ from typing import Any, Dict, List, Optional, Tuple
 from nnunet_sddm.adaptation.folders import RECORD_FILE, adapt_folder
 from nnunet_sddm.data.raw_dataset import list_images
 from nnunet_sddm.diffusion.model_folder import load_config
-from nnunet_sddm.study.stage_in_domain import ROUND_TRIP_GOAL, geometry_round_trip, score_folder, source_test
+from nnunet_sddm.study.stage_in_domain import (ROUND_TRIP_GOAL, geometry_round_trip, lazy_predictor, score_folder,
+                                                source_test)
 from nnunet_sddm.study.stage_predict import prediction_threads
 
 FIELDS = ("part", "segmenter", "input", "structure", "dice", "change", "cases")
 
 
-def model_label(model_dir: Path) -> str:
-    """``<folder name> (resize <S> px | spacing <s> mm)``: which data path a model folder uses."""
-    config = load_config(model_dir)
+def model_label(model_dir: Path, config: Dict[str, Any]) -> str:
+    """``<folder name> (resize <S> px | spacing <s> mm)``: which data path a model folder (its
+    ``config.json`` ``config``) uses."""
     spacing = (config.get("data") or {}).get("spacing")
     mode = f"resize {config['model']['image_size']} px" if spacing is None else f"spacing {float(spacing):g} mm"
     return f"{model_dir.name} ({mode})"
@@ -91,7 +92,8 @@ def benchmark_inputs(ctx: Any, images: Path, models: List[Path], resize_sizes: L
         source[label] = out / "images" / f"geometry_resize{size}"
         geometry_round_trip(images, source[label], size, {**base_data, "spacing": None})
     for i, model in enumerate(models):
-        config, label = load_config(model), f"{i}: {model_label(model)}"
+        config = load_config(model)
+        label = f"{i}: {model_label(model, config)}"
         study_model = model == ctx.model_dir.resolve()
         source[f"geometry, {label}"] = out / "images" / f"geometry_model{i}"
         geometry_round_trip(images, source[f"geometry, {label}"], int(config["model"]["image_size"]),
@@ -158,11 +160,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         source, targets, seconds = benchmark_inputs(ctx, images, models, a.resize_size, a.target, out)
         with prediction_threads():
             for m in segmenters:
+                predictor = lazy_predictor(ctx, m)
                 for part, inputs, truth in (("source", source, labels), ("target", targets, ctx.target_labels)):
                     reference: Dict[str, float] = {}
                     for i, (label, folder) in enumerate(inputs.items()):
                         name = f"{part}_{i}"
-                        dice, cases = score_folder(ctx, m, folder, truth, out / "predictions" / m.segmenter / name,
+                        dice, cases = score_folder(ctx, predictor, folder, truth,
+                                                   out / "predictions" / m.segmenter / name,
                                                    out / "evaluation" / m.segmenter / name, resume=False, side=part)
                         reference = reference or dice
                         rows.extend({"part": part, "segmenter": m.segmenter, "input": label, "structure": s,

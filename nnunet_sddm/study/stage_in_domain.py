@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from nnunet_sddm.adaptation import predictor as nnunet_prediction
 from nnunet_sddm.adaptation.folders import adapt_folder
@@ -107,17 +108,23 @@ def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
     write_text(text.getvalue(), path)
 
 
-def score_folder(ctx: StudyContext, m: Model, images: Path, labels: Path, pred: Path, evaluation: Path,
-                 resume: bool, side: str = "source") -> Tuple[Dict[str, float], int]:
-    """Model ``m`` segments every image of ``images`` into ``pred`` (the study's predictor; kept
-    when ``resume`` and it exists), scored against the labels ``labels`` of the ``side``
-    (``source`` or ``target``) dataset into ``evaluation``: the mean Dice per structure (``all``
-    included) and the number of cases."""
+def lazy_predictor(ctx: StudyContext, m: Model) -> Callable[[], nnunet_prediction.SDDMPredictor]:
+    """The study's predictor of model ``m``, loaded on the first call and kept for the next ones."""
+    return functools.cache(functools.partial(load_predictor, ctx, m))
+
+
+def score_folder(ctx: StudyContext, predictor: Callable[[], nnunet_prediction.SDDMPredictor], images: Path,
+                 labels: Path, pred: Path, evaluation: Path, resume: bool,
+                 side: str = "source") -> Tuple[Dict[str, float], int]:
+    """``predictor()`` (``lazy_predictor``: called only when a prediction is needed) segments every
+    image of ``images`` into ``pred`` (kept when ``resume`` and it exists), scored against the
+    labels ``labels`` of the ``side`` (``source`` or ``target``) dataset into ``evaluation``: the
+    mean Dice per structure (``all`` included) and the number of cases."""
     if not (resume and pred.is_dir()):
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every case
-            predictor = load_predictor(ctx, m)
+            loaded = predictor()
             with staging_dir(pred, overwrite=True) as tmp:
-                nnunet_prediction.predict_folder(predictor, images, tmp)
+                nnunet_prediction.predict_folder(loaded, images, tmp)
     ev = ctx.cfg.evaluation
     summary = evaluate_folders(labels, pred, dataset_json=ctx.raw(side) / "dataset.json",
                                prediction_dataset_json=ctx.raw("source") / "dataset.json",
@@ -134,10 +141,12 @@ def _segment_and_score(ctx: StudyContext, folders: Dict[str, Path], labels: Path
     rows: List[Dict[str, Any]] = []
     result: Dict[str, Any] = {}
     for m in ctx.models():
+        predictor = lazy_predictor(ctx, m)
         original: Dict[str, float] = {}
         for inp in INPUTS if m.kind == "real" else ("original",):
             name = f"{m.kind}__{m.segmenter}__{inp}"
-            dice, cases = score_folder(ctx, m, folders[inp], labels, root / "predictions" / f"seed{m.seed}" / name,
+            dice, cases = score_folder(ctx, predictor, folders[inp], labels,
+                                       root / "predictions" / f"seed{m.seed}" / name,
                                        root / "evaluation" / f"seed{m.seed}" / name, resume)
             if inp == "original":
                 original = dice
