@@ -74,6 +74,15 @@ def test_config_validation():
         validate_config(apply_overrides(preset_config("tiny"), {"model.label_names": ["LV"]}))
 
 
+def test_small_preset_defaults_to_spacing_mode_and_the_generator_says_how_to_leave_it():
+    assert preset_config("small")["data"]["spacing"] == 2.0
+    assert preset_config("tiny")["data"]["spacing"] is None and preset_config("paper128")["data"]["spacing"] is None
+    labels = {"model.generates": "labels", "model.label_values": [1, 2, 3], "model.in_channels": 4}
+    with pytest.raises(SDDMError, match=r"data.spacing is 2.0.*--set data.spacing=null"):
+        validate_config(apply_overrides(preset_config("small"), labels))
+    validate_config(apply_overrides(preset_config("small"), {**labels, "data.spacing": None}))
+
+
 # ----------------------------------------------------------------------------- cleaning
 def test_cleaning_hand_made_maps():
     lab = np.zeros((24, 24), np.int16)

@@ -20,7 +20,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                     "samples.png). Ctrl-C saves a checkpoint; --resume continues exactly.")
     p.add_argument("dataset", help="dataset id, DatasetXXX_Name or raw dataset folder")
     p.add_argument("-p", "--preset", default=None, help="paper128, paper256, small or tiny (default tiny; with "
-                   "--resume: the stored one)")
+                   "--resume: the stored one). small is in spacing mode at 2 mm (--set data.spacing=null: "
+                   "resize mode); the others in resize mode")
     p.add_argument("-o", "--output", default=None, help="model folder (default "
                    "$nnUNet_results/DatasetXXX_Name/sddm__<preset>)")
     p.add_argument("--iterations", type=int, default=None, help="total optimizer steps (may be raised on --resume)")
