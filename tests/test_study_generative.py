@@ -107,6 +107,10 @@ def test_generative_section_defaults_rows_and_kinds():
      r"generative.pseudo_id and synthesis.id are both dataset id 972"),
     ({"generative": {"rows": True, "generated_id": 973}},
      r"generative.generated_id and generative.pseudo_id are both dataset id 973"),
+    ({"generative": {"pseudo_labeller": "oracle"}},
+     r"generative.pseudo_labeller must be one of baseline, aug, got 'oracle'"),
+    ({"generative": {"rows": True, "pseudo_labeller": "aug"}, "alternatives": {"nnunet_aug": False}},
+     r"generative.pseudo_labeller 'aug' is the nnU-Net aug segmenter, which this study does not train"),
     ({"generative": {"rows": True, "diffusion": {"preset": "huge"}}},
      r"generative.diffusion.preset 'huge' does not exist"),
     ({"generative": {"rows": True, "diffusion": {"set": {"model.image_size": 60}}}},
@@ -115,6 +119,31 @@ def test_generative_section_defaults_rows_and_kinds():
 def test_bad_generative_settings_name_the_key(layer, message):
     with pytest.raises(SDDMError, match=r"STUDY\.json: .*" + message):
         build_config(layer, origin="STUDY.json")
+
+
+def test_the_pseudo_labeller_is_the_baseline_or_the_augmented_segmenter(tmp_path):
+    from nnunet_sddm.study.context import StudyContext
+    from nnunet_sddm.study.stage_pseudo_labels import as_nnunet_model, pseudo_labels_inputs
+
+    def context(layer):
+        cfg = build_config({"output": str(tmp_path / "s"), "device": "cpu",
+                            "generative": {"rows": True, **layer}}, quick=True)
+        return StudyContext(cfg=cfg, out=tmp_path / "s", device="cpu", log=lambda *_: None)
+
+    base, aug = context({}), context({"pseudo_labeller": "aug"})
+    assert base.cfg.generative.pseudo_labeller == "baseline" and aug.cfg.generative.pseudo_labeller == "aug"
+    assert base.pseudo_labeller() == base.baseline() and base.pseudo_labeller().kind == "real"
+    assert aug.pseudo_labeller().kind == "real_aug" and aug.pseudo_labeller() in aug.models()
+    assert aug.pseudo_labeller().folder != aug.baseline().folder
+    # the nnU-Net model that labels: the augmented trainer's folder, the source dataset
+    m_base, m_aug = as_nnunet_model(base, base.pseudo_labeller()), as_nnunet_model(aug, aug.pseudo_labeller())
+    assert m_aug.trainer == aug.cfg.trainer("2d", augmented=True) != m_base.trainer == base.cfg.trainer("2d")
+    assert m_aug.dataset == m_base.dataset == base.dataset_name("source")
+    # a changed pseudo-labeller reruns the stage (and so everything downstream)
+    assert fingerprint(pseudo_labels_inputs(base)) != fingerprint(pseudo_labels_inputs(aug))
+    # the DG dataset's adherence is measured by the Baseline whoever pseudo-labels
+    from nnunet_sddm.study.stage_adherence import measuring_segmenter
+    assert measuring_segmenter(aug, "source") == aug.baseline() and measuring_segmenter(aug, "target") == aug.oracle()
 
 
 # ----------------------------------------------------------------------------- optional stages

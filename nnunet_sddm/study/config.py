@@ -56,7 +56,8 @@ from nnunet_sddm.evaluation.metrics import EmptyPolicy
 from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.data.raw_dataset import CARDIAC_LABELS
 from nnunet_sddm.adaptation.synthesize_labels import LABEL_SOURCES
-from nnunet_sddm.study.config_tree import (APPROACHES, POSTPROCESSING, SEGMENTERS, TESTS, AlternativesConfig,
+from nnunet_sddm.study.config_tree import (APPROACHES, POSTPROCESSING, PSEUDO_LABELLERS, SEGMENTERS, TESTS,
+                                           AlternativesConfig,
                                            DatasetConfig, DiffusionConfig, EvaluationConfig, FiguresConfig,
                                            GenerativeConfig, NnunetConfig, SamplerConfig, StudyConfig, SweepConfig,
                                            SynthesisConfig, diffusion_overrides, read_only, trainer_name, trainer_of)
@@ -89,7 +90,7 @@ DEFAULTS: Dict[str, Any] = {
     "evaluation": {"alpha": 0.01, "empty_policy": "diagonal", "num_processes": None, "test": "wilcoxon"},
     "figures": {"sweep": {"D": [2, 4, 8], "N": [10, 25, 50], "tau": [0.0, 6.0, 20.0]}, "tsne": True},
     "generative": {"rows": False, "pseudo_id": 973, "generated_id": 974, "merged_id": 975, "copies": 1,
-                   "labels": "deformed", "guidance_scale": 1.0,
+                   "labels": "deformed", "guidance_scale": 1.0, "pseudo_labeller": "baseline",
                    "diffusion": {"preset": None, "iterations": None, "batch_size": None, "set": {}}},
     "seed": 0,
     "repeats": 1,
@@ -254,10 +255,12 @@ def _parse_side(side: str, d: Dict[str, Any], ck: _Check) -> DatasetConfig:
                          labels=tuple(d["labels"]) if d.get("labels") else None)
 
 
-def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]) -> GenerativeConfig:
+def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int],
+                      nnunet_aug: bool) -> GenerativeConfig:
     """The ``generative`` section: every key checked; with ``rows`` also its dataset ids against
-    ``ids`` (``{"source.id": ..}`` of the study's other datasets) and the conditional diffusion
-    model's settings against its preset (off: nothing of it is used, nothing more is checked)."""
+    ``ids`` (``{"source.id": ..}`` of the study's other datasets), the conditional diffusion
+    model's settings against its preset and the ``aug`` pseudo-labeller against ``nnunet_aug``
+    (whether the study trains that segmenter); off: nothing of it is used, nothing more is checked."""
     gen = cfg["generative"]
     rows = ck.bool(gen, "rows", "generative")
     keys = ("pseudo_id", "generated_id", "merged_id")
@@ -268,6 +271,9 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
     copies = ck.int(gen, "copies", "generative", lo=1)
     if gen["labels"] not in LABEL_SOURCES:
         raise ck.fail(f"generative.labels must be one of {', '.join(LABEL_SOURCES)}, got {gen['labels']!r}")
+    if gen["pseudo_labeller"] not in PSEUDO_LABELLERS:
+        raise ck.fail(f"generative.pseudo_labeller must be one of {', '.join(PSEUDO_LABELLERS)}, "
+                      f"got {gen['pseudo_labeller']!r}")
     w = ck.number(gen, "guidance_scale", "generative")
     if w < 0:
         raise ck.fail(f"generative.guidance_scale must be >= 0 (1: no guidance), got {w!r}")
@@ -296,6 +302,10 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
         if w != 1 and not float(model_cfg["training"].get("label_dropout") or 0.0):
             raise ck.fail(f"generative.guidance_scale {w!r} needs a model trained with label dropout "
                           f"(generative.diffusion training.label_dropout is 0): use guidance scale 1 or a dropout > 0")
+        if gen["pseudo_labeller"] == "aug" and not nnunet_aug:
+            raise ck.fail("generative.pseudo_labeller 'aug' is the nnU-Net aug segmenter, which this study does not "
+                          "train (alternatives.nnunet_aug is false): set alternatives.nnunet_aug to true or use "
+                          "'baseline'")
         seen = {v: k for k, v in ids.items()}
         for k in keys:
             if gen[k] in seen:
@@ -303,7 +313,7 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
             seen[gen[k]] = f"generative.{k}"
     return GenerativeConfig(rows=rows, pseudo_id=gen["pseudo_id"], generated_id=gen["generated_id"],
                             merged_id=gen["merged_id"], copies=copies, labels=gen["labels"], guidance_scale=w,
-                            preset=preset, overrides=read_only(overrides))
+                            pseudo_labeller=gen["pseudo_labeller"], preset=preset, overrides=read_only(overrides))
 
 
 def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") -> StudyConfig:
@@ -465,7 +475,7 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
                       f"fraction of the slice size), got {beta!r}")
     alternatives = AlternativesConfig(histmatch=alt["histmatch"], fda=alt["fda"], nnunet_aug=alt["nnunet_aug"],
                                       fda_beta=beta)
-    generative = _parse_generative(cfg, ck, ids)
+    generative = _parse_generative(cfg, ck, ids, alternatives.nnunet_aug)
     overridden = sorted(s for s in trainers if s in segs)
     if alternatives.nnunet_aug and overridden:
         raise ck.fail(f"trainers gives its own trainer for {', '.join(overridden)}, but the nnU-Net aug row trains "

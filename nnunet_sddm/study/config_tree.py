@@ -52,6 +52,10 @@ APPROACHES: Dict[str, tuple] = {
 OPTIONAL_APPROACHES = {"nnU-Net aug": "nnunet_aug", "HistMatch": "histmatch", "FDA": "fda"}
 #: Rows that exist only with ``generative.rows`` (Diffuse-UDA's recipe and SynCMRI's utility test).
 GENERATIVE_APPROACHES = ("UDA-syn", "Gen-only")
+#: The segmenter that pseudo-labels the target for the generative rows (``generative.pseudo_labeller``)
+#: -> (the row it is, what it is trained on): the Baseline, or the one trained with nnU-Net's
+#: standard augmentation (usually more accurate on a shifted domain; needs ``alternatives.nnunet_aug``).
+PSEUDO_LABELLERS = {"baseline": ("Baseline", "real"), "aug": ("nnU-Net aug", "real_aug")}
 #: Tests behind the table's marks (``evaluation.test``): paired Wilcoxon signed-rank, paired t, Welch (the paper's).
 TESTS = ("wilcoxon", "ttest_rel", "welch")
 #: Post-processing of predictions (``postprocess``): name -> suffix of its rows.
@@ -174,8 +178,8 @@ class AlternativesConfig:
 class GenerativeConfig:
     """The generative rows (``generative``): with ``rows`` the table gains ``UDA-syn`` (a segmenter
     trained on the source plus target-style images generated from the source's label maps by a
-    conditional diffusion model trained on the source and the Baseline's pseudo-labelled target)
-    and ``Gen-only`` (the same segmenter trained on the generated pairs alone). Dataset ids
+    conditional diffusion model trained on the source and the target pseudo-labelled by
+    ``pseudo_labeller``, a key of ``PSEUDO_LABELLERS``) and ``Gen-only`` (the same segmenter trained on the generated pairs alone). Dataset ids
     ``pseudo_id`` (the pseudo-labelled target), ``generated_id`` (the generated pairs) and
     ``merged_id`` (source + generated, UDA-syn's training set), each 1..999; ``copies`` images per
     source label map; ``labels`` ``"as-is"`` or ``"deformed"`` (the conditioning maps);
@@ -189,6 +193,7 @@ class GenerativeConfig:
     copies: int = 1
     labels: str = "deformed"
     guidance_scale: float = 1.0
+    pseudo_labeller: str = "baseline"
     preset: str = "tiny"
     overrides: Mapping[str, Any] = field(default_factory=dict)
 

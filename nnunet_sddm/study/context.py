@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from nnunet_sddm.diffusion.model_folder import resolve_model_dir
 from nnunet_sddm.study import nnunet_steps
-from nnunet_sddm.study.config_tree import SEGMENTERS, Approach, StudyConfig
+from nnunet_sddm.study.config_tree import PSEUDO_LABELLERS, SEGMENTERS, Approach, StudyConfig
 from nnunet_sddm.utilities.devices import nnunet_device
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.nnunet_paths import find_raw_dataset, parse_dataset_folder_name
@@ -160,10 +160,16 @@ class StudyContext:
         return [self.model(s, kind, seed) for seed in self.cfg.seeds() for s in self.cfg.segmenters
                 for kind in self.cfg.kinds() if kinds is None or kind in kinds]
 
-    def pseudo_labeller(self) -> Model:
-        """The Baseline segmenter that pseudo-labels the target for the generative rows: the first
-        segmenter, trained on the real source with the first repeat's seed."""
+    def baseline(self) -> Model:
+        """The Baseline of the first segmenter: trained on the real source with the first repeat's seed."""
         return self.model(self.cfg.segmenters[0], "real", self.cfg.seed)
+
+    def pseudo_labeller(self) -> Model:
+        """The segmenter that pseudo-labels the target for the generative rows
+        (``generative.pseudo_labeller``): the first segmenter, trained on the real source (with
+        nnU-Net's augmentation for ``aug``) with the first repeat's seed."""
+        return self.model(self.cfg.segmenters[0], PSEUDO_LABELLERS[self.cfg.generative.pseudo_labeller][1],
+                          self.cfg.seed)
 
     def oracle(self) -> Model:
         """The segmenter of the mask adherence (never a row): the first segmenter trained on the

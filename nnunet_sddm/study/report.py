@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-from nnunet_sddm.study.config_tree import SEGMENTERS
+from nnunet_sddm.study.config_tree import PSEUDO_LABELLERS, SEGMENTERS
 from nnunet_sddm.study.stage_in_domain import INPUTS, ROUND_TRIP_GOAL, read_in_domain
 from nnunet_sddm.utilities.files import write_text
 
@@ -31,8 +31,8 @@ _APPROACH_TEXT = {
     "DG": "trained on the synthetic source (DG dataset), applied to the original target images",
     "Mixed": "trained on the synthetic source, applied to the adapted target images",
     "UDA-syn": "trained on the real source plus target-style images generated from the source's label maps by a "
-               "conditional diffusion model trained on the source and the target pseudo-labelled by the Baseline "
-               "(Diffuse-UDA's recipe), applied to the original target images",
+               "conditional diffusion model trained on the source and the target pseudo-labelled by a segmenter "
+               "trained on the real source (Diffuse-UDA's recipe; the Experiment section names it), applied to the original target images",
     "Gen-only": "the same segmenter trained on the generated target-style pairs alone (SynCMRI's utility test), "
                 "applied to the original target images",
     "DA+ens": "the baseline segmenter; class probabilities of the original and the adapted image averaged "
@@ -299,8 +299,8 @@ def generative_lines(ctx) -> List[str]:
     gen = ctx.cfg.generative
     if not gen.rows:
         return []
-    return [f"- Generative rows: the target `{ctx.dataset_name('target')}` pseudo-labelled by the Baseline "
-            f"{SEGMENTERS[ctx.cfg.segmenters[0]][2]} (`{ctx.dataset_name('pseudo')}`); one conditional diffusion "
+    return [f"- Generative rows: the target `{ctx.dataset_name('target')}` pseudo-labelled by the "
+            f"{PSEUDO_LABELLERS[gen.pseudo_labeller][0]} {SEGMENTERS[ctx.cfg.segmenters[0]][2]} (`{ctx.dataset_name('pseudo')}`); one conditional diffusion "
             f"model trained on the source and those cases with domains source/target "
             f"([generative_model](generative_model/config.json)); {gen.copies} target-style image(s) per source "
             f"label map ({gen.labels}, guidance scale {gen.guidance_scale:g}) in `{ctx.dataset_name('generated')}` "

@@ -8,7 +8,7 @@ and its Dice per structure against those label maps is reported:
   with ``labelsTr``; phantoms have them), never a table row. Without labelled target training
   cases the adherence is not measurable and the record says why;
 * ``dg``: the DG dataset (source-style images with the source's labels), segmented by the Baseline
-  segmenter (trained on the real source: ``StudyContext.pseudo_labeller``).
+  segmenter (trained on the real source without augmentation: ``StudyContext.baseline``).
 
 Into ``OUT/adherence/``::
 
@@ -61,7 +61,7 @@ def oracle_unavailable(ctx: StudyContext) -> Optional[str]:
 def measuring_segmenter(ctx: StudyContext, domain: str) -> Model:
     """The segmenter trained on real labelled data of ``domain``: the oracle (``target``) or the
     Baseline (``source``)."""
-    return ctx.oracle() if domain == "target" else ctx.pseudo_labeller()
+    return ctx.oracle() if domain == "target" else ctx.baseline()
 
 
 def run_adherence(ctx: StudyContext, resume: bool) -> Dict[str, Any]:

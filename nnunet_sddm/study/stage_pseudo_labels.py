@@ -1,6 +1,6 @@
-"""Stage ``pseudo_labels`` (generative rows, ``generative.rows``): the Baseline segmenter
-(``StudyContext.pseudo_labeller``: the first segmenter trained on the real source, first repeat)
-pseudo-labels every image of the target dataset (``imagesTr`` and ``imagesTs``; its labels are
+"""Stage ``pseudo_labels`` (generative rows, ``generative.rows``): the pseudo-labeller
+(``StudyContext.pseudo_labeller``: the first segmenter trained on the real source, first repeat;
+the Baseline, or with ``generative.pseudo_labeller`` ``aug`` the nnU-Net aug segmenter) pseudo-labels every image of the target dataset (``imagesTr`` and ``imagesTs``; its labels are
 never read) into the raw dataset ``generative.pseudo_id`` (``adaptation.pseudo_labels``: the
 argmax of nnU-Net's probabilities, largest component per structure), the target half of the
 conditional diffusion model's training set. Off: not part of the study."""
@@ -47,14 +47,14 @@ def check_free_ids(ctx: StudyContext) -> None:
 
 
 def as_nnunet_model(ctx: StudyContext, m: Model) -> NnUNetModel:
-    """Model ``m`` (not trained with augmentation) as the ``NnUNetModel`` of ``pseudo_label_dataset``
-    and ``mask_adherence``: the study's fold, found in the first repeat's ``nnUNet_results``."""
+    """Model ``m`` of the first repeat as the ``NnUNetModel`` of ``pseudo_label_dataset`` and
+    ``mask_adherence``: the study's fold, found in the first repeat's ``nnUNet_results``."""
     return NnUNetModel(dataset=ctx.dataset_name(ctx.model_side(m)), configuration=SEGMENTERS[m.segmenter][0],
-                       trainer=ctx.cfg.trainer(m.segmenter), plans=ctx.cfg.nnunet.plans, folds=(ctx.cfg.fold,))
+                       trainer=ctx.cfg.trainer(m.segmenter, augmented=m.kind == "real_aug"), plans=ctx.cfg.nnunet.plans, folds=(ctx.cfg.fold,))
 
 
 def run_pseudo_labels(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
-    """Pseudo-label the target images with the Baseline segmenter (a published dataset is kept on
+    """Pseudo-label the target images with the pseudo-labeller (a published dataset is kept on
     resume; an unfinished one continues from its finished cases)."""
     check_free_ids(ctx)
     final = ctx.raw("pseudo")
@@ -72,9 +72,10 @@ def run_pseudo_labels(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
 
 def pseudo_labels_inputs(ctx: StudyContext) -> Any:
     """The pseudo-labeller (segmenter, trainer, seed, fold; its training is the upstream train
-    stage) and the dataset id."""
+    stage; the trainer tells the Baseline from the nnU-Net aug segmenter) and the dataset id."""
     m = ctx.pseudo_labeller()
-    return {"model": [m.segmenter, ctx.cfg.trainer(m.segmenter), m.seed], "fold": ctx.cfg.fold,
+    return {"model": [m.segmenter, ctx.cfg.trainer(m.segmenter, augmented=m.kind == "real_aug"), m.seed],
+            "fold": ctx.cfg.fold,
             "id": ctx.cfg.generative.pseudo_id}
 
 
@@ -86,6 +87,6 @@ def pseudo_labels_clean(ctx: StudyContext) -> None:
     clean_study_outputs(ctx, "pseudo_labels", dataset_paths(ctx, "pseudo"))
 
 
-STAGE = Stage("pseudo_labels", "generative rows: the target pseudo-labelled by the Baseline segmenter",
+STAGE = Stage("pseudo_labels", "generative rows: the target pseudo-labelled (generative.pseudo_labeller)",
               run_pseudo_labels, pseudo_labels_inputs, pseudo_labels_outputs, ("data", "train"), pseudo_labels_clean,
               generative_rows)
