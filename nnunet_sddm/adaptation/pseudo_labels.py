@@ -51,7 +51,7 @@ import nnunet_sddm
 from nnunet_sddm.adaptation.postprocess import largest_component_per_label
 from nnunet_sddm.adaptation.predictor import (Case, check_checkpoints, is_predicted, list_cases, load_nnunet_predictor,
                                               nnunet_model_folder, parse_folds, predict_cases)
-from nnunet_sddm.data.raw_dataset import (FILE_ENDING, RawDatasetBuilder, check_target_free, load_cases_json,
+from nnunet_sddm.data.raw_dataset import (FILE_ENDING, IGNORE, RawDatasetBuilder, check_target_free, load_cases_json,
                                           load_dataset_json, log)
 from nnunet_sddm.data.volumes import same_geometry
 from nnunet_sddm.diffusion.conditioning import check_same_labels, dataset_labels
@@ -63,9 +63,6 @@ from nnunet_sddm.utilities.progress import progress_bar
 
 PathLike = Union[str, os.PathLike]
 Fold = Union[int, str]
-
-#: Name of nnU-Net's ignore label in ``dataset.json``.
-IGNORE = "ignore"
 
 #: Record of an unfinished run in the ``.partial`` folder (what it predicted, to resume).
 RECORD_FILE = "sddm_pseudo_label.json"

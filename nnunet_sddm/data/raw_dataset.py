@@ -32,6 +32,8 @@ from nnunet_sddm.utilities.nnunet_paths import (dataset_folder_name, datasets_wi
 
 #: Labels of every dataset this project writes (M&Ms convention).
 CARDIAC_LABELS: Dict[str, int] = {"background": 0, "LV": 1, "MYO": 2, "RV": 3}
+#: Name of nnU-Net's ignore label in ``dataset.json`` (voxels left out of the loss and the metrics).
+IGNORE = "ignore"
 
 #: File endings of 3D images that nnU-Net's reader/writers handle, longest first.
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl", ".tif", ".tiff")

@@ -15,7 +15,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from nnunet_sddm.data.raw_dataset import load_dataset_json
+from nnunet_sddm.data.raw_dataset import IGNORE, load_dataset_json
 from nnunet_sddm.utilities.errors import SDDMError
 
 #: The domain names of a model trained with ``--pseudo-labelled`` (source cases, then target cases).
@@ -79,7 +79,7 @@ def check_same_labels(source: Union[str, os.PathLike], other: Union[str, os.Path
                       role: str = "--pseudo-labelled dataset") -> None:
     """``SDDMError`` naming ``other`` unless its ``dataset.json`` labels equal ``source``'s."""
     a, b = dataset_labels(source), dataset_labels(other)
-    if "ignore" in b and "ignore" not in a and {k: v for k, v in b.items() if k != "ignore"} == a:
+    if IGNORE in b and IGNORE not in a and {k: v for k, v in b.items() if k != IGNORE} == a:
         raise SDDMError(f"{role} {os.fspath(other)}: has nnU-Net's ignore label (pseudo-labels written with "
                         f"--threshold); a mask-conditioned model needs a label at every voxel: write the "
                         f"pseudo-labels for the diffusion model without --threshold (the ignore label is for "

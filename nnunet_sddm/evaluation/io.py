@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from nnunet_sddm.data.raw_dataset import case_of, scan_folder
+from nnunet_sddm.data.raw_dataset import IGNORE, case_of, scan_folder
 from nnunet_sddm.utilities.errors import SDDMError
 
 _NIFTI = (".nii.gz", ".nii")
@@ -150,7 +150,7 @@ def labels_from_dataset_json(dj: Mapping, source: str = "dataset.json") -> Dict[
             v = int(value)
         except (TypeError, ValueError):
             raise SDDMError(f"{source}: label {name!r} has a non-integer value {value!r}") from None
-        if v == 0 or name == "ignore":
+        if v == 0 or name == IGNORE:
             continue
         out[str(name)] = v
     if not out:
