@@ -144,6 +144,10 @@ def test_the_pseudo_labeller_is_the_baseline_or_the_augmented_segmenter(tmp_path
     # the DG dataset's adherence is measured by the Baseline whoever pseudo-labels
     from nnunet_sddm.study.stage_adherence import measuring_segmenter
     assert measuring_segmenter(aug, "source") == aug.baseline() and measuring_segmenter(aug, "target") == aug.oracle()
+    # the report names the pseudo-labeller
+    from nnunet_sddm.study.report import generative_lines
+    assert "pseudo-labelled by the 2D nnU-Net of the Baseline row" in generative_lines(base)[0]
+    assert "pseudo-labelled by the 2D nnU-Net of the nnU-Net aug row" in generative_lines(aug)[0]
 
 
 # ----------------------------------------------------------------------------- optional stages

@@ -179,7 +179,8 @@ class GenerativeConfig:
     """The generative rows (``generative``): with ``rows`` the table gains ``UDA-syn`` (a segmenter
     trained on the source plus target-style images generated from the source's label maps by a
     conditional diffusion model trained on the source and the target pseudo-labelled by
-    ``pseudo_labeller``, a key of ``PSEUDO_LABELLERS``) and ``Gen-only`` (the same segmenter trained on the generated pairs alone). Dataset ids
+    ``pseudo_labeller``, a key of ``PSEUDO_LABELLERS``) and ``Gen-only`` (the same segmenter
+    trained on the generated pairs alone). Dataset ids
     ``pseudo_id`` (the pseudo-labelled target), ``generated_id`` (the generated pairs) and
     ``merged_id`` (source + generated, UDA-syn's training set), each 1..999; ``copies`` images per
     source label map; ``labels`` ``"as-is"`` or ``"deformed"`` (the conditioning maps);

@@ -32,7 +32,8 @@ _APPROACH_TEXT = {
     "Mixed": "trained on the synthetic source, applied to the adapted target images",
     "UDA-syn": "trained on the real source plus target-style images generated from the source's label maps by a "
                "conditional diffusion model trained on the source and the target pseudo-labelled by a segmenter "
-               "trained on the real source (Diffuse-UDA's recipe; the Experiment section names it), applied to the original target images",
+               "trained on the real source (Diffuse-UDA's recipe; the Experiment section names it), applied to "
+               "the original target images",
     "Gen-only": "the same segmenter trained on the generated target-style pairs alone (SynCMRI's utility test), "
                 "applied to the original target images",
     "DA+ens": "the baseline segmenter; class probabilities of the original and the adapted image averaged "
@@ -300,7 +301,8 @@ def generative_lines(ctx) -> List[str]:
     if not gen.rows:
         return []
     return [f"- Generative rows: the target `{ctx.dataset_name('target')}` pseudo-labelled by the "
-            f"{PSEUDO_LABELLERS[gen.pseudo_labeller][0]} {SEGMENTERS[ctx.cfg.segmenters[0]][2]} (`{ctx.dataset_name('pseudo')}`); one conditional diffusion "
+            f"{SEGMENTERS[ctx.cfg.segmenters[0]][2]} of the {PSEUDO_LABELLERS[gen.pseudo_labeller][0]} row "
+            f"(`{ctx.dataset_name('pseudo')}`); one conditional diffusion "
             f"model trained on the source and those cases with domains source/target "
             f"([generative_model](generative_model/config.json)); {gen.copies} target-style image(s) per source "
             f"label map ({gen.labels}, guidance scale {gen.guidance_scale:g}) in `{ctx.dataset_name('generated')}` "
