@@ -109,6 +109,8 @@ def test_generative_section_defaults_rows_and_kinds():
      r"generative.generated_id and generative.pseudo_id are both dataset id 973"),
     ({"generative": {"pseudo_labeller": "oracle"}},
      r"generative.pseudo_labeller must be one of baseline, aug, got 'oracle'"),
+    ({"generative": {"pseudo_labeller": ["aug"]}},
+     r"generative.pseudo_labeller must be one of baseline, aug, got \['aug'\]"),
     ({"generative": {"rows": True, "pseudo_labeller": "aug"}, "alternatives": {"nnunet_aug": False}},
      r"generative.pseudo_labeller 'aug' is the nnU-Net aug segmenter, which this study does not train"),
     ({"generative": {"rows": True, "diffusion": {"preset": "huge"}}},

@@ -271,7 +271,7 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
     copies = ck.int(gen, "copies", "generative", lo=1)
     if gen["labels"] not in LABEL_SOURCES:
         raise ck.fail(f"generative.labels must be one of {', '.join(LABEL_SOURCES)}, got {gen['labels']!r}")
-    if gen["pseudo_labeller"] not in PSEUDO_LABELLERS:
+    if not isinstance(gen["pseudo_labeller"], str) or gen["pseudo_labeller"] not in PSEUDO_LABELLERS:
         raise ck.fail(f"generative.pseudo_labeller must be one of {', '.join(PSEUDO_LABELLERS)}, "
                       f"got {gen['pseudo_labeller']!r}")
     w = ck.number(gen, "guidance_scale", "generative")
@@ -304,8 +304,8 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
                           f"(generative.diffusion training.label_dropout is 0): use guidance scale 1 or a dropout > 0")
         if gen["pseudo_labeller"] == "aug" and not nnunet_aug:
             raise ck.fail("generative.pseudo_labeller 'aug' is the nnU-Net aug segmenter, which this study does not "
-                          "train (alternatives.nnunet_aug is false): set alternatives.nnunet_aug to true or use "
-                          "'baseline'")
+                          "train (alternatives.nnunet_aug is false, in STUDY.json or by --method without nnunet_aug): "
+                          "switch nnunet_aug on or use 'baseline'")
         seen = {v: k for k, v in ids.items()}
         for k in keys:
             if gen[k] in seen:

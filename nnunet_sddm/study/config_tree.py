@@ -54,7 +54,7 @@ OPTIONAL_APPROACHES = {"nnU-Net aug": "nnunet_aug", "HistMatch": "histmatch", "F
 GENERATIVE_APPROACHES = ("UDA-syn", "Gen-only")
 #: The segmenter that pseudo-labels the target for the generative rows (``generative.pseudo_labeller``)
 #: -> (the row it is, what it is trained on): the Baseline, or the one trained with nnU-Net's
-#: standard augmentation (usually more accurate on a shifted domain; needs ``alternatives.nnunet_aug``).
+#: standard augmentation (needs ``alternatives.nnunet_aug``).
 PSEUDO_LABELLERS = {"baseline": ("Baseline", "real"), "aug": ("nnU-Net aug", "real_aug")}
 #: Tests behind the table's marks (``evaluation.test``): paired Wilcoxon signed-rank, paired t, Welch (the paper's).
 TESTS = ("wilcoxon", "ttest_rel", "welch")

@@ -1,9 +1,11 @@
 """Stage ``pseudo_labels`` (generative rows, ``generative.rows``): the pseudo-labeller
 (``StudyContext.pseudo_labeller``: the first segmenter trained on the real source, first repeat;
-the Baseline, or with ``generative.pseudo_labeller`` ``aug`` the nnU-Net aug segmenter) pseudo-labels every image of the target dataset (``imagesTr`` and ``imagesTs``; its labels are
-never read) into the raw dataset ``generative.pseudo_id`` (``adaptation.pseudo_labels``: the
-argmax of nnU-Net's probabilities, largest component per structure), the target half of the
-conditional diffusion model's training set. Off: not part of the study."""
+the Baseline, or with ``generative.pseudo_labeller`` ``aug`` the nnU-Net aug segmenter, which
+predicts with mirroring as its trainer allows, like ``nnUNetv2_predict``) pseudo-labels every
+image of the target dataset (``imagesTr`` and ``imagesTs``; its labels are never read) into the
+raw dataset ``generative.pseudo_id`` (``adaptation.pseudo_labels``: the argmax of nnU-Net's
+probabilities, largest component per structure), the target half of the conditional diffusion
+model's training set. Off: not part of the study."""
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +52,8 @@ def as_nnunet_model(ctx: StudyContext, m: Model) -> NnUNetModel:
     """Model ``m`` of the first repeat as the ``NnUNetModel`` of ``pseudo_label_dataset`` and
     ``mask_adherence``: the study's fold, found in the first repeat's ``nnUNet_results``."""
     return NnUNetModel(dataset=ctx.dataset_name(ctx.model_side(m)), configuration=SEGMENTERS[m.segmenter][0],
-                       trainer=ctx.cfg.trainer(m.segmenter, augmented=m.kind == "real_aug"), plans=ctx.cfg.nnunet.plans, folds=(ctx.cfg.fold,))
+                       trainer=ctx.cfg.trainer(m.segmenter, augmented=m.kind == "real_aug"),
+                       plans=ctx.cfg.nnunet.plans, folds=(ctx.cfg.fold,))
 
 
 def run_pseudo_labels(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
