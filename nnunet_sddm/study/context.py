@@ -147,12 +147,17 @@ class StudyContext:
             return self.folders["results"]
         return self.out / "repeats" / f"seed{seed}" / "nnUNet_results"
 
+    def trainer(self, segmenter: str, kind: str) -> str:
+        """The nnU-Net trainer class that trains ``segmenter`` on ``kind`` (the plugin's augmented
+        family for ``real_aug``, the ``nnU-Net aug`` row)."""
+        return self.cfg.trainer(segmenter, augmented=kind == "real_aug")
+
     def model(self, segmenter: str, kind: str, seed: int) -> Model:
         """``segmenter`` trained with ``seed`` on the dataset of ``kind`` (``TRAINING_SIDE``)."""
         return Model(segmenter, kind, seed,
                      nnunet_steps.model_folder(self.results_root(seed), self.dataset_name(TRAINING_SIDE[kind]),
-                                               self.cfg.trainer(segmenter, augmented=kind == "real_aug"),
-                                               SEGMENTERS[segmenter][0], self.cfg.nnunet.plans))
+                                               self.trainer(segmenter, kind), SEGMENTERS[segmenter][0],
+                                               self.cfg.nnunet.plans))
 
     def models(self, kinds: Optional[Sequence[str]] = None) -> List[Model]:
         """Every segmenter to train: seeds (repeats) x segmenters x what the rows need it trained on

@@ -91,7 +91,7 @@ def adherence_inputs(ctx: StudyContext) -> Any:
     """The measuring segmenters (segmenter, kind, trainer, seed, fold), or why the oracle is missing."""
     why = oracle_unavailable(ctx)
     models = [measuring_segmenter(ctx, domain) for _, domain in SETS.values() if domain != "target" or not why]
-    return {"segmenters": [[m.segmenter, m.kind, ctx.cfg.trainer(m.segmenter), m.seed] for m in models],
+    return {"segmenters": [[m.segmenter, m.kind, ctx.trainer(m.segmenter, m.kind), m.seed] for m in models],
             "fold": ctx.cfg.fold, "unavailable": why}
 
 

@@ -52,8 +52,7 @@ def as_nnunet_model(ctx: StudyContext, m: Model) -> NnUNetModel:
     """Model ``m`` of the first repeat as the ``NnUNetModel`` of ``pseudo_label_dataset`` and
     ``mask_adherence``: the study's fold, found in the first repeat's ``nnUNet_results``."""
     return NnUNetModel(dataset=ctx.dataset_name(ctx.model_side(m)), configuration=SEGMENTERS[m.segmenter][0],
-                       trainer=ctx.cfg.trainer(m.segmenter, augmented=m.kind == "real_aug"),
-                       plans=ctx.cfg.nnunet.plans, folds=(ctx.cfg.fold,))
+                       trainer=ctx.trainer(m.segmenter, m.kind), plans=ctx.cfg.nnunet.plans, folds=(ctx.cfg.fold,))
 
 
 def run_pseudo_labels(ctx: StudyContext, resume: bool) -> Dict[str, Any]:
@@ -77,8 +76,7 @@ def pseudo_labels_inputs(ctx: StudyContext) -> Any:
     """The pseudo-labeller (segmenter, trainer, seed, fold; its training is the upstream train
     stage; the trainer tells the Baseline from the nnU-Net aug segmenter) and the dataset id."""
     m = ctx.pseudo_labeller()
-    return {"model": [m.segmenter, ctx.cfg.trainer(m.segmenter, augmented=m.kind == "real_aug"), m.seed],
-            "fold": ctx.cfg.fold,
+    return {"model": [m.segmenter, ctx.trainer(m.segmenter, m.kind), m.seed], "fold": ctx.cfg.fold,
             "id": ctx.cfg.generative.pseudo_id}
 
 

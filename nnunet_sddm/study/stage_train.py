@@ -25,7 +25,7 @@ def segmenter_inputs(ctx: StudyContext, models: Optional[Sequence[Model]] = None
     """The trained models (default: every model of the rows) and what they depend on: segmenters,
     trainers, kinds, fold and seeds."""
     models = ctx.models() if models is None else models
-    return {"models": [[m.segmenter, m.kind, m.seed, ctx.cfg.trainer(m.segmenter, m.kind == "real_aug")]
+    return {"models": [[m.segmenter, m.kind, m.seed, ctx.trainer(m.segmenter, m.kind)]
                        for m in models], "fold": ctx.cfg.fold}
 
 
@@ -58,7 +58,7 @@ def train_models(ctx: StudyContext, models: Sequence[Model], resume: bool) -> Di
         if resume and nnunet_steps.is_trained(m.folder, fold):
             ctx.log(f"[study]   {m.key}: trained before the interruption - kept")
             continue
-        configuration, trainer = SEGMENTERS[m.segmenter][0], ctx.cfg.trainer(m.segmenter, m.kind == "real_aug")
+        configuration, trainer = SEGMENTERS[m.segmenter][0], ctx.trainer(m.segmenter, m.kind)
         ctx.log(f"[study]   training {SEGMENTERS[m.segmenter][2]} on {_TRAINED_ON[m.kind]} ({trainer}, "
                 f"{configuration}, fold {fold}, seed {m.seed})")
         cont = resume and (nnunet_steps.fold_folder(m.folder, fold) / "checkpoint_latest.pth").is_file()
