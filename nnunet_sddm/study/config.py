@@ -57,10 +57,10 @@ from nnunet_sddm.sampling.guided import SamplerSettings
 from nnunet_sddm.data.raw_dataset import CARDIAC_LABELS
 from nnunet_sddm.adaptation.synthesize_labels import LABEL_SOURCES
 from nnunet_sddm.study.config_tree import (APPROACHES, POSTPROCESSING, PSEUDO_LABELLERS, SEGMENTERS, TESTS,
-                                           AlternativesConfig,
-                                           DatasetConfig, DiffusionConfig, EvaluationConfig, FiguresConfig,
-                                           GenerativeConfig, NnunetConfig, SamplerConfig, StudyConfig, SweepConfig,
-                                           SynthesisConfig, diffusion_overrides, read_only, trainer_name, trainer_of)
+                                           AlternativesConfig, DatasetConfig, DiffusionConfig, EvaluationConfig,
+                                           FiguresConfig, GenerativeConfig, NnunetConfig, SamplerConfig, StudyConfig,
+                                           SweepConfig, SynthesisConfig, diffusion_overrides, read_only, trainer_name,
+                                           trainer_of)
 from nnunet_sddm.utilities.errors import SDDMError
 from nnunet_sddm.utilities.files import read_json
 
