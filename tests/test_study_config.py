@@ -131,6 +131,12 @@ def test_rows_repeats_and_alternatives():
     ({"alternatives": {"histmatch": "yes"}}, r"alternatives.histmatch must be true or false"),
     ({"alternatives": {"cyclegan": True}}, r"unknown key\(s\) 'cyclegan' in 'alternatives'"),
     ({"postprocess": "crf"}, r"postprocess must be null or one of lcc"),
+    ({"postprocess": ["lcc"]}, r"postprocess must be null or one of lcc, got \['lcc'\]"),
+    ({"segmenters": [["2d"]]}, r"unknown segmenter \['2d'\]"),
+    ({"segmenters": [{"2d": 1}]}, r"unknown segmenter \{'2d': 1\}"),
+    ({"diffusion": {"preset": ["tiny"]}}, r"diffusion.preset \['tiny'\] does not exist"),
+    ({"generative": {"rows": True, "diffusion": {"preset": {"tiny": 1}}}},
+     r"generative.diffusion.preset \{'tiny': 1\} does not exist"),
     ({"evaluation": {"test": "mannwhitney"}}, r"evaluation.test must be one of wilcoxon, ttest_rel, welch"),
     ({"target": {"labels": ["LV", "LA"]}}, r"target.labels must be null \(all\) or a list of distinct structures"),
     ({"target": {"dataset": "27", "labels": ["LV"]}}, r"target.labels applies to phantoms only"),
@@ -138,6 +144,31 @@ def test_rows_repeats_and_alternatives():
 def test_new_keys_are_validated(bad, match):
     with pytest.raises(SDDMError, match=match):
         build_config(bad)
+
+
+def _leaf_keys(d, path=()):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaf_keys(v, path + (k,))
+        else:
+            yield path + (k,)
+
+
+@pytest.mark.parametrize("value", [["x"], {"a": 1}, [1.5]], ids=["list", "dict", "list-of-float"])
+def test_every_key_refuses_a_container_by_name(value):
+    """A list or mapping where STUDY.json expects a name or a number is refused with SDDMError (or
+    accepted where the key takes one), never a bare TypeError, for every key of the defaults, with
+    the generative rows on so that their keys are checked too."""
+    for path in _leaf_keys(C.DEFAULTS):
+        layer = value
+        for key in reversed(path):
+            layer = {key: layer}
+        if path != ("generative", "rows"):
+            layer.setdefault("generative", {}).setdefault("rows", True)
+        try:
+            build_config(layer)
+        except SDDMError:
+            pass
 
 
 def test_the_augmented_row_refuses_trainer_overrides():

@@ -291,7 +291,7 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
                                     dif["batch_size"] if dif["batch_size"] is not None else study_dif["batch_size"],
                                     seed)
     if rows:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ck.fail(f"generative.diffusion.preset {preset!r} does not exist; choose one of "
                           f"{', '.join(sorted(PRESETS))}")
         try:
@@ -344,7 +344,7 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
     if not isinstance(segs, list) or not segs:
         raise ck.fail(f"segmenters must be a non-empty list of {', '.join(SEGMENTERS)}")
     for s in segs:
-        if s not in SEGMENTERS:
+        if not isinstance(s, str) or s not in SEGMENTERS:
             raise ck.fail(f"unknown segmenter {s!r}; choose from {', '.join(SEGMENTERS)}")
     if len(set(segs)) != len(segs):
         raise ck.fail(f"segmenters {segs} lists one twice")
@@ -377,7 +377,7 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
 
     dif = cfg["diffusion"]
     if dif["model"] is None:
-        if dif["preset"] not in PRESETS:
+        if not isinstance(dif["preset"], str) or dif["preset"] not in PRESETS:
             raise ck.fail(f"diffusion.preset {dif['preset']!r} does not exist; choose one of "
                           f"{', '.join(sorted(PRESETS))}")
         ck.int(dif, "iterations", "diffusion", lo=1, allow_none=True)
@@ -482,7 +482,8 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
                       f"the plugin's augmented family with epochs/iterations_per_epoch, which would not be the same "
                       f"schedule; set alternatives.nnunet_aug to false (--method without nnunet_aug) or set the "
                       f"schedule with epochs and iterations_per_epoch instead of trainers")
-    if cfg["postprocess"] is not None and cfg["postprocess"] not in POSTPROCESSING:
+    if cfg["postprocess"] is not None and (not isinstance(cfg["postprocess"], str)
+                                           or cfg["postprocess"] not in POSTPROCESSING):
         raise ck.fail(f"postprocess must be null or one of {', '.join(POSTPROCESSING)}, got {cfg['postprocess']!r}")
     ck.int(cfg, "repeats", "study", lo=1)
     ck.int(cfg, "seed", "study")
