@@ -150,6 +150,11 @@ def test_the_pseudo_labeller_is_the_baseline_or_the_augmented_segmenter(tmp_path
     from nnunet_sddm.study.report import generative_lines
     assert "pseudo-labelled by the 2D nnU-Net of the Baseline row" in generative_lines(base)[0]
     assert "pseudo-labelled by the 2D nnU-Net of the nnU-Net aug row" in generative_lines(aug)[0]
+    # ... and says that the conditional model is one training run
+    from nnunet_sddm.study.report import generative_scope_lines
+    (line,) = generative_scope_lines(aug.cfg)
+    assert line.startswith("- **Generative model.** ") and "trained once (seed 0)" in line
+    assert generative_scope_lines(build_config({}, quick=True)) == []
 
 
 # ----------------------------------------------------------------------------- optional stages

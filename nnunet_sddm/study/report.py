@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-from nnunet_sddm.study.config_tree import PSEUDO_LABELLERS, SEGMENTERS
+from nnunet_sddm.study.config_tree import PSEUDO_LABELLERS, SEGMENTERS, StudyConfig
 from nnunet_sddm.study.stage_in_domain import INPUTS, ROUND_TRIP_GOAL, read_in_domain
 from nnunet_sddm.utilities.files import write_text
 
@@ -158,6 +158,7 @@ def scope_lines(ctx, data: Dict[str, Any]) -> List[str]:
              f"- **Tests.** Marks and verdicts use {_TEST_TEXT[cfg.evaluation.test]} with Holm's correction over "
              f"the comparisons of one table, at alpha = {cfg.evaluation.alpha:g}; Welch's p (the paper's test) is "
              f"kept in [comparison/welch.csv](comparison/welch.csv) and [comparison/tests.csv](comparison/tests.csv)."]
+    lines += generative_scope_lines(cfg)
     floor = attainable_significance(ctx)
     if floor:
         lines.append(f"- **Smallest attainable p.** {floor}")
@@ -166,6 +167,18 @@ def scope_lines(ctx, data: Dict[str, Any]) -> List[str]:
         lines.append(f"- **Structures.** Evaluated: {', '.join(structures.get('shared', []))}; skipped (labelled in "
                      f"only one of the datasets): {', '.join(skipped)}.")
     return lines
+
+
+def generative_scope_lines(cfg: StudyConfig) -> List[str]:
+    """The scope bullet of the generative rows (none without them): one training run of the
+    conditional model."""
+    if not cfg.generative.rows:
+        return []
+    return [f"- **Generative model.** The conditional diffusion model of UDA-syn and Gen-only is trained once "
+            f"(seed {cfg.seed}), whatever the repeats: the generated pairs, their mask adherence and those two rows "
+            f"rest on one training run of it. The sd of the adherence is over cases; the variation between "
+            f"training runs of the model is not measured, and a second seed can move the adherence more than a "
+            f"change of setting does."]
 
 
 def attainable_significance(ctx) -> str:
