@@ -134,6 +134,7 @@ def test_rows_repeats_and_alternatives():
     ({"postprocess": ["lcc"]}, r"postprocess must be null or one of lcc, got \['lcc'\]"),
     ({"segmenters": [["2d"]]}, r"unknown segmenter \['2d'\]"),
     ({"segmenters": [{"2d": 1}]}, r"unknown segmenter \{'2d': 1\}"),
+    ({"diffusion": {"model": "m", "iterations": ["x"]}}, r"diffusion.iterations must be an integer >= 1"),
     ({"diffusion": {"preset": ["tiny"]}}, r"diffusion.preset \['tiny'\] does not exist"),
     ({"generative": {"rows": True, "diffusion": {"preset": {"tiny": 1}}}},
      r"generative.diffusion.preset \{'tiny': 1\} does not exist"),

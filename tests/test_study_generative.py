@@ -155,6 +155,9 @@ def test_the_pseudo_labeller_is_the_baseline_or_the_augmented_segmenter(tmp_path
     (line,) = generative_scope_lines(aug.cfg)
     assert line.startswith("- **Generative model.** ") and "trained once (seed 0)" in line
     assert generative_scope_lines(build_config({}, quick=True)) == []
+    # the seed it names is the one the model trains with
+    other = build_config({"generative": {"rows": True, "diffusion": {"set": {"training.seed": 7}}}}, quick=True)
+    assert "trained once (seed 7)" in generative_scope_lines(other)[0]
 
 
 # ----------------------------------------------------------------------------- optional stages

@@ -280,6 +280,8 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
     dif, study_dif = gen["diffusion"], cfg["diffusion"]
     ck.int(dif, "iterations", "generative.diffusion", lo=1, allow_none=True)
     ck.int(dif, "batch_size", "generative.diffusion", lo=1, allow_none=True)
+    for key in ("iterations", "batch_size"):  # inherited: checked here too, also when diffusion.model is given
+        ck.int(study_dif, key, "diffusion", lo=1, allow_none=True)
     if not isinstance(dif["set"], Mapping):
         raise ck.fail("generative.diffusion.set must map SECTION.KEY to values")
     preset = dif["preset"] if dif["preset"] is not None else study_dif["preset"]

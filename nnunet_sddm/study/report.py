@@ -174,8 +174,9 @@ def generative_scope_lines(cfg: StudyConfig) -> List[str]:
     conditional model."""
     if not cfg.generative.rows:
         return []
+    seed = cfg.generative.overrides["training.seed"]
     return [f"- **Generative model.** The conditional diffusion model of UDA-syn and Gen-only is trained once "
-            f"(seed {cfg.seed}), whatever the repeats: the generated pairs, their mask adherence and those two rows "
+            f"(seed {seed}), whatever the repeats: the generated pairs, their mask adherence and those two rows "
             f"rest on one training run of it. The sd of the adherence is over cases; the variation between "
             f"training runs of the model is not measured, and a second seed can move the adherence more than a "
             f"change of setting does."]
