@@ -429,6 +429,10 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
                     settings.replace(**{k: v})
                 except (SDDMError, TypeError) as e:
                     raise ck.fail(f"figures.sweep.{k} value {v!r}: {e}") from None
+        if sweep.get("case") is not None and (not isinstance(sweep["case"], str) or not sweep["case"]):
+            raise ck.fail(f"figures.sweep.case must be null (the first target test case) or a case name, "
+                          f"got {sweep['case']!r}")
+        ck.int(sweep, "slice", "figures.sweep", lo=0, allow_none=True)
         sweep_cfg = SweepConfig(D=tuple(sweep["D"]), N=tuple(sweep["N"]), tau=tuple(sweep["tau"]),
                                 case=sweep.get("case"), slice=sweep.get("slice"))
     figures = FiguresConfig(sweep=sweep_cfg, tsne=ck.bool(cfg["figures"], "tsne", "figures"))
