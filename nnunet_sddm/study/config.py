@@ -280,8 +280,6 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
     dif, study_dif = gen["diffusion"], cfg["diffusion"]
     ck.int(dif, "iterations", "generative.diffusion", lo=1, allow_none=True)
     ck.int(dif, "batch_size", "generative.diffusion", lo=1, allow_none=True)
-    for key in ("iterations", "batch_size"):  # inherited: checked here too, also when diffusion.model is given
-        ck.int(study_dif, key, "diffusion", lo=1, allow_none=True)
     if not isinstance(dif["set"], Mapping):
         raise ck.fail("generative.diffusion.set must map SECTION.KEY to values")
     preset = dif["preset"] if dif["preset"] is not None else study_dif["preset"]
@@ -378,12 +376,13 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
     fold = cfg["fold"] = "all" if str(fold) == "all" else int(fold)
 
     dif = cfg["diffusion"]
+    # checked even when diffusion.model is given: the generative model inherits them
+    ck.int(dif, "iterations", "diffusion", lo=1, allow_none=True)
+    ck.int(dif, "batch_size", "diffusion", lo=1, allow_none=True)
     if dif["model"] is None:
         if not isinstance(dif["preset"], str) or dif["preset"] not in PRESETS:
             raise ck.fail(f"diffusion.preset {dif['preset']!r} does not exist; choose one of "
                           f"{', '.join(sorted(PRESETS))}")
-        ck.int(dif, "iterations", "diffusion", lo=1, allow_none=True)
-        ck.int(dif, "batch_size", "diffusion", lo=1, allow_none=True)
         if not isinstance(dif["set"], Mapping):
             raise ck.fail("diffusion.set must map SECTION.KEY to values")
         seed = cfg["seed"] if type(cfg["seed"]) is int else 0  # checked below
