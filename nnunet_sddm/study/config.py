@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Container, Dict, Mapping, Optional
 
 from nnunet_sddm.data.phantoms import VENDORS
 from nnunet_sddm.diffusion.presets import PRESETS, apply_overrides, preset_config, validate_config
@@ -191,6 +191,12 @@ def build_config(file_config: Optional[Mapping[str, Any]] = None, overrides: Opt
     return parse_config(cfg, origin)
 
 
+def _is_name_in(value: Any, names: Container[str]) -> bool:
+    """``value`` is a string and one of ``names`` (a JSON list or object is not: it cannot be a name,
+    and it is unhashable for a dict or set of names)."""
+    return isinstance(value, str) and value in names
+
+
 class _Check:
     """Typed reads of a JSON object; ``SDDMError`` naming ``origin`` and ``where.key`` otherwise."""
 
@@ -271,7 +277,7 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
     copies = ck.int(gen, "copies", "generative", lo=1)
     if gen["labels"] not in LABEL_SOURCES:
         raise ck.fail(f"generative.labels must be one of {', '.join(LABEL_SOURCES)}, got {gen['labels']!r}")
-    if not isinstance(gen["pseudo_labeller"], str) or gen["pseudo_labeller"] not in PSEUDO_LABELLERS:
+    if not _is_name_in(gen["pseudo_labeller"], PSEUDO_LABELLERS):
         raise ck.fail(f"generative.pseudo_labeller must be one of {', '.join(PSEUDO_LABELLERS)}, "
                       f"got {gen['pseudo_labeller']!r}")
     w = ck.number(gen, "guidance_scale", "generative")
@@ -291,7 +297,7 @@ def _parse_generative(cfg: Mapping[str, Any], ck: _Check, ids: Mapping[str, int]
                                     dif["batch_size"] if dif["batch_size"] is not None else study_dif["batch_size"],
                                     seed)
     if rows:
-        if not isinstance(preset, str) or preset not in PRESETS:
+        if not _is_name_in(preset, PRESETS):
             raise ck.fail(f"generative.diffusion.preset {preset!r} does not exist; choose one of "
                           f"{', '.join(sorted(PRESETS))}")
         try:
@@ -344,7 +350,7 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
     if not isinstance(segs, list) or not segs:
         raise ck.fail(f"segmenters must be a non-empty list of {', '.join(SEGMENTERS)}")
     for s in segs:
-        if not isinstance(s, str) or s not in SEGMENTERS:
+        if not _is_name_in(s, SEGMENTERS):
             raise ck.fail(f"unknown segmenter {s!r}; choose from {', '.join(SEGMENTERS)}")
     if len(set(segs)) != len(segs):
         raise ck.fail(f"segmenters {segs} lists one twice")
@@ -380,7 +386,7 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
     ck.int(dif, "iterations", "diffusion", lo=1, allow_none=True)
     ck.int(dif, "batch_size", "diffusion", lo=1, allow_none=True)
     if dif["model"] is None:
-        if not isinstance(dif["preset"], str) or dif["preset"] not in PRESETS:
+        if not _is_name_in(dif["preset"], PRESETS):
             raise ck.fail(f"diffusion.preset {dif['preset']!r} does not exist; choose one of "
                           f"{', '.join(sorted(PRESETS))}")
         if not isinstance(dif["set"], Mapping):
@@ -487,8 +493,7 @@ def parse_config(cfg: Mapping[str, Any], origin: str = "study configuration") ->
                       f"the plugin's augmented family with epochs/iterations_per_epoch, which would not be the same "
                       f"schedule; set alternatives.nnunet_aug to false (--method without nnunet_aug) or set the "
                       f"schedule with epochs and iterations_per_epoch instead of trainers")
-    if cfg["postprocess"] is not None and (not isinstance(cfg["postprocess"], str)
-                                           or cfg["postprocess"] not in POSTPROCESSING):
+    if cfg["postprocess"] is not None and not _is_name_in(cfg["postprocess"], POSTPROCESSING):
         raise ck.fail(f"postprocess must be null or one of {', '.join(POSTPROCESSING)}, got {cfg['postprocess']!r}")
     ck.int(cfg, "repeats", "study", lo=1)
     ck.int(cfg, "seed", "study")
